@@ -1,0 +1,66 @@
+"""Table-driven metadata: class names, normalization constants, the paper's protocol and its reported numbers.
+
+Every other module reads these values from here, so a constant is written once (MedMNIST's habit).
+Introduced in ``notebooks/01_explore_data.ipynb``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import pandas as pd
+
+#: The paper's four classes, in the order of its tables.
+PAPER_CLASSES: tuple[str, ...] = ("normal", "benign", "primary", "metastatic")
+
+#: Per-channel mean and std the paper normalizes with (section 2.4), on images scaled to [0, 1].
+PAPER_MEAN: tuple[float, float, float] = (0.2394, 0.2421, 0.2381)
+PAPER_STD: tuple[float, float, float] = (0.2173, 0.2177, 0.2155)
+
+#: ImageNet statistics, for torchvision weights trained on ImageNet.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "paper": (PAPER_MEAN, PAPER_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
+
+#: File extensions read as images (lower case, with the dot).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"})
+
+#: The paper's training protocol (section 2.4). CLI flags and notebook parameters default to these.
+PAPER_PROTOCOL: dict[str, float | int | tuple[float, float]] = {
+    "image_size": 224,
+    "epochs": 150,
+    "batch_size": 64,
+    "folds": 5,
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "weight_decay": 1e-4,
+}
+
+#: The paper's private dataset (section 2.1; class counts reported by the same authors).
+PAPER_DATASET: dict[str, object] = {
+    "patients": 480,
+    "images": 3392,
+    "format": "BMP",
+    "width": 480,
+    "height": 350,
+    "class_counts": {"normal": 1217, "benign": 601, "primary": 236, "metastatic": 1338},
+}
+
+#: Headline metrics, in the run folder's summary.json and in Table 1 (macro averages over classes).
+METRIC_NAMES: tuple[str, ...] = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
+
+
+def paper_table1() -> pd.DataFrame:
+    """Table 1 of the paper: 5-fold accuracy (%) mean and std per model, keyed by registry name."""
+    with resources.files("ussf_lib").joinpath("tables/reported_table1.csv").open() as fh:
+        return pd.read_csv(fh)
+
+
+def paper_table2() -> pd.DataFrame:
+    """Table 2 of the paper: one-vs-rest precision, sensitivity, specificity (%) per class and model."""
+    with resources.files("ussf_lib").joinpath("tables/reported_table2.csv").open() as fh:
+        return pd.read_csv(fh)
