@@ -1,0 +1,47 @@
+"""Shared fixtures: a small phantom dataset and the read-only BUSI copy in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BUSI = SHARED / "datasets" / "busi"
+PAPER = SHARED / "paper"
+
+# Two cores: keep torch from oversubscribing when pytest and papermill kernels run side by side.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def require_shared(path: Path) -> Path:
+    """Skip where ../shared is absent (a user's own clone); fail under CI, where it is always present."""
+    if path.exists():
+        return path
+    reason = f"{path} not found: ../shared (the read-only project material) is not beside this clone"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}, but CI=true and CI always has it")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def busi_root() -> Path:
+    return require_shared(BUSI)
+
+
+@pytest.fixture(scope="session")
+def paper_dir() -> Path:
+    return require_shared(PAPER)
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """20 images per class at 32 px, 2-3 synthetic patients per class (grouped 2-fold CV is possible)."""
+    from ussf_lib.phantom import generate_phantom
+
+    out = tmp_path_factory.mktemp("phantom") / "data"
+    generate_phantom(out, n_per_class=20, image_size=32, seed=0)
+    return out

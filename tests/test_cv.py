@@ -1,0 +1,66 @@
+"""ussf_lib.cv: stratified and grouped folds, saved and reused splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ussf_lib import cv
+from ussf_lib.data import index_folder, index_manifest
+from ussf_lib.errors import UserError
+
+
+def test_stratified_folds_balance_classes_and_are_seeded():
+    labels = np.array([0] * 50 + [1] * 25 + [2] * 10)
+    folds = cv.make_folds(labels, None, 5, seed=3)
+    assert set(folds) == set(range(5))
+    for k in range(5):
+        counts = np.bincount(labels[folds == k], minlength=3)
+        assert counts.tolist() == [10, 5, 2]
+    np.testing.assert_array_equal(folds, cv.make_folds(labels, None, 5, seed=3))
+    assert not np.array_equal(folds, cv.make_folds(labels, None, 5, seed=4))
+
+
+def test_grouped_folds_never_split_a_group():
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"p{i}" for i in range(40)], 8)
+    labels = np.repeat(rng.integers(0, 3, 40), 8)
+    folds = cv.make_folds(labels, groups, 5, seed=0)
+    per_group = pd.DataFrame({"g": groups, "f": folds}).groupby("g")["f"].nunique()
+    assert (per_group == 1).all()
+    assert set(folds) == set(range(5))
+
+
+def test_too_few_images_or_patients_per_class():
+    with pytest.raises(UserError, match=r"class 'b' has 2 images, fewer than --folds 3; use --folds 2"):
+        cv.check_fold_feasible(["a"] * 5 + ["b"] * 2, None, 3)
+    with pytest.raises(UserError, match="has 1 patients"):
+        cv.check_fold_feasible(["a"] * 4 + ["b"] * 4, ["p1", "p2", "p3", "p4", "q", "q", "q", "q"], 2)
+    with pytest.raises(UserError, match="at least 2 folds"):
+        cv.check_fold_feasible(["a", "b"], None, 1)
+
+
+def test_splits_roundtrip(phantom_dir, tmp_path):
+    index = index_manifest(phantom_dir / "manifest.csv", group_col="patient")
+    folds = cv.folds_for_index(index, 2, seed=0)
+    path = cv.save_splits(index, folds, tmp_path / "splits.csv")
+    table = pd.read_csv(path)
+    assert list(table.columns) == ["path", "label", "group", "fold"]
+    assert (table.groupby("group")["fold"].nunique() == 1).all()
+    np.testing.assert_array_equal(cv.load_splits(path, index), folds)
+
+
+def test_splits_from_other_data_are_refused(phantom_dir, tmp_path):
+    index = index_manifest(phantom_dir / "manifest.csv", group_col="patient")
+    table = cv.splits_frame(index, cv.folds_for_index(index, 2, seed=0)).iloc[1:]
+    table.to_csv(tmp_path / "s.csv", index=False)
+    with pytest.raises(UserError, match="not in the splits file"):
+        cv.load_splits(tmp_path / "s.csv", index)
+
+
+def test_busi_folds_cover_every_image_once(busi_root):
+    index = index_folder(busi_root)
+    folds = cv.folds_for_index(index, 5, seed=0)
+    assert len(folds) == 780 and set(folds) == set(range(5))
+    assert np.bincount(folds).min() >= 155

@@ -1,0 +1,195 @@
+"""ussf_lib.data: indexing folders and manifests, decoding, caching, normalization."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from ussf_lib import data
+from ussf_lib.errors import UserError
+from ussf_lib.meta import PAPER_MEAN, PAPER_STD
+
+
+def _save(path: Path, mode: str = "RGB", size=(20, 12), value=128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        arr = np.linspace(0, 65535, size[0] * size[1], dtype=np.uint16).reshape(size[1], size[0])
+        Image.fromarray(arr).save(path)
+    else:
+        Image.new(mode, size, value if mode not in ("RGB", "RGBA", "CMYK") else (value,) * len(mode)).save(path)
+    return path
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    root = tmp_path / "tree"
+    for cls, n in (("b_cls", 3), ("a_cls", 4)):
+        for i in range(n):
+            _save(root / cls / f"img {i} (x).png", value=40 * i)
+    _save(root / "a_cls" / ".ipynb_checkpoints" / "copy.png")
+    (root / "a_cls" / "notes.txt").write_text("not an image")
+    (root / "README.md").write_text("top-level file")
+    return root
+
+
+def test_index_folder_sorted_classes_and_ignored_counts(tree):
+    index = data.index_folder(tree)
+    assert index.classes == ["a_cls", "b_cls"]
+    assert index.class_counts().tolist() == [4, 3]
+    assert index.ignored == {"hidden": 1, "non-image": 2}
+    assert index.targets.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert all(Path(p).is_absolute() for p in index.frame["path"])
+    assert index.frame["relpath"].iloc[0] == "a_cls/img 0 (x).png"
+    assert "ignored 1 hidden, 2 non-image" in index.describe()
+
+
+def test_explicit_class_order_is_kept(tree):
+    index = data.index_folder(tree, classes=["b_cls", "a_cls"])
+    assert index.classes == ["b_cls", "a_cls"]
+    assert index.targets.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert set(index.frame.loc[index.frame.target == 0, "label"]) == {"b_cls"}
+
+
+def test_empty_class_folder_is_ignored_with_warning(tree):
+    (tree / "c_empty").mkdir()
+    with pytest.warns(UserWarning, match="c_empty"):
+        index = data.index_folder(tree)
+    assert index.classes == ["a_cls", "b_cls"]
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda root: root / "missing", "no such folder"),
+    (lambda root: (root / "empty").mkdir() or root / "empty", "no images found"),
+    (lambda root: _save(root / "one" / "c" / "x.png").parents[1], "only one class"),
+])
+def test_folder_errors_are_user_errors(tmp_path, make, match):
+    with pytest.raises(UserError, match=match):
+        data.index_folder(make(tmp_path))
+
+
+def test_manifest_relative_paths_and_groups(tmp_path):
+    root = tmp_path / "m"
+    for i in range(4):
+        _save(root / "imgs" / f"{i}.png")
+    pd.DataFrame({"path": [f"imgs/{i}.png" for i in range(4)], "label": ["x", "y", "x", "y"],
+                  "patient": ["p1", "p1", "p2", "p2"]}).to_csv(root / "m.csv", index=False)
+    index = data.index_manifest(root / "m.csv", group_col="patient")
+    assert index.classes == ["x", "y"]
+    assert index.has_groups and sorted(index.frame["group"].unique()) == ["p1", "p2"]
+    assert (root / "imgs" / "0.png").resolve() == Path(index.frame["path"].iloc[0])
+
+
+@pytest.mark.parametrize("rows,extra,match", [
+    ({"path": ["a.png"], "labl": ["x"]}, {}, "missing column"),
+    ({"path": ["a.png", "a.png"], "label": ["x", "y"]}, {}, "more than once"),
+    ({"path": ["nope.png", "a.png"], "label": ["x", "y"]}, {}, "does not exist"),
+    ({"path": ["../outside.png", "a.png"], "label": ["x", "y"]}, {}, "outside the manifest"),
+    ({"path": ["a.png", "b.png"], "label": ["x", "z"]}, {"classes": ["x", "y"]}, "not in the class list"),
+    ({"path": ["a.png", "b.png"], "label": ["x", "y"]}, {"group_col": "patient"}, "missing column"),
+])
+def test_manifest_errors(tmp_path, rows, extra, match):
+    root = tmp_path / "m"
+    _save(root / "a.png"), _save(root / "b.png"), _save(tmp_path / "outside.png")
+    pd.DataFrame(rows).to_csv(root / "m.csv", index=False)
+    with pytest.raises(UserError, match=match):
+        data.index_manifest(root / "m.csv", **extra)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "P", "RGBA", "LA", "CMYK", "1", "RGB"])
+def test_read_image_converts_modes_to_rgb(tmp_path, mode):
+    path = _save(tmp_path / f"ü nicode {mode.replace(';', '')}.png" if mode != "CMYK" else tmp_path / "c.tiff", mode)
+    arr = data.read_image(path, 16)
+    assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
+    if mode == "I;16":  # rescaled by its own range, not clipped to white
+        assert arr.min() == 0 and arr.max() >= 250
+
+
+def test_read_image_one_pixel(tmp_path):
+    arr = data.read_image(_save(tmp_path / "dot.png", "L", size=(1, 1), value=200), 8)
+    assert arr.shape == (8, 8, 3) and (arr == 200).all()
+
+
+def test_read_image_corrupt_and_fake(tmp_path):
+    good = _save(tmp_path / "good.png", size=(64, 64))
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("this is text")
+    for bad in (truncated, fake):
+        with pytest.raises(UserError, match=bad.name):
+            data.read_image(bad, 16)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    path = _save(tmp_path / "big.png", size=(100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)
+    with pytest.raises(UserError, match="decompression-bomb"):
+        data.read_image(path, 16)
+
+
+def test_decode_lists_every_bad_file_at_once(tree):
+    (tree / "a_cls" / "broken1.png").write_text("x")
+    (tree / "b_cls" / "broken2.png").write_text("y")
+    index = data.index_folder(tree)
+    with pytest.raises(UserError, match=r"2 unreadable image\(s\).*broken1\.png.*broken2\.png"):
+        data.decode_images(index, 8, progress=False)
+
+
+def test_decode_cache_roundtrip_and_nothing_written_in_data(tree, tmp_path):
+    before = _snapshot(tree)
+    index = data.index_folder(tree)
+    first = data.decode_images(index, 12, cache_dir=tmp_path / "cache", progress=False)
+    assert first.shape == (7, 12, 12, 3) and first.dtype == np.uint8
+    files = list((tmp_path / "cache").glob("images_*.npy"))
+    assert len(files) == 1
+    second = data.decode_images(index, 12, cache_dir=tmp_path / "cache", progress=False)
+    assert isinstance(second, np.memmap)
+    np.testing.assert_array_equal(first, second)
+    assert _snapshot(tree) == before
+    with pytest.raises(UserError, match="inside the data folder"):
+        data.decode_images(index, 12, cache_dir=tree / "cache", progress=False)
+
+
+def test_fingerprint_changes_with_content(tree):
+    fp1 = data.fingerprint(data.index_folder(tree))
+    assert fp1 == data.fingerprint(data.index_folder(tree))
+    _save(tree / "a_cls" / "img 0 (x).png", value=7)
+    assert data.fingerprint(data.index_folder(tree)) != fp1
+
+
+def test_normalize_batch_values_and_layout():
+    batch = torch.full((2, 4, 4, 3), 255, dtype=torch.uint8)
+    x = data.normalize_batch(batch, PAPER_MEAN, PAPER_STD)
+    assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32
+    expected = [(1 - m) / s for m, s in zip(PAPER_MEAN, PAPER_STD)]
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor(expected))
+    assert data.normalize_batch(batch, PAPER_MEAN, PAPER_STD, channels_last=True).is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def test_resolve_normalization():
+    assert data.resolve_normalization("paper") == (PAPER_MEAN, PAPER_STD)
+    with pytest.raises(UserError, match="unknown normalization"):
+        data.resolve_normalization("bogus")
+
+
+def test_busi_index_reads_names_with_spaces(busi_root):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index = data.index_folder(busi_root)
+    assert index.classes == ["benign", "malignant", "normal"]
+    assert index.class_counts().to_dict() == {"benign": 437, "malignant": 210, "normal": 133}
+    sample = index.frame.groupby("label").head(2)
+    sub = data.ImageIndex(sample.reset_index(drop=True), index.classes, index.root, "folder")
+    arr = data.decode_images(sub, 32, progress=False)
+    assert arr.shape == (6, 32, 32, 3) and arr.std() > 5

@@ -1,0 +1,330 @@
+"""Find images, validate them, and decode them once into a uint8 cache.
+
+Two ways to describe a dataset, both read in place (nothing is ever written into a data folder):
+
+* a class-folder tree ``ROOT/<class>/*.{png,bmp,jpg,jpeg,tif,tiff}``; hidden entries (``.ipynb_checkpoints``)
+  and non-image files are skipped and counted;
+* a CSV manifest with columns ``path,label`` and an optional group column (patient id), paths relative to
+  the manifest's folder.
+
+Every image is converted to RGB and resized to ``image_size`` exactly once; training then reads batches from
+the uint8 array (see :func:`decode_images`) and normalizes them on the training device
+(:func:`normalize_batch`). Introduced in ``notebooks/01_explore_data.ipynb``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from ussf_lib.errors import UserError
+from ussf_lib.meta import IMAGE_EXTENSIONS, NORMALIZATIONS
+
+#: Pillow warns above ``MAX_IMAGE_PIXELS`` and raises above twice that; both are treated as a decompression bomb.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+@dataclass
+class ImageIndex:
+    """The images of a dataset with their labels, before any pixel is read.
+
+    ``frame`` has one row per image with columns ``path`` (absolute), ``relpath`` (relative to ``root``, forward
+    slashes), ``label`` (class name), ``target`` (index into ``classes``) and ``group`` (patient id, or the
+    relative path itself when no group is known, so every image is its own group).
+    """
+
+    frame: pd.DataFrame
+    classes: list[str]
+    root: Path
+    source: str
+    group_col: str | None = None
+    ignored: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.frame["target"].to_numpy(dtype=np.int64)
+
+    @property
+    def has_groups(self) -> bool:
+        return self.group_col is not None
+
+    def class_counts(self) -> pd.Series:
+        """Images per class, in class order (classes with no image show 0)."""
+        return self.frame["label"].value_counts().reindex(self.classes, fill_value=0)
+
+    def describe(self) -> str:
+        """One line: how many images, per class, and what was ignored."""
+        counts = ", ".join(f"{c} {n}" for c, n in self.class_counts().items())
+        skipped = ", ".join(f"{n} {why}" for why, n in self.ignored.items() if n)
+        groups = f", {self.frame['group'].nunique()} groups ({self.group_col})" if self.has_groups else ""
+        return f"{len(self)} images in {len(self.classes)} classes ({counts}){groups}" + (
+            f"; ignored {skipped}" if skipped else ""
+        )
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")
+
+
+def _finish_index(rows: pd.DataFrame, classes: Sequence[str] | None, root: Path, source: str,
+                  group_col: str | None, ignored: dict[str, int]) -> ImageIndex:
+    found = sorted(rows["label"].unique())
+    if classes is None:
+        classes = found
+    else:
+        classes = list(classes)
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise UserError(
+                f"{root}: labels {unknown} are not in the class list {classes}; add them to --classes or remove those images"
+            )
+    if len(classes) < 2:
+        raise UserError(
+            f"{root}: only one class ({', '.join(classes) or 'none'}) was found; classification needs at least two "
+            "class folders (ROOT/<class>/*.png) or two labels in the manifest"
+        )
+    rows = rows.sort_values(["label", "relpath"], kind="stable").reset_index(drop=True)
+    rows["target"] = rows["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
+    rows = rows.sort_values(["target", "relpath"], kind="stable").reset_index(drop=True)
+    return ImageIndex(frame=rows[["path", "relpath", "label", "target", "group"]], classes=list(classes),
+                      root=root, source=source, group_col=group_col, ignored=ignored)
+
+
+def index_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageIndex:
+    """Index a class-folder tree ``ROOT/<class>/<image>`` (sub-folders inside a class are searched too).
+
+    Class order is ``classes`` when given, else sorted folder names. Empty class folders are skipped with a
+    warning. Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise UserError(f"{root}: no such folder; pass --data with a folder that holds one sub-folder per class")
+    if not root.is_dir():
+        raise UserError(f"{root}: is a file, not a folder; pass a CSV with --manifest, or a class-folder tree with --data")
+    ignored = {"hidden": 0, "non-image": 0}
+    rows: list[tuple[str, str, str]] = []
+    for class_dir in sorted(root.iterdir()):
+        if _is_hidden(class_dir.name):
+            ignored["hidden"] += 1
+            continue
+        if not class_dir.is_dir():
+            ignored["non-image"] += 1
+            continue
+        n_before = len(rows)
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            hidden = [d for d in dirnames if _is_hidden(d)]
+            ignored["hidden"] += len(hidden)
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            for name in sorted(filenames):
+                if _is_hidden(name):
+                    ignored["hidden"] += 1
+                elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                    path = Path(dirpath) / name
+                    rows.append((str(path.resolve()), path.relative_to(root).as_posix(), class_dir.name))
+                else:
+                    ignored["non-image"] += 1
+        if len(rows) == n_before:
+            warnings.warn(f"{class_dir}: class folder holds no images and is ignored", stacklevel=2)
+    if not rows:
+        raise UserError(
+            f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} inside class sub-folders); "
+            "lay the data out as ROOT/<class>/<image>"
+        )
+    frame = pd.DataFrame(rows, columns=["path", "relpath", "label"])
+    frame["group"] = frame["relpath"]
+    return _finish_index(frame, classes, root.resolve(), "folder", None, ignored)
+
+
+def index_manifest(manifest: str | Path, group_col: str | None = None,
+                   classes: Sequence[str] | None = None) -> ImageIndex:
+    """Index a CSV manifest with columns ``path,label`` (+ optional ``group_col``); paths are relative to its folder.
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
+    manifest = Path(manifest).expanduser()
+    if not manifest.is_file():
+        raise UserError(f"{manifest}: no such manifest file; pass --manifest with a CSV that has columns path,label")
+    try:
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"{manifest}: not a readable CSV ({str(exc).splitlines()[0]}); save it as UTF-8 CSV with columns path,label") from None
+    missing = [c for c in ("path", "label", *([group_col] if group_col else [])) if c not in table.columns]
+    if missing:
+        raise UserError(
+            f"{manifest}: missing column(s) {missing} (has {list(table.columns)}); the manifest needs path,label"
+            + (f" and {group_col}" if group_col else "")
+        )
+    if table.empty:
+        raise UserError(f"{manifest}: the manifest has no rows; add one row per image")
+    base = manifest.parent.resolve()
+    duplicated = table["path"][table["path"].duplicated()].unique()
+    if len(duplicated):
+        raise UserError(f"{manifest}: {len(duplicated)} path(s) listed more than once, e.g. {duplicated[0]!r}; keep one row per image")
+    abs_paths, problems = [], []
+    for rel in table["path"]:
+        path = (base / rel).resolve()
+        if base not in path.parents:
+            problems.append(f"{rel!r} points outside the manifest's folder")
+        elif not path.is_file():
+            problems.append(f"{rel!r} does not exist")
+        abs_paths.append(str(path))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{manifest}: {problems[0]}{more}; paths must be files under {base}, relative to the manifest")
+    frame = pd.DataFrame({
+        "path": abs_paths,
+        "relpath": [Path(p).relative_to(base).as_posix() for p in abs_paths],
+        "label": table["label"].str.strip(),
+    })
+    if (frame["label"] == "").any():
+        raise UserError(f"{manifest}: {int((frame['label'] == '').sum())} row(s) have an empty label; fill in the label column")
+    frame["group"] = table[group_col].astype(str).to_numpy() if group_col else frame["relpath"]
+    return _finish_index(frame, classes, base, "manifest", group_col, {})
+
+
+def load_index(data: str | Path | None = None, manifest: str | Path | None = None, group_col: str | None = None,
+               classes: Sequence[str] | None = None) -> ImageIndex:
+    """Index either a class-folder tree (``data``) or a manifest (``manifest``); exactly one must be given.
+
+    A folder that contains ``manifest.csv`` (as the phantom writes) is still read as a folder tree unless the
+    manifest is named, so the two descriptions never disagree silently.
+    """
+    if (data is None) == (manifest is None):
+        raise UserError("give exactly one of --data DIR (class-folder tree) or --manifest CSV")
+    if manifest is not None:
+        return index_manifest(manifest, group_col=group_col, classes=classes)
+    if group_col:
+        raise UserError(f"--group-col {group_col} needs --manifest (a folder tree has no group column)")
+    return index_folder(data, classes=classes)
+
+
+def read_image(path: str | Path, image_size: int) -> np.ndarray:
+    """Decode one image to RGB uint8 of shape (image_size, image_size, 3).
+
+    Grayscale, 16-bit, palette, RGBA/LA, CMYK and 1-bit images are converted; 16-bit data is rescaled by its
+    own range rather than clipped. Raises :class:`UserError` for unreadable files and decompression bombs.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    arr = np.asarray(im, dtype=np.float64)
+                    lo, hi = float(arr.min()), float(arr.max())
+                    arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+                    im = Image.fromarray(arr.astype(np.uint8), mode="L")
+                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                    im = im.convert("RGBA")
+                    background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                    im = Image.alpha_composite(background, im)
+                rgb = im.convert("RGB")
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+                return np.asarray(rgb, dtype=np.uint8).copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(
+            f"{path}: image has more pixels than the decompression-bomb limit ({MAX_IMAGE_PIXELS}); downscale it or remove it"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: cannot read image ({reason}); replace or remove the file") from None
+
+
+def fingerprint(index: ImageIndex) -> str:
+    """A sha256 over the sorted file list, labels and file contents: two runs on the same data share it."""
+    digest = hashlib.sha256()
+    for relpath, label, path in sorted(zip(index.frame["relpath"], index.frame["label"], index.frame["path"])):
+        digest.update(f"{relpath}\0{label}\0".encode())
+        with open(path, "rb") as fh:
+            digest.update(hashlib.blake2b(fh.read(), digest_size=16).digest())
+    return digest.hexdigest()
+
+
+def _cache_key(index: ImageIndex, image_size: int) -> str:
+    # Size and mtime stand in for contents here: this key must be cheap, it is computed on every run.
+    digest = hashlib.sha256(f"v1:{image_size}".encode())
+    for path in index.frame["path"]:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:24]
+
+
+def decode_images(index: ImageIndex, image_size: int, cache_dir: str | Path | None = None,
+                  workers: int | None = None, progress: bool = True) -> np.ndarray:
+    """Decode every image of ``index`` once into a uint8 array of shape (N, image_size, image_size, 3).
+
+    With ``cache_dir`` the array is stored there as a ``.npy`` file keyed by the file list, sizes, mtimes and
+    ``image_size`` and returned memory-mapped, so a later run, fold or sweep on the same data starts without
+    decoding. ``cache_dir`` must not be inside the data folder. Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
+    paths = list(index.frame["path"])
+    cache_file = None
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir).expanduser().resolve()
+        if cache_dir == index.root or index.root in cache_dir.parents:
+            raise UserError(f"{cache_dir}: the cache folder is inside the data folder {index.root}; choose a folder outside it")
+        cache_file = cache_dir / f"images_{_cache_key(index, image_size)}.npy"
+        if cache_file.is_file():
+            return np.load(cache_file, mmap_mode="r")
+    out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    workers = workers or min(8, (os.cpu_count() or 1) + 2)
+
+    def _one(i: int) -> str | None:
+        try:
+            out[i] = read_image(paths[i], image_size)
+        except UserError as exc:
+            return str(exc)
+        return None
+
+    # Pillow releases the GIL while decoding and resizing, so threads scale without copying arrays between processes.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        errors = [e for e in tqdm(pool.map(_one, range(len(paths))), total=len(paths), desc="decode", unit="img",
+                                  disable=not progress, mininterval=2.0, leave=False) if e]
+    if errors:
+        # Every bad file in one message, before any training starts, so one pass fixes them all.
+        listing = " | ".join(errors[:5]) + (f" | ... {len(errors) - 5} more" if len(errors) > 5 else "")
+        raise UserError(f"{len(errors)} unreadable image(s): {listing}")
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, out)
+        os.replace(tmp, cache_file)
+        (cache_file.with_suffix(".json")).write_text(json.dumps({"root": str(index.root), "n": len(paths),
+                                                                "image_size": image_size}))
+    return out
+
+
+def normalize_batch(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                    channels_last: bool = False) -> torch.Tensor:
+    """uint8 NHWC batch (already on the training device) -> float32 NCHW, scaled to [0, 1] then standardized."""
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    x = (x - mean_t) / std_t
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def resolve_normalization(name_or_values: str | Iterable[Sequence[float]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``"paper"`` or ``"imagenet"`` (see :data:`ussf_lib.meta.NORMALIZATIONS`), or an explicit ``(mean, std)``."""
+    if isinstance(name_or_values, str):
+        if name_or_values not in NORMALIZATIONS:
+            raise UserError(f"unknown normalization {name_or_values!r}; use one of {sorted(NORMALIZATIONS)}")
+        return NORMALIZATIONS[name_or_values]
+    mean, std = name_or_values
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -1,0 +1,74 @@
+"""Load a fold checkpoint and classify images with it (``ussf predict``).
+
+Checkpoints are read with ``weights_only=True``: they hold tensors and plain metadata only, so loading one
+never executes code. Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ussf_lib.data import read_image
+from ussf_lib.errors import UserError
+from ussf_lib.meta import IMAGE_EXTENSIONS
+from ussf_lib.models import build_model
+from ussf_lib.train import DeviceImages, evaluate, select_device
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model stored in a fold's ``checkpoint.pt``; returns it (eval mode) and its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint; pass RUN/folds/K/checkpoint.pt of a `ussf cv` run")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for a file that is not a checkpoint
+        raise UserError(f"{path}: not a ussf checkpoint ({type(exc).__name__}); pass RUN/folds/K/checkpoint.pt") from None
+    meta = state.get("meta") if isinstance(state, dict) else None
+    if not meta or "model" not in state:
+        raise UserError(f"{path}: checkpoint lacks model metadata; pass RUN/folds/K/checkpoint.pt of a `ussf cv` run")
+    model = build_model(meta["model_name"], len(meta["classes"]), image_size=meta["image_size"], **meta["model_kwargs"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UserError(f"{path}: weights do not fit model {meta['model_name']!r} with {len(meta['classes'])} classes") from None
+    return model.to(device).eval(), meta
+
+
+def expand_inputs(items: Sequence[str | Path]) -> list[Path]:
+    """Image files given directly, plus every image inside given folders (recursively, hidden entries skipped)."""
+    paths: list[Path] = []
+    for item in items:
+        item = Path(item)
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(item).parts))
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise UserError(f"{item}: no such file or folder; pass image files or folders of images")
+    if not paths:
+        raise UserError(f"no images among {', '.join(map(str, items))}; pass image files or folders of images")
+    return paths
+
+
+def predict_images(checkpoint: str | Path, inputs: Sequence[str | Path], device: str = "auto",
+                   batch_size: int = 64) -> pd.DataFrame:
+    """Class probabilities per image: columns path, pred, prob_<class>..."""
+    dev = select_device(device)
+    model, meta = load_checkpoint(checkpoint, dev)
+    paths = expand_inputs(inputs)
+    images = np.stack([read_image(p, meta["image_size"]) for p in paths])
+    _, probs = evaluate(model, DeviceImages(images, dev), np.zeros(len(paths), dtype=np.int64),
+                        np.arange(len(paths)), batch_size, meta["mean"], meta["std"])
+    classes = meta["classes"]
+    frame = pd.DataFrame({"path": [str(p) for p in paths], "pred": [classes[i] for i in probs.argmax(1)]})
+    for i, name in enumerate(classes):
+        frame[f"prob_{name}"] = probs[:, i].round(6)
+    return frame

@@ -1,0 +1,75 @@
+"""What a run folder records about where it came from: package versions, device, git commit, data fingerprint.
+
+Introduced in ``notebooks/04_train_cross_validation.ipynb`` (its imports cell prints :func:`environment_line`).
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGES = ("ussf", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "pillow", "matplotlib")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the ussf checkout this code runs from (None outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def device_info(device: torch.device | str) -> dict[str, Any]:
+    device = torch.device(device)
+    info: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info.update(gpu=torch.cuda.get_device_name(index), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(), gpu_count=torch.cuda.device_count())
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def environment_info(device: torch.device | str, data_fingerprint: str | None = None) -> dict[str, Any]:
+    """Everything ``environment.json`` holds."""
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        **device_info(device),
+        "git_commit": git_commit(),
+        "data_fingerprint": data_fingerprint,
+    }
+
+
+def environment_line(device: torch.device | str | None = None) -> str:
+    """One printable line for a notebook's imports cell: versions and device."""
+    from ussf_lib.train import select_device
+
+    device = torch.device(device) if device is not None else select_device()
+    versions = package_versions()
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return (f"ussf {versions['ussf']} | torch {versions['torch']} | torchvision {versions['torchvision']} | "
+            f"python {platform.python_version()} | device {device}{gpu}")

@@ -1,0 +1,109 @@
+"""Rebuild a run folder's tables and figures from its ``predictions.csv`` and ``history.csv`` files alone.
+
+Nothing here needs a model, so a table or a plot can be regenerated (``ussf report RUN``) without retraining.
+Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from ussf_lib import plots
+from ussf_lib.errors import UserError
+from ussf_lib.meta import METRIC_NAMES, PAPER_CLASSES
+from ussf_lib.metrics import confusion, format_mean_std, summarize_predictions
+
+#: The paper's headline macro figures for US-SFNet (%), shown beside a run of a US-SFNet model on 4 classes.
+PAPER_HEADLINE = {"accuracy": 92.89, "precision": 90.46, "sensitivity": 89.95, "specificity": 97.49}
+
+
+def run_classes(run_dir: str | Path) -> list[str]:
+    path = Path(run_dir) / "classes.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no classes.json; pass a run folder written by `ussf cv`")
+    return json.loads(path.read_text())
+
+
+def load_predictions(run_dir: str | Path) -> pd.DataFrame:
+    """All folds' out-of-fold predictions of a run, concatenated (columns path,label,fold,pred,prob_<class>...)."""
+    files = sorted(Path(run_dir).glob("folds/*/predictions.csv"), key=lambda p: int(p.parent.name))
+    if not files:
+        raise UserError(f"{run_dir}: no folds/*/predictions.csv yet; train first with `ussf cv`")
+    return pd.concat([pd.read_csv(f, dtype={"path": str, "label": str, "pred": str}) for f in files],
+                     ignore_index=True)
+
+
+def load_histories(run_dir: str | Path) -> dict[int, pd.DataFrame]:
+    files = sorted(Path(run_dir).glob("folds/*/history.csv"), key=lambda p: int(p.parent.name))
+    return {int(f.parent.name): pd.read_csv(f) for f in files}
+
+
+def results_table(summary: dict, model: str | None = None) -> pd.DataFrame:
+    """The headline table: one row per metric with mean, std and ``mean ± std`` in percent."""
+    rows = []
+    for name in METRIC_NAMES:
+        stats = summary.get(name) or {}
+        mean, std = stats.get("mean"), stats.get("std")
+        row = {"metric": name,
+               "mean_pct": None if mean is None else round(100 * mean, 2),
+               "std_pct": None if std is None else round(100 * std, 2),
+               "mean ± std (%)": "n/a" if mean is None else format_mean_std(mean, std if std is not None else float("nan"))}
+        if model and model.startswith("us_sfnet") and list(summary.get("classes", [])) == list(PAPER_CLASSES):
+            row["paper US-SFNet (%)"] = PAPER_HEADLINE.get(name)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_report(run_dir: str | Path) -> dict:
+    """Write summary.json, per_class.csv, results.csv/.md, fold metrics and the figures; return the summary."""
+    run_dir = Path(run_dir)
+    classes = run_classes(run_dir)
+    pred = load_predictions(run_dir)
+    summary, per_class = summarize_predictions(pred, classes)
+    summary["classes"] = list(classes)
+    config_file = run_dir / "config.json"
+    model = json.loads(config_file.read_text()).get("model") if config_file.is_file() else None
+    summary["model"] = model
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    per_class.to_csv(run_dir / "per_class.csv", index=False)
+    table = results_table(summary, model)
+    table.to_csv(run_dir / "results.csv", index=False)
+    (run_dir / "results.md").write_text(
+        f"# Cross-validation results: {model} ({summary.get('n_folds', '?')} folds)\n\n"
+        + table.to_markdown(index=False) + "\n\n## Per class (one-vs-rest, mean ± std over folds, %)\n\n"
+        + _per_class_markdown(per_class) + "\n"
+    )
+    for k, fold_metrics in enumerate(summary.get("per_fold", [])):
+        fold_dir = run_dir / "folds" / str(sorted(pred["fold"].unique())[k])
+        (fold_dir / "metrics.json").write_text(json.dumps(fold_metrics, indent=2))
+    y_true = pred["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    y_pred = pred[[f"prob_{c}" for c in classes]].to_numpy().argmax(1)
+    pooled = confusion(y_true, y_pred, len(classes))
+    pd.DataFrame(pooled, index=classes, columns=classes).to_csv(run_dir / "confusion_matrix.csv")
+    figures = [
+        plots.plot_confusion_pair(pooled, classes, title=f"{model}: pooled over folds", out=run_dir / "confusion_matrix.png"),
+        plots.plot_roc(pred, classes, out=run_dir / "roc.png"),
+    ]
+    histories = load_histories(run_dir)
+    if histories:
+        figures.append(plots.plot_learning_curves(histories, out=run_dir / "learning_curves.png"))
+    for fig in figures:
+        plt.close(fig)
+    return summary
+
+
+def _per_class_markdown(per_class: pd.DataFrame) -> str:
+    rows = []
+    for _, r in per_class.iterrows():
+        row = {"class": r["class"]}
+        for m in ("precision", "sensitivity", "specificity", "f1", "auc"):
+            mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
+            row[m] = "n/a" if mean is None or (isinstance(mean, float) and np.isnan(mean)) else format_mean_std(mean, std)
+        row["support"] = int(r["support"])
+        rows.append(row)
+    return pd.DataFrame(rows).to_markdown(index=False)
