@@ -18,6 +18,9 @@ from ussf_lib.meta import PAPER_PROTOCOL
 
 EXIT_USER_ERROR = 2
 
+#: The CPU-sized main job of `make run`: under 10 minutes on 2 cores (README "Main job" gives the measured time).
+MAIN_JOB = {"model": "us_sfnet", "n_per_class": 100, "image_size": 64, "epochs": 8, "folds": 5, "batch_size": 32}
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -96,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("main-job", help="`make run`: phantom data + CPU-sized cross-validation of US-SFNet")
+    p.add_argument("--out", default=None, help="run folder (default runs/<time>)")
+    p.add_argument("--model", default=MAIN_JOB["model"])
+    p.add_argument("--n-per-class", type=_positive_int, default=MAIN_JOB["n_per_class"])
+    p.add_argument("--image-size", type=_positive_int, default=MAIN_JOB["image_size"])
+    p.add_argument("--epochs", type=_positive_int, default=MAIN_JOB["epochs"])
+    p.add_argument("--folds", type=_positive_int, default=MAIN_JOB["folds"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_main_job)
+
     p = sub.add_parser("models", help="list the registered model names")
     p.set_defaults(func=cmd_models)
     return parser
@@ -146,6 +159,26 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     summary = write_report(args.run)
     print(f"report rebuilt in {Path(args.run).resolve()}: accuracy {summary['accuracy']['mean']:.3f}")
+    return 0
+
+
+def cmd_main_job(args: argparse.Namespace) -> int:
+    from ussf_lib.experiment import CVConfig, run_cv
+    from ussf_lib.phantom import generate_phantom
+
+    out = Path(args.out or default_run_dir("main"))
+    # The phantom is shared between main jobs with the same settings: it is deterministic by seed.
+    phantom = Path("runs") / f"phantom_n{args.n_per_class}_s{args.image_size}_seed{args.seed}"
+    manifest = phantom / "manifest.csv"
+    if not manifest.is_file():
+        manifest = generate_phantom(phantom, n_per_class=args.n_per_class, image_size=args.image_size,
+                                    seed=args.seed, progress=True)
+    cfg = CVConfig(out=str(out), manifest=str(manifest), group_col="patient", model=args.model,
+                   folds=args.folds, epochs=args.epochs, image_size=args.image_size,
+                   batch_size=MAIN_JOB["batch_size"], seed=args.seed, progress=sys.stderr.isatty())
+    run_cv(cfg)
+    for name in ("results.md", "per_class.csv", "confusion_matrix.png", "learning_curves.png"):
+        print(f"  {out / name}")
     return 0
 
 

@@ -1,0 +1,112 @@
+"""The ``ussf`` command line: outputs of each command, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ussf_lib.cli import main
+
+
+def _snapshot(root):
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_phantom_command(tmp_path, capsys):
+    assert main(["phantom", "--out", str(tmp_path / "ph"), "--n-per-class", "9", "--image-size", "16", "--seed", "1"]) == 0
+    manifest = pd.read_csv(tmp_path / "ph" / "manifest.csv")
+    assert list(manifest.columns) == ["path", "label", "patient"] and len(manifest) == 36
+    assert "phantom written to" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def cli_run(phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["cv", "--data", str(phantom_dir), "--model", "us_sfnet_tiny", "--folds", "2", "--epochs", "1",
+                 "--image-size", "32", "--batch-size", "16", "--seed", "0", "--out", str(out), "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_cv_command_writes_the_documented_outputs(cli_run):
+    summary = json.loads((cli_run / "summary.json").read_text())
+    for m in ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc"):
+        assert 0 <= summary[m]["mean"] <= 1 and summary[m]["std"] is not None
+    assert list(pd.read_csv(cli_run / "splits.csv").columns) == ["path", "label", "group", "fold"]
+    per_class = pd.read_csv(cli_run / "per_class.csv")
+    assert per_class["class"].tolist() == ["benign", "metastatic", "normal", "primary"]  # folder mode: sorted
+    assert (cli_run / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_predict_command_prints_probabilities(cli_run, phantom_dir, capsys):
+    capsys.readouterr()
+    images = sorted((phantom_dir / "benign").glob("*.png"))[:3]
+    assert main(["predict", "--checkpoint", str(cli_run / "folds" / "0" / "checkpoint.pt"), *map(str, images)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("path,pred,prob_benign,prob_metastatic,prob_normal,prob_primary")
+    rows = [line.split(",") for line in out[1:]]
+    assert len(rows) == 3 and all(abs(sum(map(float, r[2:])) - 1) < 1e-4 for r in rows)
+
+
+def test_report_command(cli_run, capsys):
+    (cli_run / "summary.json").unlink()
+    assert main(["report", str(cli_run)]) == 0
+    assert (cli_run / "summary.json").is_file() and "report rebuilt" in capsys.readouterr().out
+
+
+def _one_class(tmp_path):
+    (tmp_path / "only" / "a").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "only" / "a" / "x.png")
+    return ["--data", str(tmp_path / "only")]
+
+
+def _few_images(tmp_path):
+    for cls, n in (("a", 5), ("b", 2)):
+        (tmp_path / "few" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("L", (8, 8), i * 20).save(tmp_path / "few" / cls / f"{i}.png")
+    return ["--data", str(tmp_path / "few")]
+
+
+@pytest.mark.parametrize("make_args,match", [
+    (lambda t: ["--data", str(t / "missing")], "no such folder"),
+    (lambda t: (t / "empty").mkdir() or ["--data", str(t / "empty")], "no images found"),
+    (_one_class, "only one class"),
+    (_few_images, "class 'b' has 2 images, fewer than --folds 5"),
+    (lambda t: _few_images(t) + ["--model", "nope"], "nope"),
+])
+def test_user_errors_are_one_line_exit_2(tmp_path, capsys, make_args, match):
+    args = make_args(tmp_path)
+    before = _snapshot(tmp_path)
+    code = main(["cv", *args, "--epochs", "1", "--image-size", "16", "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and match in err and "Traceback" not in err
+    assert _snapshot(tmp_path) == before  # nothing written, not even the run folder
+
+
+def test_console_module_exit_code_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ussf_lib", "cv", "--data", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("ussf cv: error:") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.busi
+def test_cv_end_to_end_on_busi(busi_root, tmp_path):
+    before = _snapshot(busi_root)
+    out = tmp_path / "busi"
+    code = main(["cv", "--data", str(busi_root), "--model", "us_sfnet_tiny", "--folds", "2", "--epochs", "1",
+                 "--image-size", "32", "--batch-size", "64", "--out", str(out), "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["classes"] == ["benign", "malignant", "normal"]
+    assert 0 < summary["accuracy"]["mean"] <= 1
+    pred = pd.concat(pd.read_csv(p) for p in out.glob("folds/*/predictions.csv"))
+    assert len(pred) == 780 and pred["path"].str.contains(" ").all()
+    assert _snapshot(busi_root) == before

@@ -1,0 +1,111 @@
+"""ussf_lib.experiment + report: a complete run folder, reproducible, resumable, rebuilt from predictions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ussf_lib.errors import UserError
+from ussf_lib.experiment import CVConfig, load_config, run_cv
+from ussf_lib.meta import METRIC_NAMES
+from ussf_lib.report import write_report
+
+QUIET = dict(progress=False)
+
+
+def _cfg(phantom_dir, out, **kw) -> CVConfig:
+    base = dict(out=str(out), manifest=str(phantom_dir / "manifest.csv"), group_col="patient",
+                model="us_sfnet_tiny", folds=2, epochs=1, image_size=32, batch_size=16, seed=0, **QUIET)
+    base.update(kw)
+    return CVConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def run_dir(phantom_dir, tmp_path_factory):
+    return run_cv(_cfg(phantom_dir, tmp_path_factory.mktemp("runs") / "cv"), log=lambda _: None)
+
+
+def test_run_folder_contract(run_dir, phantom_dir):
+    for name in ("config.json", "environment.json", "splits.csv", "classes.json", "summary.json", "per_class.csv",
+                 "results.csv", "results.md", "confusion_matrix.png", "learning_curves.png", "roc.png"):
+        assert (run_dir / name).is_file(), name
+    for k in (0, 1):
+        for name in ("history.csv", "predictions.csv", "metrics.json", "checkpoint.pt"):
+            assert (run_dir / "folds" / str(k) / name).is_file(), (k, name)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for m in METRIC_NAMES:
+        assert set(summary[m]) == {"mean", "std"} and 0.0 <= summary[m]["mean"] <= 1.0
+    assert summary["classes"] == ["normal", "benign", "primary", "metastatic"]
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["packages"]["torch"].startswith("2.14.1") and len(env["data_fingerprint"]) == 64
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["lr"] == 1e-3 and config["weight_decay"] == 1e-4 and config["betas"] == [0.9, 0.999]
+
+
+def test_out_of_fold_predictions_cover_every_image_once_and_no_patient_leaks(run_dir, phantom_dir):
+    splits = pd.read_csv(run_dir / "splits.csv")
+    manifest = pd.read_csv(phantom_dir / "manifest.csv")
+    assert len(splits) == len(manifest) == 80
+    assert (splits.groupby("group")["fold"].nunique() == 1).all()
+    pred = pd.concat(pd.read_csv(run_dir / "folds" / str(k) / "predictions.csv") for k in (0, 1))
+    assert sorted(pred["path"]) == sorted(splits["path"])
+    probs = pred[[c for c in pred.columns if c.startswith("prob_")]].to_numpy()
+    assert probs.shape[1] == 4 and np.allclose(probs.sum(1), 1, atol=1e-5)
+    merged = pred.merge(splits, on="path", suffixes=("", "_split"))
+    assert (merged["fold"] == merged["fold_split"]).all()
+
+
+def test_history_has_one_row_per_epoch(run_dir):
+    history = pd.read_csv(run_dir / "folds" / "0" / "history.csv")
+    assert history["epoch"].tolist() == [1]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(history.columns)
+
+
+def test_report_is_rebuilt_from_predictions_alone(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for name in ("summary.json", "per_class.csv", "results.csv", "confusion_matrix.png"):
+        (copy / name).unlink()
+    for ckpt in copy.glob("folds/*/checkpoint.pt"):
+        ckpt.unlink()  # no model needed
+    write_report(copy)
+    assert json.loads((copy / "summary.json").read_text()) == json.loads((run_dir / "summary.json").read_text())
+    pd.testing.assert_frame_equal(pd.read_csv(copy / "per_class.csv"), pd.read_csv(run_dir / "per_class.csv"))
+
+
+def test_same_seed_gives_identical_summary(run_dir, phantom_dir, tmp_path):
+    again = run_cv(_cfg(phantom_dir, tmp_path / "again"), log=lambda _: None)
+    assert (again / "summary.json").read_text() == (run_dir / "summary.json").read_text()
+    assert (again / "splits.csv").read_text() == (run_dir / "splits.csv").read_text()
+
+
+def test_interrupted_run_resumes_to_the_same_result(run_dir, phantom_dir, tmp_path):
+    out = tmp_path / "cut"
+    run_cv(_cfg(phantom_dir, out), folds_to_run=[0], log=lambda _: None)
+    assert not (out / "folds" / "1" / "predictions.csv").exists()
+    with pytest.raises(UserError, match="--resume"):
+        run_cv(_cfg(phantom_dir, out), log=lambda _: None)
+    with pytest.raises(UserError, match=r"settings \['epochs'\] differ"):
+        run_cv(_cfg(phantom_dir, out, epochs=2), resume=True, log=lambda _: None)
+    logs: list[str] = []
+    run_cv(load_config(out), resume=True, log=logs.append)
+    assert any("fold 0: already finished" in line for line in logs)
+    assert (out / "summary.json").read_text() == (run_dir / "summary.json").read_text()
+
+
+def test_saved_splits_are_reused(run_dir, phantom_dir, tmp_path):
+    out = run_cv(_cfg(phantom_dir, tmp_path / "reuse", seed=5, splits=str(run_dir / "splits.csv")),
+                 log=lambda _: None)
+    assert pd.read_csv(out / "splits.csv")["fold"].tolist() == pd.read_csv(run_dir / "splits.csv")["fold"].tolist()
+
+
+def test_bad_settings_fail_before_any_work(phantom_dir, tmp_path):
+    with pytest.raises(UserError, match="unknown model|not a registered|no_such_model"):
+        run_cv(_cfg(phantom_dir, tmp_path / "x", model="no_such_model"), log=lambda _: None)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(UserError, match="fewer than --folds 9"):
+        run_cv(_cfg(phantom_dir, tmp_path / "y", folds=9), log=lambda _: None)

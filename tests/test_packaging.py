@@ -1,0 +1,42 @@
+"""Setup files agree with each other: pyproject is the single source, environment.yml mirrors it."""
+
+from __future__ import annotations
+
+import tomllib
+
+import yaml
+
+from conftest import REPO
+
+
+def _pyproject_deps() -> set[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return set(project["dependencies"]) | set(project["optional-dependencies"]["dev"])
+
+
+def _conda_pip_deps() -> set[str]:
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_sections = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    assert len(pip_sections) == 1, "environment.yml needs exactly one pip: section"
+    return set(pip_sections[0])
+
+
+def test_environment_yml_mirrors_pyproject():
+    assert _conda_pip_deps() == _pyproject_deps()
+
+
+def test_torch_pins():
+    deps = _pyproject_deps()
+    assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
+
+
+def test_ci_runs_exactly_make_test():
+    lines = [l.strip() for l in (REPO / ".ci" / "run").read_text().splitlines()
+             if l.strip() and not l.strip().startswith("#")]
+    assert lines[-1] == "make test"
+    assert "make test" in (REPO / "README.md").read_text() and "make run" in (REPO / "README.md").read_text()
+
+
+def test_outputs_are_ignored_by_git():
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert "runs/" in ignored and ".venv/" in ignored

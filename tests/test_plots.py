@@ -1,0 +1,167 @@
+"""ussf_lib.plots: figures are written as PNGs and show the numbers they were given."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from ussf_lib import plots  # noqa: F401  (selects Agg before pyplot is imported below)
+from ussf_lib.errors import UserError
+from ussf_lib.plots import (
+    plot_confusion,
+    plot_confusion_pair,
+    plot_learning_curves,
+    plot_per_class_bars,
+    plot_roc,
+)
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CLASSES = ["normal", "benign", "primary"]
+CM = np.array([[12, 2, 1],
+               [3, 9, 0],
+               [0, 4, 7]])
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def assert_png(path):
+    assert path.is_file() and path.stat().st_size > 0
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as img:
+        assert img.size[0] > 0 and img.size[1] > 0
+
+
+def annotation_grid(ax, n):
+    """The heatmap's cell annotations as an (n, n) array of strings (row-major, as seaborn writes them)."""
+    texts = [t.get_text() for t in ax.texts]
+    assert len(texts) == n * n
+    return np.array(texts).reshape(n, n)
+
+
+def test_confusion_counts_annotations_and_png(tmp_path):
+    out = tmp_path / "nested" / "dir" / "cm.png"
+    fig = plot_confusion(CM, CLASSES, out=out)
+    assert_png(out)
+    ax = fig.axes[0]
+    assert annotation_grid(ax, 3).astype(int).tolist() == CM.tolist()
+    assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
+    plt.close(fig)
+
+
+def test_confusion_normalised_rows_sum_to_one():
+    fig = plot_confusion(CM, CLASSES, normalize=True)
+    grid = annotation_grid(fig.axes[0], 3).astype(float)
+    np.testing.assert_allclose(grid.sum(axis=1), 1.0, atol=0.015)  # two-decimal rounding
+    np.testing.assert_allclose(grid, CM / CM.sum(axis=1, keepdims=True), atol=0.005)
+    plt.close(fig)
+
+
+def test_confusion_on_given_axes_and_bad_shape():
+    fig, ax = plt.subplots()
+    assert plot_confusion(CM, CLASSES, ax=ax, title="t") is fig
+    assert ax.get_title() == "t"
+    with pytest.raises(UserError, match="shape"):
+        plot_confusion(CM, CLASSES[:2])
+    plt.close(fig)
+
+
+def test_confusion_pair(tmp_path):
+    out = tmp_path / "pair.png"
+    fig = plot_confusion_pair(CM, CLASSES, title="pooled", out=out)
+    assert_png(out)
+    heatmaps = [ax for ax in fig.axes if len(ax.texts) == 9]
+    assert len(heatmaps) == 2
+    assert annotation_grid(heatmaps[0], 3).astype(int).tolist() == CM.tolist()
+    np.testing.assert_allclose(annotation_grid(heatmaps[1], 3).astype(float).sum(axis=1), 1.0, atol=0.015)
+    plt.close(fig)
+
+
+def _history(epochs, with_val=True, seed=0):
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({
+        "epoch": np.arange(1, epochs + 1),
+        "train_loss": np.linspace(1.0, 0.2, epochs) + rng.uniform(0, 0.05, epochs),
+        "train_acc": np.linspace(0.4, 0.95, epochs),
+    })
+    if with_val:
+        frame["val_loss"] = frame["train_loss"] + 0.1
+        frame["val_acc"] = frame["train_acc"] - 0.05
+    return frame
+
+
+def test_learning_curves_lines_per_fold(tmp_path):
+    out = tmp_path / "curves.png"
+    histories = {k: _history(5, seed=k) for k in range(3)}
+    fig = plot_learning_curves(histories, out=out)
+    assert_png(out)
+    loss_ax, acc_ax = fig.axes
+    assert len(loss_ax.lines) == len(acc_ax.lines) == 3 * 2  # folds x (train, val)
+    plt.close(fig)
+
+    fig = plot_learning_curves({"0": _history(4, with_val=False), "1": _history(4, with_val=False)})
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2]  # folds x (train)
+    plt.close(fig)
+
+    with pytest.raises(UserError, match="train_acc"):
+        plot_learning_curves({0: _history(3).drop(columns="train_acc")})
+
+
+def test_roc_legend_auc_matches_sklearn(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1, 2], 20)
+    logits = rng.normal(size=(60, 3)) + 1.5 * np.eye(3)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pred = pd.DataFrame({"path": [f"i{i}" for i in range(60)], "label": np.array(CLASSES)[y], "fold": 0})
+    for k, c in reversed(list(enumerate(CLASSES))):  # columns in a different order than classes
+        pred[f"prob_{c}"] = probs[:, k]
+    out = tmp_path / "roc.png"
+    fig = plot_roc(pred, CLASSES, out=out)
+    assert_png(out)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    for k, cls in enumerate(CLASSES):
+        entry = next(t for t in legend if t.startswith(cls))
+        shown = float(re.search(r"AUC = ([0-9.]+)", entry).group(1))
+        assert shown == pytest.approx(roc_auc_score(y == k, probs[:, k]), abs=5e-4)
+    plt.close(fig)
+
+
+def test_per_class_bars(tmp_path):
+    rows = []
+    for model, base in (("us_sfnet", 0.9), ("resnet18", 0.8), ("paper", 0.85)):
+        for i, cls in enumerate(CLASSES):
+            row = {"model": model, "class": cls}
+            for m in ("precision", "sensitivity", "specificity", "f1"):
+                row[f"{m}_mean"] = base + 0.02 * i
+                row[f"{m}_std"] = 0.01
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    table.loc[table["model"] == "paper", ["f1_mean", "f1_std"]] = np.nan  # the paper has no per-class F1
+    out = tmp_path / "bars.png"
+    fig = plot_per_class_bars(table, out=out)
+    assert_png(out)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["precision", "sensitivity", "specificity", "f1"]
+    assert len(panels[0].patches) == 3 * 3  # models x classes
+    assert len(panels[3].patches) == 2 * 3  # the paper's missing F1 bars are left out
+    heights = sorted(round(p.get_height(), 6) for p in panels[0].patches)
+    assert heights == sorted(round(v, 6) for v in table["precision_mean"])
+    plt.close(fig)
+
+    fig = plot_per_class_bars(table.drop(columns=[c for c in table if c.endswith("_std")]),
+                              metric_cols=("precision",))
+    assert len(fig.axes[0].patches) == 9
+    plt.close(fig)
+
+    with pytest.raises(UserError, match="model"):
+        plot_per_class_bars(table.drop(columns="model"))

@@ -1,0 +1,95 @@
+"""ussf_lib.train: one fold learns, checkpoints, resumes exactly, and stops on a non-finite loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from ussf_lib.errors import UserError
+from ussf_lib.train import DeviceImages, NonFiniteLossError, TrainConfig, evaluate, select_device, train_fold
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _toy(n: int = 64, size: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class 1 images are bright, class 0 dark: separable, so a working loop must learn it."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = rng.integers(0, 100, (n, size, size, 3)) + 120 * y[:, None, None, None]
+    return x.astype(np.uint8), y
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_fold_learns_a_separable_problem_and_writes_checkpoint(tmp_path):
+    x, y = _toy()
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=0.05, progress=False)
+    res = train_fold(_net(), x, y, np.arange(48), np.arange(48, 64), cfg, MEAN, STD, torch.device("cpu"),
+                     fold_dir=tmp_path, log=lambda _: None)
+    assert list(res.history.columns[:5]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
+    assert res.history["epoch"].tolist() == list(range(1, 7))
+    assert res.history["train_loss"].iloc[-1] < res.history["train_loss"].iloc[0]
+    assert res.probs.shape == (16, 2) and np.allclose(res.probs.sum(1), 1)
+    assert (res.probs.argmax(1) == y[48:]).mean() == 1.0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 6 and state["fold"] == 0
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
+    x, y = _toy()
+    run = lambda epochs, d: train_fold(_net(), x, y, np.arange(48), np.arange(48, 64),
+                                       TrainConfig(epochs=epochs, batch_size=16, lr=0.01, progress=False),
+                                       MEAN, STD, torch.device("cpu"), fold_dir=d, log=lambda _: None)
+    full = run(4, tmp_path / "full")
+    run(2, tmp_path / "cut")  # "interrupted" after epoch 2
+    resumed = run(4, tmp_path / "cut")
+    pd.testing.assert_frame_equal(full.history.drop(columns="seconds"), resumed.history.drop(columns="seconds"))
+    np.testing.assert_array_equal(full.probs, resumed.probs)
+
+
+def test_non_finite_loss_names_epoch_and_batch(tmp_path):
+    x, y = _toy()
+    net = _net()
+    with torch.no_grad():
+        net[-1].bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 1"):
+        train_fold(net, x, y, np.arange(48), np.arange(48, 64), TrainConfig(epochs=1, batch_size=16, progress=False),
+                   MEAN, STD, torch.device("cpu"), fold_dir=tmp_path, log=lambda _: None)
+    assert (tmp_path / "debug_nonfinite.pt").is_file()
+
+
+def test_config_validation_messages():
+    with pytest.raises(UserError, match="--epochs 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(UserError, match="--amp fp8"):
+        TrainConfig(amp="fp8")
+
+
+def test_bf16_autocast_and_channels_last_run_on_cpu():
+    x, y = _toy(32)
+    cfg = TrainConfig(epochs=1, batch_size=16, amp="bf16", channels_last=True, progress=False)
+    res = train_fold(_net(), x, y, np.arange(16), np.arange(16, 32), cfg, MEAN, STD, torch.device("cpu"),
+                     log=lambda _: None)
+    assert np.isfinite(res.history["train_loss"]).all() and res.probs.dtype == np.float64
+
+
+def test_device_selection():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            select_device("cuda")
+
+
+def test_evaluate_probabilities_follow_index_order():
+    x, y = _toy(10)
+    net = _net().eval()
+    _, p_all = evaluate(net, DeviceImages(x, torch.device("cpu")), y, np.arange(10), 4, MEAN, STD)
+    _, p_rev = evaluate(net, DeviceImages(x, torch.device("cpu")), y, np.arange(10)[::-1].copy(), 3, MEAN, STD)
+    np.testing.assert_allclose(p_all[::-1], p_rev, atol=1e-6)

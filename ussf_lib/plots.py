@@ -1,0 +1,250 @@
+"""Figures for the notebooks and the run folders: confusion matrices, learning curves, ROC curves, bar charts.
+
+Introduced in ``notebooks/04_train_cross_validation.ipynb`` (learning curves),
+``notebooks/05_evaluate_confusion_matrices.ipynb`` (confusion matrices and ROC curves) and notebook 06,
+``notebooks/06_*.ipynb`` (per-class bar chart comparing models with the paper's Table 2).
+
+Every function returns the matplotlib :class:`~matplotlib.figure.Figure` and, when ``out`` is given, also
+saves it there (PNG or whatever the suffix says), creating parent folders. Nothing here calls ``plt.show``;
+callers close figures with ``plt.close(fig)``. Importing this module selects the non-interactive Agg
+backend only when no backend has been chosen (no ``MPLBACKEND``, nothing set in rcParams), so scripts on
+headless machines work and notebooks keep their inline backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+
+
+def _backend_is_set() -> bool:
+    if os.environ.get("MPLBACKEND"):
+        return True
+    getter = getattr(matplotlib.rcParams, "_get_backend_or_none", None)
+    if getter is not None:
+        return getter() is not None
+    from matplotlib import rcsetup
+
+    return dict.__getitem__(matplotlib.rcParams, "backend") is not getattr(rcsetup, "_auto_backend_sentinel", None)
+
+
+if not _backend_is_set():
+    matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+from ussf_lib.errors import UserError  # noqa: E402
+from ussf_lib.metrics import _frame_to_arrays  # noqa: E402
+
+PathLike = str | os.PathLike
+
+
+def _save(fig: Figure, out: PathLike | None) -> None:
+    if out is None:
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def _check_cm(cm: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    arr = np.asarray(cm)
+    n = len(classes)
+    if arr.ndim != 2 or arr.shape != (n, n):
+        raise UserError(f"confusion matrix has shape {arr.shape} but there are {n} classes; "
+                        f"pass an ({n}, {n}) matrix with rows = true classes")
+    return arr
+
+
+def _row_normalise(cm: np.ndarray) -> np.ndarray:
+    """Rows divided by their sums; a row with no samples stays all zeros."""
+    cm = np.asarray(cm, dtype=float)
+    sums = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, sums, out=np.zeros_like(cm), where=sums > 0)
+
+
+def plot_confusion(
+    cm: np.ndarray,
+    classes: Sequence[str],
+    normalize: bool = False,
+    title: str | None = None,
+    ax: Axes | None = None,
+    out: PathLike | None = None,
+) -> Figure:
+    """Heatmap of a confusion matrix (rows = true, columns = predicted), each cell annotated.
+
+    Counts are annotated as integers; with ``normalize=True`` each row is divided by its sum (the per-class
+    sensitivity sits on the diagonal) and annotated with two decimals; a class with no samples shows zeros.
+    Draws on ``ax`` when given, else on a new figure.
+    """
+    classes = [str(c) for c in classes]
+    arr = _check_cm(cm, classes)
+    if ax is None:
+        size = max(4.0, 0.9 * len(classes) + 2.0)
+        fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    else:
+        fig = ax.figure
+    if normalize:
+        data, fmt, vmax = _row_normalise(arr), ".2f", 1.0
+    else:
+        data, fmt, vmax = np.asarray(arr).astype(np.int64), "d", None
+    sns.heatmap(
+        data, annot=True, fmt=fmt, cmap="Blues", vmin=0.0, vmax=vmax, square=True, cbar=True,
+        xticklabels=classes, yticklabels=classes, ax=ax,
+    )
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    ax.set_title(title if title is not None else ("Confusion matrix (row-normalised)" if normalize
+                                                  else "Confusion matrix (counts)"))
+    ax.tick_params(axis="x", rotation=45)
+    ax.tick_params(axis="y", rotation=0)
+    _save(fig, out)
+    return fig
+
+
+def plot_confusion_pair(
+    cm: np.ndarray, classes: Sequence[str], title: str | None = None, out: PathLike | None = None
+) -> Figure:
+    """Counts and row-normalised confusion matrices side by side; ``title`` goes above both."""
+    classes = [str(c) for c in classes]
+    _check_cm(cm, classes)
+    size = max(4.0, 0.9 * len(classes) + 2.0)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(2 * size + 2.0, size))
+    plot_confusion(cm, classes, normalize=False, title="Counts", ax=left)
+    plot_confusion(cm, classes, normalize=True, title="Row-normalised", ax=right)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, out)
+    return fig
+
+
+_HISTORY_REQUIRED = ("epoch", "train_loss", "train_acc")
+
+
+def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathLike | None = None) -> Figure:
+    """Loss and accuracy per epoch, one colour per fold: solid = train, dashed = validation.
+
+    Each history has columns ``epoch``, ``train_loss``, ``train_acc`` and optionally ``val_loss``,
+    ``val_acc``; each panel gets one line per fold and series present.
+    """
+    if not histories:
+        raise UserError("no training histories to plot; pass {fold: history DataFrame}")
+    for fold, hist in histories.items():
+        missing = [c for c in _HISTORY_REQUIRED if c not in getattr(hist, "columns", [])]
+        if missing:
+            raise UserError(f"history of fold {fold} lacks column(s) {missing}; a history has "
+                            "epoch, train_loss, train_acc and optionally val_loss, val_acc")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    palette = sns.color_palette(n_colors=max(len(histories), 1))
+    for color, (fold, hist) in zip(palette, histories.items()):
+        for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+            ax.plot(hist["epoch"], hist[f"train_{metric}"], color=color, linestyle="-",
+                    label=f"fold {fold} train")
+            if f"val_{metric}" in hist.columns:
+                ax.plot(hist["epoch"], hist[f"val_{metric}"], color=color, linestyle="--",
+                        label=f"fold {fold} val")
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", ncol=2 if len(histories) > 3 else 1)
+    fig.tight_layout()
+    _save(fig, out)
+    return fig
+
+
+def plot_roc(pred: pd.DataFrame, classes: Sequence[str], out: PathLike | None = None) -> Figure:
+    """One-vs-rest ROC curve per class from a predictions table (``label``, ``prob_<class>``).
+
+    All rows are pooled (e.g. the out-of-fold predictions of every fold). The legend gives each class's AUC
+    (three decimals); a class with no positives or no negatives has no curve and is listed as ``AUC n/a``.
+    """
+    classes = [str(c) for c in classes]
+    y_true, probs = _frame_to_arrays(pred, classes)
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    palette = sns.color_palette(n_colors=len(classes))
+    for k, (cls, color) in enumerate(zip(classes, palette)):
+        positives = y_true == k
+        if 0 < positives.sum() < positives.size:
+            fpr, tpr, _ = roc_curve(positives, probs[:, k])
+            auc = roc_auc_score(positives, probs[:, k])
+            ax.plot(fpr, tpr, color=color, label=f"{cls} (AUC = {auc:.3f})")
+        else:
+            ax.plot([], [], color=color, label=f"{cls} (AUC n/a)")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="False positive rate (1 - specificity)",
+           ylabel="True positive rate (sensitivity)", title="One-vs-rest ROC")
+    ax.legend(loc="lower right", fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out)
+    return fig
+
+
+def plot_per_class_bars(
+    table: pd.DataFrame,
+    metric_cols: Sequence[str] = ("precision", "sensitivity", "specificity", "f1"),
+    hue: str = "model",
+    out: PathLike | None = None,
+) -> Figure:
+    """Grouped bar chart, one panel per metric: classes on the x axis, one bar per ``hue`` value.
+
+    ``table`` is long-format with columns ``hue`` (default ``model``), ``class`` and ``<metric>_mean`` for each
+    metric in ``metric_cols``; ``<metric>_std`` (optional) becomes error bars. Values are plotted as given
+    (fractions or percent; do not mix). Class and hue order follow first appearance in the table. A metric
+    missing for some rows (NaN, e.g. F1 absent from the paper's table) leaves those bars out.
+    """
+    if not isinstance(table, pd.DataFrame) or table.empty:
+        raise UserError("per-class table is empty; pass rows of model, class, <metric>_mean")
+    metric_cols = list(metric_cols)
+    if not metric_cols:
+        raise UserError("metric_cols is empty; name at least one metric, e.g. ('precision',)")
+    needed = [hue, "class", *[f"{m}_mean" for m in metric_cols]]
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise UserError(f"per-class table lacks column(s) {missing}; it needs {needed} "
+                        f"(add a {hue!r} column to tell the bar groups apart)")
+    classes = list(dict.fromkeys(table["class"].astype(str)))
+    levels = list(dict.fromkeys(table[hue].astype(str)))
+    keyed = table.assign(_cls=table["class"].astype(str), _hue=table[hue].astype(str))
+    keyed = keyed.drop_duplicates(["_hue", "_cls"], keep="last").set_index(["_hue", "_cls"])
+
+    n = len(metric_cols)
+    ncols = min(n, 2)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 4.0 * nrows), squeeze=False)
+    palette = sns.color_palette(n_colors=len(levels))
+    width = 0.8 / len(levels)
+    x = np.arange(len(classes))
+    for i, metric in enumerate(metric_cols):
+        ax = axes.flat[i]
+        for j, (level, color) in enumerate(zip(levels, palette)):
+            idx = [(level, c) for c in classes]
+            sub = keyed.reindex(idx)
+            heights = sub[f"{metric}_mean"].to_numpy(dtype=float)
+            err = sub[f"{metric}_std"].to_numpy(dtype=float) if f"{metric}_std" in sub.columns else None
+            keep = np.isfinite(heights)
+            if err is not None:
+                err = np.where(np.isfinite(err), err, 0.0)[keep]
+            offset = (j - (len(levels) - 1) / 2) * width
+            ax.bar(x[keep] + offset, heights[keep], width=width, yerr=err, capsize=2, color=color, label=level)
+        ax.set_xticks(x, classes)
+        ax.set_title(metric)
+        ax.set_ylabel(metric)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    axes.flat[0].legend(title=hue, fontsize="small")
+    fig.tight_layout()
+    _save(fig, out)
+    return fig
