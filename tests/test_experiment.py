@@ -11,7 +11,7 @@ import pytest
 
 from ussf_lib.errors import UserError
 from ussf_lib.experiment import CVConfig, load_config, run_cv
-from ussf_lib.meta import METRIC_NAMES
+from ussf_lib.meta import METRIC_NAMES, PAPER_CLASSES
 from ussf_lib.report import write_report
 
 QUIET = dict(progress=False)
@@ -19,7 +19,7 @@ QUIET = dict(progress=False)
 
 def _cfg(phantom_dir, out, **kw) -> CVConfig:
     base = dict(out=str(out), manifest=str(phantom_dir / "manifest.csv"), group_col="patient",
-                model="us_sfnet_tiny", folds=2, epochs=1, image_size=32, batch_size=16, seed=0, **QUIET)
+                classes=list(PAPER_CLASSES), model="us_sfnet_tiny", folds=2, epochs=1, image_size=32, batch_size=16, seed=0, **QUIET)
     base.update(kw)
     return CVConfig(**base)
 

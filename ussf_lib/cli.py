@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ussf_lib.errors import UserError
-from ussf_lib.meta import PAPER_PROTOCOL
+from ussf_lib.meta import PAPER_CLASSES, PAPER_PROTOCOL
 
 EXIT_USER_ERROR = 2
 
@@ -173,7 +173,8 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     if not manifest.is_file():
         manifest = generate_phantom(phantom, n_per_class=args.n_per_class, image_size=args.image_size,
                                     seed=args.seed, progress=True)
-    cfg = CVConfig(out=str(out), manifest=str(manifest), group_col="patient", model=args.model,
+    cfg = CVConfig(out=str(out), manifest=str(manifest), group_col="patient", classes=list(PAPER_CLASSES),
+                   model=args.model,
                    folds=args.folds, epochs=args.epochs, image_size=args.image_size,
                    batch_size=MAIN_JOB["batch_size"], seed=args.seed, progress=sys.stderr.isatty())
     run_cv(cfg)

@@ -31,6 +31,7 @@ from ussf_lib.data import decode_images, fingerprint, load_index, resolve_normal
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_PROTOCOL
 from ussf_lib.models import build_model
+from ussf_lib.models.registry import check_image_size
 from ussf_lib.provenance import environment_info
 from ussf_lib.report import write_report
 from ussf_lib.train import DeviceImages, TrainConfig, select_device, seed_everything, train_fold
@@ -125,6 +126,7 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
     Introduced in ``notebooks/04_train_cross_validation.ipynb``.
     """
     started = time.perf_counter()
+    check_image_size(cfg.model, cfg.image_size)  # also rejects an unknown model name, before any data is read
     index = load_index(cfg.data, cfg.manifest, cfg.group_col, cfg.classes)
     log(f"data: {index.describe()}")
     if cfg.splits:
