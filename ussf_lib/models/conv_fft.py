@@ -1,0 +1,146 @@
+"""The Conv-FFT block of US-SFNet (paper section 2.2): identity + spatial branch + frequency branch, then GELU.
+
+Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
+
+The paper's figure gives the branch order (PW-Conv -> Conv3x3 -> PW-Conv in the spatial branch,
+RFFT -> Conv3x3 -> Conv3x3 -> IRFFT in the frequency branch) but not the normalization, the
+activations inside the branches, the channel widths or the FFT scaling; each of those is a
+constructor argument here, with the default chosen and justified in :class:`ConvFFTBlock`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ussf_lib.errors import UserError
+
+#: ``norm=`` values accepted by ``torch.fft.rfft2`` / ``irfft2``.
+FFT_NORMS: tuple[str, ...] = ("ortho", "backward", "forward")
+
+NormLayer = Callable[[int], nn.Module] | None
+ActLayer = Callable[[], nn.Module]
+
+
+def conv_norm_act(
+    in_ch: int,
+    out_ch: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    groups: int = 1,
+    norm_layer: NormLayer = nn.BatchNorm2d,
+    act_layer: ActLayer | None = None,
+) -> nn.Sequential:
+    """``Conv2d`` (same padding) -> norm (if ``norm_layer``) -> activation (if ``act_layer``).
+
+    The convolution has a bias only when no norm follows it (a norm's shift makes a bias redundant).
+    """
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups,
+                  bias=norm_layer is None)
+    ]
+    if norm_layer is not None:
+        layers.append(norm_layer(out_ch))
+    if act_layer is not None:
+        layers.append(act_layer())
+    return nn.Sequential(*layers)
+
+
+class SpatialBranch(nn.Module):
+    """Central branch: PW-Conv -> norm -> act -> Conv3x3 -> norm -> act -> PW-Conv -> norm.
+
+    No activation after the last PW-Conv: the block applies GELU after summing the three branches.
+    ``hidden`` channels sit between the two point-wise convolutions.
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
+    """
+
+    def __init__(self, channels: int, hidden: int, *, norm_layer: NormLayer = nn.BatchNorm2d,
+                 act_layer: ActLayer = nn.GELU) -> None:
+        super().__init__()
+        self.pw1 = conv_norm_act(channels, hidden, 1, norm_layer=norm_layer, act_layer=act_layer)
+        self.conv = conv_norm_act(hidden, hidden, 3, norm_layer=norm_layer, act_layer=act_layer)
+        self.pw2 = conv_norm_act(hidden, channels, 1, norm_layer=norm_layer, act_layer=None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pw2(self.conv(self.pw1(x)))
+
+
+class FrequencyBranch(nn.Module):
+    """Upper branch: ``rfft2`` -> [real | imag] as 2C channels -> Conv3x3 -> norm -> act -> Conv3x3 -> norm
+    -> split into real/imag -> ``irfft2`` back to the input's exact ``(H, W)``.
+
+    The whole branch runs in float32 with autocast disabled (torch's FFT has no bfloat16 kernels and
+    its float16 kernels need power-of-two sizes); the result is cast back to the input's dtype, so the
+    block works under ``torch.autocast(..., dtype=torch.bfloat16)``. Do not cast the model itself to
+    a low precision (``model.bfloat16()``): use autocast.
+
+    ``groups=1`` (default) mixes real and imaginary parts of all channels in both convolutions, like the
+    Fourier unit of Fast Fourier Convolution (Chi et al., 2020); ``groups=2`` convolves real and
+    imaginary parts separately; ``groups=2*C`` is depthwise.
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
+    """
+
+    def __init__(self, channels: int, *, fft_norm: str = "ortho", groups: int = 1,
+                 norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.GELU) -> None:
+        super().__init__()
+        if fft_norm not in FFT_NORMS:
+            raise UserError(f"fft_norm={fft_norm!r} is not a torch.fft norm; use one of {', '.join(FFT_NORMS)}")
+        width = 2 * channels
+        if groups < 1 or width % groups:
+            raise UserError(f"freq_groups={groups} must divide 2*channels={width}; use 1, 2 or {width}")
+        self.fft_norm = fft_norm
+        self.convs = nn.Sequential(
+            conv_norm_act(width, width, 3, groups=groups, norm_layer=norm_layer, act_layer=act_layer),
+            conv_norm_act(width, width, 3, groups=groups, norm_layer=norm_layer, act_layer=None),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            spec = torch.fft.rfft2(x.float(), norm=self.fft_norm)  # (B, C, H, W//2+1), complex64
+            z = self.convs(torch.cat([spec.real, spec.imag], dim=1))  # (B, 2C, H, W//2+1), float32
+            real, imag = torch.chunk(z, 2, dim=1)
+            y = torch.fft.irfft2(torch.complex(real, imag), s=(height, width), norm=self.fft_norm)
+        return y.to(x.dtype)
+
+
+class ConvFFTBlock(nn.Module):
+    """Conv-FFT block: ``out = GELU(x + spatial(x) + freq(x))`` (paper section 2.2, Fig. 2).
+
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
+
+    Args:
+        channels: input = output channels C (the block keeps the shape of its input).
+        fft_norm: ``torch.fft`` scaling, ``"ortho"`` by default: the spectrum then has the same energy
+            as the feature map (Parseval), so the frequency convolutions see values on the same scale
+            at every resolution, and ``irfft2(rfft2(x)) == x`` whatever the scaling. The paper is silent.
+        spatial_expansion: hidden width of the spatial branch as a multiple of C; 1.0 by default (the
+            paper names no bottleneck or inverted bottleneck, so the width is kept).
+        freq_groups: groups of the two frequency Conv3x3s, which act on 2C channels (real and imaginary
+            parts stacked) and keep 2C channels; 1 by default (a plain "Conv3x3", as the paper says).
+        norm_layer: normalization after every convolution, ``nn.BatchNorm2d`` by default (the paper's
+            stem uses BatchNorm and the figure shows no other norm); ``None`` removes the norms and gives
+            the convolutions a bias.
+        act_layer: activation between the convolutions of a branch, ``nn.GELU`` by default (the paper's
+            only activation). The last convolution of each branch has a norm and no activation, since
+            the block applies ``nn.GELU`` to the sum of the branches (ResNet's placement). That final
+            activation is always GELU, as in the paper, whatever ``act_layer`` is.
+    """
+
+    def __init__(self, channels: int, *, fft_norm: str = "ortho", spatial_expansion: float = 1.0,
+                 freq_groups: int = 1, norm_layer: NormLayer = nn.BatchNorm2d,
+                 act_layer: ActLayer = nn.GELU) -> None:
+        super().__init__()
+        hidden = int(round(channels * spatial_expansion))
+        if hidden < 1:
+            raise UserError(f"spatial_expansion={spatial_expansion} leaves no channels; use a value >= {1 / channels:g}")
+        self.spatial = SpatialBranch(channels, hidden, norm_layer=norm_layer, act_layer=act_layer)
+        self.freq = FrequencyBranch(channels, fft_norm=fft_norm, groups=freq_groups, norm_layer=norm_layer,
+                                    act_layer=act_layer)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(x + self.spatial(x) + self.freq(x))
