@@ -66,6 +66,7 @@ class CVConfig:
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"
     deterministic: bool = False
     progress: bool = True
 
