@@ -1,8 +1,11 @@
-"""Cross-validation folds: stratified, and grouped when images share a patient.
+"""Cross-validation folds: stratified, and grouped when images share a patient or are duplicates of each other.
 
 ``cv`` knows folds, not pixels: it takes labels and groups and returns a fold number per image, using
-scikit-learn's ``StratifiedKFold`` / ``StratifiedGroupKFold``. Splits are saved as ``splits.csv``
-(``path,label,group,fold``) and can be reused so that several models see identical folds.
+scikit-learn's ``StratifiedKFold`` / ``StratifiedGroupKFold``. The groups that folds keep whole are the
+connected components of two relations: *same patient* (the manifest's group column) and *same duplicate
+cluster* (exact or near-duplicate images, found by :mod:`ussf_lib.audit`), so neither a patient nor a copy of
+an image is ever on both sides of a split. Splits are saved as ``splits.csv`` (``path,label,group,fold``, where
+``group`` is the group actually kept whole) and can be reused so that several models see identical folds.
 Introduced in ``notebooks/04_train_cross_validation.ipynb``.
 """
 
@@ -13,26 +16,62 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ussf_lib.data import ImageIndex
 from ussf_lib.errors import UserError
 
 
-def check_fold_feasible(labels: Sequence[str], groups: Sequence[str] | None, n_folds: int) -> None:
-    """Raise :class:`UserError` unless every class has at least ``n_folds`` images (and groups, when given)."""
+def check_fold_feasible(labels: Sequence[str], groups: Sequence[str] | None, n_folds: int,
+                        unit: str | None = None, classes: Sequence[str] | None = None, hint: str = "") -> None:
+    """Raise :class:`UserError` unless every class has at least ``n_folds`` images (and groups, when given).
+
+    ``unit`` names what is counted in the message (default ``patients`` with groups, else ``images``);
+    ``classes`` adds classes that have no image at all; ``hint`` is appended to the fix.
+    """
     if n_folds < 2:
         raise UserError(f"--folds {n_folds}: cross-validation needs at least 2 folds")
     frame = pd.DataFrame({"label": list(labels), "group": list(groups) if groups is not None else range(len(labels))})
     per_class = frame.groupby("label")["group"].nunique()
-    unit = "patients" if groups is not None else "images"
+    if classes is not None:
+        per_class = per_class.reindex(list(classes), fill_value=0)
+    unit = unit or ("patients" if groups is not None else "images")
     short = per_class[per_class < n_folds]
     if len(short):
         name, count = short.index[0], int(short.iloc[0])
+        if count == 0:
+            raise UserError(f"class {name!r} has no images left (all were unreadable or skipped); "
+                            "add readable images to it, or leave it out with --classes")
         raise UserError(
             f"class {name!r} has {count} {unit}, fewer than --folds {n_folds}; "
-            f"use --folds {max(2, int(per_class.min()))} or fewer, or add {unit} to that class"
+            f"use --folds {max(2, int(per_class.min()))} or fewer, or add {unit} to that class{hint}"
         )
+
+
+def merge_groups(groups: Sequence[str], clusters: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Connected components of (same group) ∪ (same cluster): the units that folds must keep whole.
+
+    Each component is named by the smallest group name among its images, so an image with no duplicate keeps
+    its own group name. ``groups`` are patient ids (or one name per image); ``clusters`` duplicate-cluster ids.
+    """
+    groups = np.asarray(groups).astype(str)
+    clusters = np.asarray(clusters)
+    n = len(groups)
+    if len(clusters) != n:
+        raise ValueError(f"{n} groups but {len(clusters)} cluster ids")
+    edges_i, edges_j = [], []
+    for keys in (groups, clusters):
+        _, inverse = np.unique(keys, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        same = inverse[order][1:] == inverse[order][:-1]  # neighbours in sorted order with the same key
+        edges_i.append(order[:-1][same])
+        edges_j.append(order[1:][same])
+    i, j = np.concatenate(edges_i), np.concatenate(edges_j)
+    _, component = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)), directed=False)
+    names = pd.Series(groups).groupby(component).transform("min")
+    return names.to_numpy(dtype=object)
 
 
 def make_folds(labels: Sequence[int] | np.ndarray, groups: Sequence[str] | None, n_folds: int, seed: int) -> np.ndarray:
@@ -56,37 +95,82 @@ def make_folds(labels: Sequence[int] | np.ndarray, groups: Sequence[str] | None,
     return folds
 
 
-def folds_for_index(index: ImageIndex, n_folds: int, seed: int) -> np.ndarray:
-    """Folds for an :class:`~ussf_lib.data.ImageIndex`, grouped by its group column when it has one."""
-    groups = index.frame["group"].to_numpy() if index.has_groups else None
-    check_fold_feasible(index.frame["label"], groups, n_folds)  # here, so errors name classes, not indices
+def index_groups(index: ImageIndex, clusters: Sequence[int] | np.ndarray | None = None) -> np.ndarray | None:
+    """The group of every image that folds keep whole, or ``None`` when every image stands alone.
+
+    Patient groups (a manifest's group column) merged with duplicate ``clusters`` (one id per image, e.g. from
+    :func:`ussf_lib.audit.cluster_ids`); a folder tree without duplicates gives ``None`` (plain stratified folds).
+    """
+    base = index.frame["group"].to_numpy().astype(str)
+    if clusters is None:
+        return base.astype(object) if index.has_groups else None
+    merged = merge_groups(base, clusters)
+    if not index.has_groups and len(set(merged)) == len(merged):
+        return None
+    return merged
+
+
+def folds_for_index(index: ImageIndex, n_folds: int, seed: int,
+                    clusters: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Folds for an :class:`~ussf_lib.data.ImageIndex`, grouped by its group column when it has one.
+
+    With ``clusters`` (a duplicate-cluster id per image) every cluster also stays inside one fold, joined with
+    the patient groups (see :func:`index_groups`).
+    """
+    groups = index_groups(index, clusters)
+    if clusters is not None and groups is not None:
+        merged = len(set(groups)) < (index.frame["group"].nunique() if index.has_groups else len(index))
+        unit = ("patients (patients that share duplicate images count as one)" if index.has_groups else
+                "images (near-duplicate images count as one)") if merged else None
+        hint = "; --no-dedup-folds lets duplicates be split" if merged else ""
+    else:
+        unit, hint = None, ""
+    # here, so errors name classes, not indices
+    check_fold_feasible(index.frame["label"], groups, n_folds, unit=unit, classes=index.classes, hint=hint)
     return make_folds(index.targets, groups, n_folds, seed)
 
 
-def splits_frame(index: ImageIndex, folds: np.ndarray) -> pd.DataFrame:
-    """The ``splits.csv`` table: ``path`` (relative to the data root), ``label``, ``group``, ``fold``."""
+def splits_frame(index: ImageIndex, folds: np.ndarray, groups: Sequence[str] | np.ndarray | None = None) -> pd.DataFrame:
+    """The ``splits.csv`` table: ``path`` (relative to the data root), ``label``, ``group``, ``fold``.
+
+    ``group`` is the group the folds kept whole (``groups``, e.g. from :func:`index_groups`); by default the
+    index's own group (patient id, or the path itself).
+    """
     return pd.DataFrame({
         "path": index.frame["relpath"].to_numpy(),
         "label": index.frame["label"].to_numpy(),
-        "group": index.frame["group"].to_numpy(),
+        "group": np.asarray(groups) if groups is not None else index.frame["group"].to_numpy(),
         "fold": np.asarray(folds, dtype=np.int64),
     })
 
 
-def save_splits(index: ImageIndex, folds: np.ndarray, path: str | Path) -> Path:
+def save_splits(index: ImageIndex, folds: np.ndarray, path: str | Path,
+                groups: Sequence[str] | np.ndarray | None = None) -> Path:
     """Write ``splits.csv`` for reuse by another run (``ussf cv --splits FILE``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    splits_frame(index, folds).to_csv(path, index=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    splits_frame(index, folds, groups).to_csv(tmp, index=False)
+    tmp.replace(path)
     return path
 
 
-def load_splits(path: str | Path, index: ImageIndex) -> np.ndarray:
-    """Fold numbers from a saved ``splits.csv``, aligned to ``index``; every image must be listed with its label."""
+def leaking_groups(groups: Sequence[str] | np.ndarray, folds: Sequence[int] | np.ndarray) -> list[str]:
+    """Groups (patients or duplicate clusters) whose images sit in more than one fold: they leak across splits."""
+    per_group = pd.DataFrame({"g": np.asarray(groups).astype(str), "f": np.asarray(folds)}).groupby("g")["f"].nunique()
+    return sorted(per_group.index[per_group > 1])
+
+
+def read_splits(path: str | Path, index: ImageIndex) -> pd.DataFrame:
+    """The rows of a saved ``splits.csv`` for the images of ``index``, in index order (see :func:`load_splits`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such splits file; pass the splits.csv of an earlier run")
-    table = pd.read_csv(path, dtype={"path": str, "label": str, "group": str})
+    try:
+        table = pd.read_csv(path, dtype={"path": str, "label": str, "group": str})
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"{path}: not a readable splits CSV ({str(exc).splitlines()[0]}); "
+                        "pass the splits.csv of an earlier run") from None
     missing_cols = {"path", "label", "fold"} - set(table.columns)
     if missing_cols:
         raise UserError(f"{path}: missing column(s) {sorted(missing_cols)}; a splits file has path,label,group,fold")
@@ -95,7 +179,18 @@ def load_splits(path: str | Path, index: ImageIndex) -> np.ndarray:
     if missing:
         raise UserError(f"{path}: {len(missing)} image(s) of the data are not in the splits file, e.g. {missing[0]!r}; "
                         "use splits made on the same data")
+    if by_path.index.duplicated().any():
+        raise UserError(f"{path}: lists {by_path.index[by_path.index.duplicated()][0]!r} more than once; "
+                        "use the splits.csv of an earlier run")
     rows = by_path.loc[index.frame["relpath"]]
     if (rows["label"].to_numpy() != index.frame["label"].to_numpy()).any():
         raise UserError(f"{path}: labels differ from the data's labels; use splits made on the same data")
-    return rows["fold"].to_numpy(dtype=np.int64)
+    folds = pd.to_numeric(rows["fold"], errors="coerce")
+    if folds.isna().any() or (folds < 0).any() or (folds != folds.round()).any():
+        raise UserError(f"{path}: the fold column must hold whole numbers 0..K-1; use the splits.csv of an earlier run")
+    return rows.assign(fold=folds.astype(np.int64)).reset_index()
+
+
+def load_splits(path: str | Path, index: ImageIndex) -> np.ndarray:
+    """Fold numbers from a saved ``splits.csv``, aligned to ``index``; every image must be listed with its label."""
+    return read_splits(path, index)["fold"].to_numpy(dtype=np.int64)

@@ -14,7 +14,10 @@ the uint8 array (see :func:`decode_images`) and normalizes them on the training 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -67,6 +70,24 @@ class ImageIndex:
         """Images per class, in class order (classes with no image show 0)."""
         return self.frame["label"].value_counts().reindex(self.classes, fill_value=0)
 
+    def subset(self, keep: np.ndarray | Sequence[bool]) -> "ImageIndex":
+        """The same index with only the rows where ``keep`` is true (classes and root unchanged)."""
+        keep = np.asarray(keep, dtype=bool)
+        return dataclasses.replace(self, frame=self.frame[keep].reset_index(drop=True), ignored=dict(self.ignored))
+
+    def check_outside(self, folder: str | Path, flag: str) -> Path:
+        """Raise :class:`UserError` when ``folder`` (an output) lies inside the data; returns it resolved.
+
+        For a folder tree the data folder is its root; for a manifest it is every folder that holds a listed image.
+        """
+        folder = Path(folder).expanduser().resolve()
+        data_dirs = {self.root} if self.source == "folder" else {Path(p).parent for p in self.frame["path"]}
+        for data_dir in sorted(data_dirs):
+            if folder == data_dir or data_dir in folder.parents:
+                raise UserError(f"{flag} {folder}: is inside the data folder {data_dir}; nothing is written into the data, "
+                                "choose a folder outside it")
+        return folder
+
     def describe(self) -> str:
         """One line: how many images, per class, and what was ignored."""
         counts = ", ".join(f"{c} {n}" for c, n in self.class_counts().items())
@@ -82,7 +103,8 @@ def _is_hidden(name: str) -> bool:
 
 
 def _finish_index(rows: pd.DataFrame, classes: Sequence[str] | None, root: Path, source: str,
-                  group_col: str | None, ignored: dict[str, int]) -> ImageIndex:
+                  group_col: str | None, ignored: dict[str, int], where: Path | None = None) -> ImageIndex:
+    where = where or root  # what error messages name: the folder tree, or the manifest file
     found = sorted(rows["label"].unique())
     if classes is None:
         classes = found
@@ -91,11 +113,11 @@ def _finish_index(rows: pd.DataFrame, classes: Sequence[str] | None, root: Path,
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise UserError(
-                f"{root}: labels {unknown} are not in the class list {classes}; add them to --classes or remove those images"
+                f"{where}: labels {unknown} are not in the class list {classes}; add them to --classes or remove those images"
             )
     if len(classes) < 2:
         raise UserError(
-            f"{root}: only one class ({', '.join(classes) or 'none'}) was found; classification needs at least two "
+            f"{where}: only one class ({', '.join(classes) or 'none'}) was found; classification needs at least two "
             "class folders (ROOT/<class>/*.png) or two labels in the manifest"
         )
     rows = rows.sort_values(["label", "relpath"], kind="stable").reset_index(drop=True)
@@ -194,7 +216,7 @@ def index_manifest(manifest: str | Path, group_col: str | None = None,
     if (frame["label"] == "").any():
         raise UserError(f"{manifest}: {int((frame['label'] == '').sum())} row(s) have an empty label; fill in the label column")
     frame["group"] = table[group_col].astype(str).to_numpy() if group_col else frame["relpath"]
-    return _finish_index(frame, classes, base, "manifest", group_col, {})
+    return _finish_index(frame, classes, base, "manifest", group_col, {}, where=manifest)
 
 
 def load_index(data: str | Path | None = None, manifest: str | Path | None = None, group_col: str | None = None,
@@ -213,6 +235,50 @@ def load_index(data: str | Path | None = None, manifest: str | Path | None = Non
     return index_folder(data, classes=classes)
 
 
+def _open_rgb(source: str | Path | io.BytesIO) -> Image.Image:
+    """Decode one image at full resolution to RGB (the conversions of :func:`read_image`, without resizing)."""
+    with Image.open(source) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(im, dtype=np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+            im = Image.fromarray(arr.astype(np.uint8), mode="L")
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+            im = Image.alpha_composite(background, im)
+        rgb = im.convert("RGB")
+        rgb.load()
+        return rgb
+
+
+@contextlib.contextmanager
+def _bomb_is_error():
+    """Turn Pillow's DecompressionBombWarning into an exception.
+
+    Warning filters are process-wide (Python < 3.14), so decoding threads are covered when the calling thread
+    sets this around the whole pool; the threads themselves never touch the filters.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def _read_problem(exc: BaseException) -> str:
+    """Why a file could not be read, as a short phrase without the path."""
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"more pixels than the decompression-bomb limit ({Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS})"
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image Pillow can read (wrong extension, or not an image at all)"
+    text = str(exc).splitlines()[0].strip() if str(exc).strip() else ""
+    return f"cannot read image ({text or type(exc).__name__})"
+
+
+def _fix_for(problem: str) -> str:
+    return "downscale it or remove it" if "decompression-bomb" in problem else "replace or remove the file"
+
+
 def read_image(path: str | Path, image_size: int) -> np.ndarray:
     """Decode one image to RGB uint8 of shape (image_size, image_size, 3).
 
@@ -221,29 +287,28 @@ def read_image(path: str | Path, image_size: int) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im)
-                if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                    arr = np.asarray(im, dtype=np.float64)
-                    lo, hi = float(arr.min()), float(arr.max())
-                    arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-                    im = Image.fromarray(arr.astype(np.uint8), mode="L")
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    im = im.convert("RGBA")
-                    background = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                    im = Image.alpha_composite(background, im)
-                rgb = im.convert("RGB")
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-                return np.asarray(rgb, dtype=np.uint8).copy()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(
-            f"{path}: image has more pixels than the decompression-bomb limit ({MAX_IMAGE_PIXELS}); downscale it or remove it"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: cannot read image ({reason}); replace or remove the file") from None
+        with _bomb_is_error():
+            rgb = _open_rgb(path)
+        return np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8).copy()
+    except Exception as exc:  # a broken file can make a Pillow plugin raise almost anything
+        problem = _read_problem(exc)
+        raise UserError(f"{path}: {problem}; {_fix_for(problem)}") from None
+
+
+#: Columns of the per-image hashes (:func:`decode_index` with ``hash_size``, and :mod:`ussf_lib.audit`).
+HASH_COLUMNS: tuple[str, ...] = ("sha256", "pixels", "phash")
+
+
+def image_hash_row(raw: bytes, rgb: Image.Image, hash_size: int) -> tuple[str, str, str]:
+    """(sha256 of the file's bytes, sha256 of the decoded RGB pixels, perceptual hash as hex) of one image.
+
+    The perceptual hash is ``imagehash.phash`` with ``hash_size`` (``hash_size**2`` bits) of the full-resolution
+    RGB image, so it does not depend on ``--image-size``.
+    """
+    import imagehash
+
+    pixels = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+    return hashlib.sha256(raw).hexdigest(), pixels, str(imagehash.phash(rgb, hash_size=hash_size))
 
 
 def fingerprint(index: ImageIndex) -> str:
@@ -256,13 +321,134 @@ def fingerprint(index: ImageIndex) -> str:
     return digest.hexdigest()
 
 
-def _cache_key(index: ImageIndex, image_size: int) -> str:
+def _cache_key(index: ImageIndex, image_size: int, kind: str = "v1") -> str:
     # Size and mtime stand in for contents here: this key must be cheap, it is computed on every run.
-    digest = hashlib.sha256(f"v1:{image_size}".encode())
+    digest = hashlib.sha256(f"{kind}:{image_size}".encode())
     for path in index.frame["path"]:
         stat = os.stat(path)
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()[:24]
+
+
+@dataclass
+class Decoded:
+    """What :func:`decode_index` returns.
+
+    ``index`` holds the readable images only (all of them unless ``skip_bad``), ``images`` their uint8 pixels
+    (row ``i`` is ``index.frame`` row ``i``), ``skipped`` the left-out files (columns ``path``, ``reason``;
+    ``path`` relative to the data root) and ``hashes`` (columns :data:`HASH_COLUMNS`, rows as ``index``) when
+    asked for with ``hash_size``.
+    """
+
+    index: ImageIndex
+    images: np.ndarray | None
+    skipped: pd.DataFrame
+    hashes: pd.DataFrame | None = None
+
+
+def _scan(paths: Sequence[str], image_size: int | None, hash_size: int | None, workers: int | None,
+          progress: bool) -> tuple[np.ndarray | None, list[tuple[str, str, str] | None] | None, dict[int, str]]:
+    """One pass over the files: resized pixels and/or hashes, and a problem phrase for every unreadable file."""
+    out = np.zeros((len(paths), image_size, image_size, 3), dtype=np.uint8) if image_size else None
+    hashes: list[tuple[str, str, str] | None] | None = [None] * len(paths) if hash_size else None
+    workers = workers or min(8, (os.cpu_count() or 1) + 2)
+
+    def _one(i: int) -> str | None:
+        try:
+            raw = Path(paths[i]).read_bytes() if hashes is not None else None
+            rgb = _open_rgb(io.BytesIO(raw) if raw is not None else paths[i])
+            if out is not None:
+                out[i] = np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
+            if hashes is not None:
+                hashes[i] = image_hash_row(raw, rgb, hash_size)
+        except Exception as exc:  # a broken file can make a Pillow plugin raise almost anything
+            return _read_problem(exc)
+        return None
+
+    # Pillow releases the GIL while decoding and resizing, so threads scale without copying arrays between processes.
+    with _bomb_is_error(), ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(_one, range(len(paths))), total=len(paths), desc="decode", unit="img",
+                            disable=not progress, mininterval=2.0, leave=False))
+    return out, hashes, {i: e for i, e in enumerate(results) if e}
+
+
+def decode_index(index: ImageIndex, image_size: int | None, cache_dir: str | Path | None = None,
+                 workers: int | None = None, progress: bool = True, skip_bad: bool = False,
+                 hash_size: int | None = None) -> Decoded:
+    """Decode every image of ``index`` once: uint8 pixels at ``image_size`` and, with ``hash_size``, hashes.
+
+    Every unreadable file (corrupt, truncated, not an image, decompression bomb) is found in one pass. Without
+    ``skip_bad`` they are all listed in one :class:`UserError`; with it they are left out of the returned index
+    and listed in ``skipped``. ``image_size=None`` computes hashes only. With ``cache_dir`` both the pixels
+    (``images_<key>.npy``, returned memory-mapped) and the hashes (``hashes_<key>.csv``) are kept there, keyed
+    by the file list, sizes, mtimes and ``image_size`` / ``hash_size``; ``cache_dir`` must be outside the data.
+    """
+    paths = list(index.frame["path"])
+    n = len(paths)
+    img_file = hash_file = None
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir).expanduser().resolve()
+        if cache_dir == index.root or index.root in cache_dir.parents:
+            raise UserError(f"{cache_dir}: the cache folder is inside the data folder {index.root}; choose a folder outside it")
+        if image_size:
+            img_file = cache_dir / f"images_{_cache_key(index, image_size)}.npy"
+        if hash_size:
+            hash_file = cache_dir / f"hashes_{_cache_key(index, hash_size, 'h1')}.csv"
+    images: np.ndarray | None = None
+    hashes: list | None = None
+    bad: dict[int, str] = {}
+    if img_file is not None and img_file.is_file():
+        images = np.load(img_file, mmap_mode="r")
+        meta_file = img_file.with_suffix(".json")
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        bad.update({int(i): why for i, why in meta.get("bad", {}).items()})
+    if hash_file is not None and hash_file.is_file():
+        table = pd.read_csv(hash_file, dtype=str, keep_default_na=False)
+        hashes = [tuple(r) if r[0] else None for r in table[list(HASH_COLUMNS)].itertuples(index=False)]
+        bad.update({i: why for i, why in enumerate(table["problem"]) if why})
+    need_pixels = bool(image_size) and images is None
+    need_hashes = bool(hash_size) and hashes is None
+    if need_pixels or need_hashes:
+        new_images, new_hashes, new_bad = _scan(paths, image_size if need_pixels else None,
+                                                hash_size if need_hashes else None, workers, progress)
+        bad.update(new_bad)
+        if need_pixels:
+            images = new_images
+        if need_hashes:
+            hashes = new_hashes
+    if bad and not skip_bad:
+        # Every bad file in one message, before any training starts, so one pass fixes them all.
+        items = [f"{paths[i]}: {bad[i]}" for i in sorted(bad)]
+        listing = " | ".join(items[:5]) + (f" | ... {len(items) - 5} more" if len(items) > 5 else "")
+        raise UserError(f"{len(items)} unreadable image(s): {listing}; replace or remove them, "
+                        "or pass --skip-bad to leave them out")
+    if need_pixels and img_file is not None:
+        img_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = img_file.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, images)
+        os.replace(tmp, img_file)
+        img_file.with_suffix(".json").write_text(json.dumps({
+            "root": str(index.root), "n": n, "image_size": image_size,
+            "bad": {str(i): why for i, why in sorted(bad.items())}}))
+    if need_hashes and hash_file is not None:
+        hash_file.parent.mkdir(parents=True, exist_ok=True)
+        table = pd.DataFrame([h or ("", "", "") for h in hashes], columns=list(HASH_COLUMNS))
+        table["problem"] = [bad.get(i, "") for i in range(n)]
+        tmp = hash_file.with_suffix(f".tmp{os.getpid()}.csv")
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, hash_file)
+    keep = np.ones(n, dtype=bool)
+    keep[list(bad)] = False
+    skipped = pd.DataFrame({"path": [index.frame["relpath"].iloc[i] for i in sorted(bad)],
+                            "reason": [bad[i] for i in sorted(bad)]}, columns=["path", "reason"])
+    hash_frame = None
+    if hashes is not None:
+        hash_frame = pd.DataFrame([h for h, k in zip(hashes, keep) if k], columns=list(HASH_COLUMNS))
+    if bad:
+        index = index.subset(keep)
+        if images is not None:
+            images = np.ascontiguousarray(images[keep])
+    return Decoded(index=index, images=images, skipped=skipped, hashes=hash_frame)
 
 
 def decode_images(index: ImageIndex, image_size: int, cache_dir: str | Path | None = None,
@@ -271,43 +457,11 @@ def decode_images(index: ImageIndex, image_size: int, cache_dir: str | Path | No
 
     With ``cache_dir`` the array is stored there as a ``.npy`` file keyed by the file list, sizes, mtimes and
     ``image_size`` and returned memory-mapped, so a later run, fold or sweep on the same data starts without
-    decoding. ``cache_dir`` must not be inside the data folder. Introduced in ``notebooks/01_explore_data.ipynb``.
+    decoding. ``cache_dir`` must not be inside the data folder. All unreadable files are listed in one
+    :class:`UserError`; :func:`decode_index` can skip them instead (``skip_bad``) and also hash the images.
+    Introduced in ``notebooks/01_explore_data.ipynb``.
     """
-    paths = list(index.frame["path"])
-    cache_file = None
-    if cache_dir is not None:
-        cache_dir = Path(cache_dir).expanduser().resolve()
-        if cache_dir == index.root or index.root in cache_dir.parents:
-            raise UserError(f"{cache_dir}: the cache folder is inside the data folder {index.root}; choose a folder outside it")
-        cache_file = cache_dir / f"images_{_cache_key(index, image_size)}.npy"
-        if cache_file.is_file():
-            return np.load(cache_file, mmap_mode="r")
-    out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
-    workers = workers or min(8, (os.cpu_count() or 1) + 2)
-
-    def _one(i: int) -> str | None:
-        try:
-            out[i] = read_image(paths[i], image_size)
-        except UserError as exc:
-            return str(exc)
-        return None
-
-    # Pillow releases the GIL while decoding and resizing, so threads scale without copying arrays between processes.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        errors = [e for e in tqdm(pool.map(_one, range(len(paths))), total=len(paths), desc="decode", unit="img",
-                                  disable=not progress, mininterval=2.0, leave=False) if e]
-    if errors:
-        # Every bad file in one message, before any training starts, so one pass fixes them all.
-        listing = " | ".join(errors[:5]) + (f" | ... {len(errors) - 5} more" if len(errors) > 5 else "")
-        raise UserError(f"{len(errors)} unreadable image(s): {listing}")
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, out)
-        os.replace(tmp, cache_file)
-        (cache_file.with_suffix(".json")).write_text(json.dumps({"root": str(index.root), "n": len(paths),
-                                                                "image_size": image_size}))
-    return out
+    return decode_index(index, image_size, cache_dir=cache_dir, workers=workers, progress=progress).images
 
 
 def normalize_batch(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float],

@@ -6,18 +6,23 @@ models (registry) -> train (one fold at a time) -> report (metrics, tables, figu
 
 The run folder (see README "Run folder")::
 
-    RUN/config.json, environment.json, splits.csv,
+    RUN/config.json, environment.json, splits.csv, classes.json, [skipped.csv],
         folds/K/{history.csv, predictions.csv, metrics.json, checkpoint.pt},
         summary.json, per_class.csv, results.csv, results.md, confusion_matrix.png, learning_curves.png, roc.png
 
-A fold whose ``predictions.csv`` exists is finished and skipped on ``resume``; an unfinished fold continues
-from its last checkpoint.
+Everything about the input is checked before the run folder is created: a bad path, too few images, an
+unreadable image (all of them listed at once) stop the run with one :class:`UserError` and nothing is
+written. By default the folds keep every exact or near-duplicate cluster (:mod:`ussf_lib.audit`) inside one
+fold, joined with the patient groups (``dedup_folds``). A fold whose ``predictions.csv`` exists is finished
+and skipped on ``resume``; an unfinished fold continues from its last checkpoint, after checking that the
+checkpoint was made for the same model and class list.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from ussf_lib import cv as cv_mod
-from ussf_lib.data import decode_images, fingerprint, load_index, resolve_normalization
+from ussf_lib.audit import HASH_SIZE, THRESHOLD, check_hash_settings, clusters_from_hashes
+from ussf_lib.data import ImageIndex, decode_index, fingerprint, load_index, resolve_normalization
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_PROTOCOL
 from ussf_lib.models import build_model
@@ -41,7 +47,12 @@ TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 @dataclass
 class CVConfig:
-    """Every setting of a cross-validated run; ``config.json`` is this, resolved. Defaults are the paper's."""
+    """Every setting of a cross-validated run; ``config.json`` is this, resolved. Defaults are the paper's.
+
+    ``skip_bad`` leaves unreadable images out (listed in ``skipped.csv``) instead of stopping;
+    ``dedup_folds`` keeps exact and near-duplicate images (phash distance <= ``dup_threshold`` of
+    ``hash_size**2`` bits) inside one fold.
+    """
 
     out: str = "runs/cv"
     data: str | None = None
@@ -69,10 +80,15 @@ class CVConfig:
     compile_backend: str = "inductor"
     deterministic: bool = False
     progress: bool = True
+    skip_bad: bool = False
+    dedup_folds: bool = True
+    dup_threshold: int = THRESHOLD
+    hash_size: int = HASH_SIZE
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
             raise UserError(f"--image-size {self.image_size}: use at least 8 pixels")
+        check_hash_settings(self.hash_size, self.dup_threshold, "--dup-threshold")
         self.train_config()  # validates the optimization settings early, before any data is read
 
     def train_config(self) -> TrainConfig:
@@ -96,20 +112,43 @@ class CVConfig:
 _RESUME_FREE = {"progress", "device", "cache_dir", "out"}
 
 
-def _prepare_out(cfg: CVConfig, resume: bool) -> Path:
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a file so that an interruption leaves either the old or the new content, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_out(cfg: CVConfig, resume: bool) -> Path:
+    """Check that ``cfg.out`` can take this run (new, or the same run on ``resume``); writes nothing."""
     out = Path(cfg.out)
     config_file = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file, not a folder; choose a new --out")
+    if resume and not config_file.is_file():
+        raise UserError(f"{out}: no config.json here; pass --resume a run folder written by `ussf cv`")
     if out.exists() and any(out.iterdir()):
         if not config_file.is_file():
             raise UserError(f"{out}: folder exists and is not a ussf run folder; choose a new --out")
         if not resume:
             raise UserError(f"{out}: already holds a run; pass --resume {out} to continue it, or choose a new --out")
-        previous = json.loads(config_file.read_text())
-        changed = sorted(k for k in previous if k not in _RESUME_FREE and previous.get(k) != cfg.to_dict().get(k))
+        previous = _read_json(config_file)
+        current = cfg.to_dict()
+        changed = sorted(k for k in previous if k not in _RESUME_FREE and previous.get(k) != current.get(k))
         if changed:
             raise UserError(f"{out}: settings {changed} differ from the run being resumed; resume with the same settings")
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({str(exc).splitlines()[0]}); the run folder is damaged, "
+                        "start a new run with a new --out") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object; the run folder is damaged, start a new run with a new --out")
+    return value
 
 
 def load_config(run_dir: str | Path) -> CVConfig:
@@ -117,7 +156,100 @@ def load_config(run_dir: str | Path) -> CVConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: no config.json here; pass a run folder written by `ussf cv`")
-    return CVConfig.from_dict(json.loads(path.read_text()))
+    d = _read_json(path)
+    d.setdefault("dedup_folds", False)  # runs made before duplicate-aware folds existed did not use them
+    return CVConfig.from_dict(d)
+
+
+@dataclass
+class PreparedData:
+    """The data of a run, checked and decoded, with its folds: everything :func:`run_cv` needs before training.
+
+    ``index`` holds the readable images (``skipped`` lists the others when ``skip_bad``), ``images`` their uint8
+    pixels, ``folds`` a fold per image, ``groups`` the group each image's fold kept whole (``splits.csv``'s
+    ``group``), ``clusters`` the duplicate-cluster ids (``None`` without ``dedup_folds``).
+    """
+
+    index: ImageIndex
+    images: np.ndarray | None
+    folds: np.ndarray
+    groups: np.ndarray
+    clusters: np.ndarray | None
+    skipped: pd.DataFrame
+    fingerprint: str
+    notes: list[str] = field(default_factory=list)
+
+    def splits(self) -> pd.DataFrame:
+        """The ``splits.csv`` table."""
+        return cv_mod.splits_frame(self.index, self.folds, self.groups)
+
+
+def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file: str | Path | None = None,
+                 expect_fingerprint: str | None = None,
+                 check_index: Callable[[ImageIndex], None] | None = None, pixels: bool = True) -> PreparedData:
+    """Index, check and decode ``cfg``'s data and make its folds, as :func:`run_cv` does; writes nothing.
+
+    ``splits_file`` (default ``cfg.splits``) takes the folds from a saved ``splits.csv``; otherwise they are
+    made here, duplicate-aware with ``cfg.dedup_folds``. ``expect_fingerprint`` refuses data that changed since
+    (resume); ``check_index`` runs on the index before the (slow) decoding, e.g. to build the model once.
+    ``pixels=False`` still reads every file (to find unreadable ones and hash them) but keeps no pixels
+    (``images`` is ``None``).
+    """
+    splits_file = splits_file or cfg.splits
+    index = load_index(cfg.data, cfg.manifest, cfg.group_col, cfg.classes)
+    log(f"data: {index.describe()}")
+    if cfg.out:
+        index.check_outside(cfg.out, "--out")
+    if check_index is not None:
+        check_index(index)
+    if not splits_file:  # fail in a second on a class with too few images, not after decoding
+        cv_mod.check_fold_feasible(index.frame["label"], index.frame["group"] if index.has_groups else None, cfg.folds)
+    hash_size = cfg.hash_size if cfg.dedup_folds else None
+    decoded = decode_index(index, cfg.image_size if pixels else None, cache_dir=cfg.cache_dir, progress=cfg.progress,
+                           skip_bad=cfg.skip_bad, hash_size=hash_size)
+    index = decoded.index
+    notes: list[str] = []
+    if len(decoded.skipped):
+        notes.append(f"skipped {len(decoded.skipped)} unreadable image(s) (--skip-bad), "
+                     f"e.g. {decoded.skipped['path'].iloc[0]}: {decoded.skipped['reason'].iloc[0]}")
+    data_fp = fingerprint(index)
+    if expect_fingerprint and data_fp != expect_fingerprint:
+        raise UserError(f"{cfg.data or cfg.manifest}: the data changed since this run started (fingerprint differs "
+                        "from environment.json); restore it, or start a new run with a new --out")
+    clusters = clusters_from_hashes(decoded.hashes, cfg.dup_threshold) if hash_size else None
+    if clusters is not None:
+        n_dup = int((np.bincount(clusters) > 1).sum())
+        if n_dup:
+            notes.append(f"duplicates: {n_dup} cluster(s) of exact or near-duplicate images "
+                         f"(phash distance <= {cfg.dup_threshold}) are each kept inside one fold")
+    if splits_file:
+        table = cv_mod.read_splits(splits_file, index)
+        folds = table["fold"].to_numpy(dtype=np.int64)
+        if int(folds.max()) + 1 != cfg.folds:
+            raise UserError(f"{splits_file}: has {int(folds.max()) + 1} folds but --folds is {cfg.folds}; make them agree")
+        cv_mod.check_fold_feasible(index.frame["label"], None, cfg.folds, classes=index.classes)
+        groups = (table["group"].astype(str).to_numpy(dtype=object) if "group" in table
+                  else index.frame["group"].to_numpy())
+        if clusters is not None:
+            leaks = cv_mod.leaking_groups(clusters, folds)
+            if leaks:
+                notes.append(f"warning: {len(leaks)} duplicate cluster(s) are split across the folds of {splits_file}; "
+                             "results may be optimistic (make new splits to keep duplicates together)")
+    else:
+        groups = cv_mod.index_groups(index, clusters)
+        folds = cv_mod.folds_for_index(index, cfg.folds, cfg.seed, clusters=clusters)
+        if groups is None:
+            groups = index.frame["group"].to_numpy()
+    for note in notes:
+        log(note)
+    return PreparedData(index=index, images=decoded.images, folds=folds, groups=np.asarray(groups), clusters=clusters,
+                        skipped=decoded.skipped, fingerprint=data_fp, notes=notes)
+
+
+def compute_splits(cfg: CVConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """The ``splits.csv`` table :func:`run_cv` would make for ``cfg`` (duplicate-aware, bad files skipped or
+    refused as configured), without keeping pixels: for sharing one set of folds between several runs."""
+    return prepare_data(cfg, log=log, pixels=False).splits()
 
 
 def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = print,
@@ -126,33 +258,51 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
 
     Introduced in ``notebooks/04_train_cross_validation.ipynb``.
     """
+    from ussf_lib.predict import check_meta, check_weights_fit, read_checkpoint
+
     started = time.perf_counter()
     check_image_size(cfg.model, cfg.image_size)  # also rejects an unknown model name, before any data is read
-    index = load_index(cfg.data, cfg.manifest, cfg.group_col, cfg.classes)
-    log(f"data: {index.describe()}")
-    if cfg.splits:
-        folds = cv_mod.load_splits(cfg.splits, index)
-        if int(folds.max()) + 1 != cfg.folds:
-            raise UserError(f"{cfg.splits}: has {int(folds.max()) + 1} folds but --folds is {cfg.folds}; make them agree")
-    else:
-        folds = cv_mod.folds_for_index(index, cfg.folds, cfg.seed)
     mean, std = resolve_normalization(cfg.normalization)
-    # Build once before any heavy work so a bad model name or size fails in a second, not after decoding.
-    build_model(cfg.model, len(index.classes), image_size=cfg.image_size, **cfg.model_kwargs)
-    out = _prepare_out(cfg, resume)
-    device = select_device(cfg.device)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    data_fp = fingerprint(index)
-    (out / "environment.json").write_text(json.dumps(environment_info(device, data_fp), indent=2))
-    cv_mod.save_splits(index, folds, out / "splits.csv")
-    (out / "classes.json").write_text(json.dumps(index.classes))
-    images = decode_images(index, cfg.image_size, cache_dir=cfg.cache_dir, progress=cfg.progress)
-    dev_images = DeviceImages(images, device)
-    targets = index.targets
-    train_cfg = cfg.train_config()
+    out = _check_out(cfg, resume)
+    fold_ids = list(folds_to_run if folds_to_run is not None else range(cfg.folds))
+    bad_folds = [k for k in fold_ids if not 0 <= int(k) < cfg.folds]
+    if bad_folds:
+        raise UserError(f"fold(s) {bad_folds} do not exist; folds are numbered 0..{cfg.folds - 1}")
+    # On resume the folds are the run's own (splits.csv), and the data must be the data it started with.
+    resume_splits = out / "splits.csv" if resume and (out / "splits.csv").is_file() else None
+    previous_env = out / "environment.json"
+    expect_fp = _read_json(previous_env).get("data_fingerprint") if resume and previous_env.is_file() else None
+    probe: dict[str, Any] = {}
+
+    def _build_once(index: ImageIndex) -> None:
+        # Build once before any heavy work so a bad model name or size fails in a second, not after decoding.
+        probe["model"] = build_model(cfg.model, len(index.classes), image_size=cfg.image_size, **cfg.model_kwargs)
+
+    prepared = prepare_data(cfg, log=log, splits_file=resume_splits, expect_fingerprint=expect_fp,
+                            check_index=_build_once)
+    index = prepared.index
     meta = {"model_name": cfg.model, "classes": list(index.classes), "image_size": cfg.image_size,
             "mean": list(mean), "std": list(std), "model_kwargs": dict(cfg.model_kwargs)}
-    for k in (folds_to_run if folds_to_run is not None else range(cfg.folds)):
+    for k in fold_ids:  # a checkpoint from another model or class list is refused before anything is written
+        ckpt = out / "folds" / str(k) / "checkpoint.pt"
+        if ckpt.is_file() and not (ckpt.parent / "predictions.csv").is_file():
+            state = read_checkpoint(ckpt)
+            check_meta(ckpt, state["meta"], {key: meta[key] for key in ("model_name", "classes", "image_size", "model_kwargs")},
+                       f"delete {ckpt.parent} to train this fold again, or resume with the settings it was made with")
+            check_weights_fit(ckpt, probe["model"], state["model"], state["meta"])
+    device = select_device(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    _write_atomic(out / "environment.json", json.dumps(environment_info(device, prepared.fingerprint), indent=2))
+    cv_mod.save_splits(index, prepared.folds, out / "splits.csv", prepared.groups)
+    _write_atomic(out / "classes.json", json.dumps(index.classes))
+    if cfg.skip_bad:
+        _write_atomic(out / "skipped.csv", prepared.skipped.to_csv(index=False))
+    dev_images = DeviceImages(prepared.images, device)
+    targets = index.targets
+    folds = prepared.folds
+    train_cfg = cfg.train_config()
+    for k in fold_ids:
         fold_dir = out / "folds" / str(k)
         if (fold_dir / "predictions.csv").is_file():
             log(f"fold {k}: already finished, skipped")
@@ -164,9 +314,10 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
                             weights_path=cfg.weights_path, **cfg.model_kwargs)
         result = train_fold(model, dev_images, targets, train_idx, test_idx, train_cfg, mean, std, device=device,
                             fold_dir=fold_dir, fold=k, checkpoint_extra={"meta": meta}, log=log)
-        result.history.to_csv(fold_dir / "history.csv", index=False)
+        _write_atomic(fold_dir / "history.csv", result.history.to_csv(index=False))
         pred = predictions_frame(index, test_idx, result.probs, k)
-        pred.to_csv(fold_dir / "predictions.csv", index=False)
+        # predictions.csv marks the fold finished, so it is written last and atomically.
+        _write_atomic(fold_dir / "predictions.csv", pred.to_csv(index=False))
         log(f"fold {k}: test accuracy {float((pred['pred'] == pred['label']).mean()):.3f} ({result.seconds:.1f}s)")
     summary = write_report(out)
     summary_line = ", ".join(f"{m} {summary[m]['mean']:.3f}" for m in ("accuracy", "f1", "auc")
