@@ -48,7 +48,8 @@ from ussf_lib.metrics import _frame_to_arrays  # noqa: E402
 PathLike = str | os.PathLike
 
 
-def _save(fig: Figure, out: PathLike | None) -> None:
+def save_figure(fig: Figure, out: PathLike | None) -> None:
+    """Save ``fig`` to ``out`` (any suffix matplotlib knows), creating parent folders; ``None`` saves nothing."""
     if out is None:
         return
     path = Path(out)
@@ -107,7 +108,7 @@ def plot_confusion(
                                                   else "Confusion matrix (counts)"))
     ax.tick_params(axis="x", rotation=45)
     ax.tick_params(axis="y", rotation=0)
-    _save(fig, out)
+    save_figure(fig, out)
     return fig
 
 
@@ -124,7 +125,7 @@ def plot_confusion_pair(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out)
     return fig
 
 
@@ -159,7 +160,7 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", ncol=2 if len(histories) > 3 else 1)
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out)
     return fig
 
 
@@ -187,7 +188,7 @@ def plot_roc(pred: pd.DataFrame, classes: Sequence[str], out: PathLike | None = 
     ax.legend(loc="lower right", fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out)
     return fig
 
 
@@ -246,5 +247,5 @@ def plot_per_class_bars(
         ax.set_visible(False)
     axes.flat[0].legend(title=hue, fontsize="small")
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out)
     return fig

@@ -1,0 +1,292 @@
+"""The numbered notebooks: structure and committed state (fast), then one headless run of all of them.
+
+The structure tests read the .ipynb files only. ``executed`` runs every notebook once with its defaults through
+``ussf_lib.notebooks.run_notebooks`` (papermill) into a temporary folder, for the whole module.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from ussf_lib import notebooks as nbs
+from ussf_lib.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO / "notebooks"
+EXPECTED = ["01_explore_data", "02_image_spectra", "03_build_conv_fft_block", "04_train_cross_validation",
+            "05_evaluate_confusion_matrices"]
+#: Every numbered notebook in the folder (later notebooks follow the same rules).
+ALL = sorted(p.stem for p in NOTEBOOK_DIR.glob(nbs.NOTEBOOK_GLOB))
+#: Every notebook parameter, and the CLI flag that means the same (None: notebook-only).
+VOCABULARY = {
+    "DATA": "--data", "MANIFEST": "--manifest", "GROUP_COL": "--group-col", "N_PER_CLASS": "--n-per-class",
+    "IMAGE_SIZE": "--image-size", "MODEL": "--model", "EPOCHS": "--epochs", "FOLDS": "--folds",
+    "BATCH_SIZE": "--batch-size", "SEED": "--seed", "OUT_DIR": "--out", "RUN_DIR": None, "CUTOFF": None,
+    "INTERACTIVE": None, "MODELS": "--models",
+}
+#: CI-safe defaults every notebook that declares the name must use.
+SHARED_DEFAULTS = {"DATA": "", "MANIFEST": "", "GROUP_COL": "", "N_PER_CLASS": 16, "MODEL": "us_sfnet_tiny",
+                   "EPOCHS": 1, "FOLDS": 2, "BATCH_SIZE": 32, "SEED": 0, "INTERACTIVE": False, "RUN_DIR": ""}
+#: Files each notebook must leave in its OUT_DIR (a notebook not listed: metrics.json).
+EXPECTED_FILES = {
+    "01_explore_data": ["metrics.json", "class_counts.csv", "class_counts.png", "samples.png", "sizes_modes.csv",
+                        "intensity_histograms.png", "images_per_patient.png", "audit_clusters.csv",
+                        "audit_summary.json"],
+    "02_image_spectra": ["metrics.json", "mean_log_spectra.png", "radial_spectra.png", "radial_spectra.csv",
+                         "magnitude_phase_swap.png", "speckle_spectra.png", "high_frequency_fraction.csv"],
+    "03_build_conv_fft_block": ["metrics.json", "branches.png", "complexity.csv", "stage_shapes.csv"],
+    "04_train_cross_validation": ["metrics.json", "per_fold.csv", "run/summary.json", "run/learning_curves.png",
+                                  "run/results.md"],
+    "05_evaluate_confusion_matrices": ["metrics.json", "confusion_per_fold.png", "confusion_pooled.png",
+                                       "table2.csv", "roc.png"],
+}
+
+
+def read(stem: str) -> nbformat.NotebookNode:
+    return nbformat.read(NOTEBOOK_DIR / f"{stem}.ipynb", as_version=4)
+
+
+def parameters_cell(nb) -> nbformat.NotebookNode:
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, f"{len(cells)} cells tagged 'parameters'; exactly one is needed"
+    return cells[0]
+
+
+def literal_parameters(nb) -> dict:
+    """Name -> value of the parameters cell, which must hold only ``NAME = literal`` statements."""
+    tree = ast.parse(parameters_cell(nb).source)
+    values = {}
+    for stmt in tree.body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name), \
+            f"not a plain assignment: {ast.unparse(stmt)}"
+        values[stmt.targets[0].id] = ast.literal_eval(stmt.value)  # raises unless a literal
+    return values
+
+
+def logic_lines(source: str) -> int:
+    return sum(1 for line in source.splitlines() if line.strip() and not line.strip().startswith("#"))
+
+
+# --------------------------------------------------------------------------------------------- structure
+
+
+def test_the_numbered_notebooks_are_found_in_order():
+    assert [p.stem for p in nbs.notebook_paths()] == ALL and ALL[:len(EXPECTED)] == EXPECTED
+    assert [p.stem for p in nbs.notebook_paths(["03", "01_explore_data"])] == [EXPECTED[2], EXPECTED[0]]
+    with pytest.raises(UserError, match="not found"):
+        nbs.notebook_paths(["99"])
+
+
+@pytest.mark.parametrize("stem", ALL)
+def test_notebook_structure(stem):
+    nb = read(stem)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# "), "a markdown title comes first"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    imports = code[0]
+    assert "environment_line()" in imports.source, "the first code cell is the imports cell printing the environment"
+    body = ast.parse(imports.source).body
+    assert all(isinstance(s, (ast.Import, ast.ImportFrom)) for s in body[:-1]), "the imports cell only imports"
+    assert sum("import " in c.source for c in code[1:] if "INTERACTIVE" not in c.source) == 0, \
+        "imports belong in the imports cell (only the INTERACTIVE cells import ipywidgets)"
+    assert code[1] is parameters_cell(nb), "the parameters cell follows the imports cell"
+    assert any(c.source.startswith("# NBVAL_CHECK_OUTPUT") for c in code), "deterministic cells are marked"
+    assert all("NBVAL_CHECK_OUTPUT" not in c.source or c.source.startswith("# NBVAL_CHECK_OUTPUT") for c in code)
+    longest = max(code, key=lambda c: logic_lines(c.source))
+    assert logic_lines(longest.source) <= 20, f"a cell with {logic_lines(longest.source)} lines belongs in the library"
+
+
+@pytest.mark.parametrize("stem", ALL)
+def test_notebook_is_committed_clean(stem):
+    raw = json.loads((NOTEBOOK_DIR / f"{stem}.ipynb").read_text())
+    assert "widgets" not in raw["metadata"], "widget state is saved in the notebook: clear it"
+    for cell in raw["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [], "outputs are saved in the notebook: clear them"
+            assert cell["execution_count"] is None, "execution counts are saved in the notebook: clear them"
+        assert "widgets" not in cell.get("metadata", {})
+
+
+@pytest.mark.parametrize("stem", ALL)
+def test_parameters_are_literals_with_ci_safe_defaults(stem):
+    values = literal_parameters(read(stem))
+    assert set(values) <= set(VOCABULARY), f"unknown parameter names {set(values) - set(VOCABULARY)}"
+    assert {"SEED", "OUT_DIR", "INTERACTIVE"} <= set(values)
+    assert values["OUT_DIR"] == f"runs/notebooks/{stem}"
+    assert values["INTERACTIVE"] is False
+    assert 32 <= values.get("IMAGE_SIZE", 32) <= 64
+    for name, default in SHARED_DEFAULTS.items():
+        if name in values:
+            assert values[name] == default and type(values[name]) is type(default), f"{name} = {values[name]!r}"
+    # papermill reads the same names (comments with quotes or '=' can make it skip a line silently)
+    assert list(nbs.declared_parameters(NOTEBOOK_DIR / f"{stem}.ipynb")) == list(values)
+
+
+def test_parameter_names_match_the_cli_flags():
+    from ussf_lib.cli import build_parser
+
+    parser = build_parser()
+    flags = set()
+    for action in parser._subparsers._group_actions:  # noqa: SLF001 - argparse keeps sub-parsers here
+        for sub in action.choices.values():
+            flags.update(opt for a in sub._actions for opt in a.option_strings)  # noqa: SLF001
+    used = set().union(*(literal_parameters(read(s)) for s in ALL))
+    for name in used:
+        if VOCABULARY[name] is not None:
+            assert VOCABULARY[name] in flags, f"notebook parameter {name} has no CLI flag {VOCABULARY[name]}"
+
+
+# --------------------------------------------------------------------------------------------- runner helpers
+
+
+def test_parse_assignments_and_type_checks():
+    assert nbs.parse_assignments(["EPOCHS=2", "MODEL=us_sfnet", "CUTOFF=1e-1", "INTERACTIVE=true",
+                                  "DATA=../shared/datasets/busi", "RUN_DIR="]) == {
+        "EPOCHS": 2, "MODEL": "us_sfnet", "CUTOFF": 0.1, "INTERACTIVE": True,
+        "DATA": "../shared/datasets/busi", "RUN_DIR": ""}
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        nbs.parse_assignments(["EPOCHS"])
+    nb = NOTEBOOK_DIR / "02_image_spectra.ipynb"
+    assert nbs.check_parameters(nb, {"CUTOFF": 1, "DATA": 5}) == {"CUTOFF": 1.0, "DATA": "5"}
+    with pytest.raises(UserError, match="IMAGE_SIZE takes values of type int"):
+        nbs.check_parameters(nb, {"IMAGE_SIZE": "big"})
+    with pytest.raises(UserError, match="has no parameter 'EPOCHS'; its parameters are DATA"):
+        nbs.check_parameters(nb, {"EPOCHS": 1})
+
+
+def test_run_notebooks_rejects_bad_parameters_before_running(tmp_path):
+    with pytest.raises(UserError, match="no notebook has the parameter 'EPOCS'"):
+        nbs.run_notebooks(tmp_path / "a", parameters={"EPOCS": 1})
+    with pytest.raises(UserError, match="OUT_DIR is set per notebook"):
+        nbs.run_notebooks(tmp_path / "b", parameters={"OUT_DIR": "x"})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_notebooks_reports_a_bad_parameter_in_one_line(tmp_path, capsys):
+    from ussf_lib.cli import main
+
+    assert main(["notebooks", "--out", str(tmp_path / "nb"), "--param", "BOGUS=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ussf notebooks: error: no notebook has the parameter 'BOGUS'") and "\n" not in err
+
+
+def test_paths_resolve_from_the_repository_root(tmp_path):
+    assert nbs.repo_root() == REPO
+    assert nbs.resolve_path("") is None and nbs.resolve_path(None) is None
+    assert nbs.resolve_path("runs/x") == REPO / "runs" / "x"
+    assert nbs.resolve_path(tmp_path) == tmp_path
+    assert nbs.resolve_out_dir(tmp_path / "o").is_dir()
+
+
+def test_phantom_is_generated_once_per_setting(tmp_path):
+    first = nbs.prepare_data(out_dir=tmp_path, n_per_class=8, image_size=16, seed=0)
+    assert len(first.index) == 32 and first.cv_kwargs["group_col"] == "patient"
+    stamp = (tmp_path / "phantom" / "manifest.csv").stat().st_mtime_ns
+    nbs.prepare_data(out_dir=tmp_path, n_per_class=8, image_size=16, seed=0)
+    assert (tmp_path / "phantom" / "manifest.csv").stat().st_mtime_ns == stamp  # reused
+    assert len(nbs.prepare_data(out_dir=tmp_path, n_per_class=9, image_size=16, seed=0).index) == 36
+    with pytest.raises(UserError, match="both set"):
+        nbs.prepare_data(data="a", manifest="b")
+    image, about = nbs.example_image(image_size=24, seed=1)
+    assert image.shape == (24, 24, 3) and image.dtype.name == "uint8" and "phantom" in about
+
+
+def test_resume_or_replace_keeps_a_matching_run_and_replaces_another(tmp_path):
+    from ussf_lib.experiment import CVConfig
+
+    cfg = CVConfig(out=str(tmp_path / "run"), data="d", model="us_sfnet_tiny", epochs=1, folds=2, image_size=32)
+    assert nbs.resume_or_replace(cfg) is False  # nothing there yet
+    (tmp_path / "run" / "folds").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    cfg.progress = not cfg.progress  # settings that do not change results may differ
+    assert nbs.resume_or_replace(cfg) is True
+    cfg.epochs = 2
+    assert nbs.resume_or_replace(cfg, log=lambda line: None) is False
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------- execution
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("notebooks")
+    paths = nbs.run_notebooks(out, log=lambda line: None)
+    return out, paths
+
+
+@pytest.mark.slow
+def test_run_notebooks_executes_every_notebook_with_its_outputs(executed):
+    out, paths = executed
+    assert [p.name for p in paths] == [f"{s}.ipynb" for s in ALL]
+    for stem in ALL:
+        nb = nbformat.read(out / f"{stem}.ipynb", as_version=4)
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        assert not [o for o in outputs if o.output_type == "error"]
+        assert any("image/png" in o.get("data", {}) for o in outputs), f"{stem} shows no figure"
+        for name in EXPECTED_FILES.get(stem, ["metrics.json"]):
+            assert (out / stem / name).is_file(), f"{stem} did not write {name}"
+    record = {r["notebook"]: r for r in json.loads((out / "notebooks.json").read_text())}
+    assert all(r["status"] == "ok" for r in record.values())
+    # 05 evaluated 04's run instead of training its own
+    run_04 = out / "04_train_cross_validation" / "run"
+    assert record["05_evaluate_confusion_matrices.ipynb"]["parameters"]["RUN_DIR"] == str(run_04)
+    assert not (out / "05_evaluate_confusion_matrices" / "run").exists()
+
+
+@pytest.mark.slow
+def test_notebook_metrics_hold_the_expected_numbers(executed):
+    from ussf_lib.complexity import count_parameters
+    from ussf_lib.models import build_model
+
+    out, _ = executed
+    m01 = json.loads((out / "01_explore_data" / "metrics.json").read_text())
+    assert m01["class_counts"] == {"normal": 16, "benign": 16, "primary": 16, "metastatic": 16}
+    assert m01["duplicates"]["exact_clusters"] == 0 and "is possible" in m01["fold_check"]
+    m02 = json.loads((out / "02_image_spectra" / "metrics.json").read_text())
+    assert m02["low_plus_high_equals_image"] and m02["swap_keeps_magnitude"]
+    m03 = json.loads((out / "03_build_conv_fft_block" / "metrics.json").read_text())
+    assert m03["round_trip_max_error"] < 1e-5 and m03["hand_vs_library_max_difference"] < 1e-5
+    params = {r["model"]: r["parameters"] for r in m03["complexity"]}
+    assert params["densenet121"] == count_parameters(build_model("densenet121", 4, image_size=32))
+    assert params["us_sfnet_tiny"] == count_parameters(build_model("us_sfnet_tiny", 4, image_size=32))
+    m04 = json.loads((out / "04_train_cross_validation" / "metrics.json").read_text())
+    assert 0 <= m04["accuracy"]["mean"] <= 1 and len(m04["per_fold"]) == 2
+    assert m04["parameters"]["MODEL"] == "us_sfnet_tiny"
+    m05 = json.loads((out / "05_evaluate_confusion_matrices" / "metrics.json").read_text())
+    assert sum(map(sum, m05["confusion_pooled"])) == 64
+    assert m05["accuracy"] == m04["accuracy"]
+
+
+@pytest.mark.slow
+def test_checked_cells_are_deterministic_under_nbval(executed):
+    """nbval re-runs the executed copy of 03 (shapes, parameter and MAC counts, numerical checks) and compares
+    every '# NBVAL_CHECK_OUTPUT' cell with the first run's output, sanitized by tests/nbval_sanitize.cfg."""
+    out, _ = executed
+    copies = [str(out / "03_build_conv_fft_block.ipynb")]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(out), "--nbval-lax",
+         "--nbval-current-env", "--nbval-sanitize-with", str(REPO / "tests" / "nbval_sanitize.cfg"), *copies],
+        cwd=out, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_failing_notebook_is_reported_with_its_executed_copy(tmp_path, capsys):
+    from ussf_lib.cli import main
+
+    assert main(["notebooks", "--out", str(tmp_path), "--only", "03", "--param", "MODEL=no_such_model"]) == 1
+    err = capsys.readouterr().err
+    assert "03_build_conv_fft_block.ipynb failed in cell" in err and "unknown model 'no_such_model'" in err
+    assert (tmp_path / "03_build_conv_fft_block.ipynb").is_file()  # the executed copy keeps the traceback
+    record = json.loads((tmp_path / "notebooks.json").read_text())
+    assert record[0]["status"].startswith("failed") and record[0]["parameters"]["MODEL"] == "no_such_model"

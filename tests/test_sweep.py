@@ -1,0 +1,114 @@
+"""ussf_lib.sweep: grid files, run names, and a 2 models x 2 seeds sweep of notebook 04 on the phantom."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ussf_lib.errors import UserError
+from ussf_lib.sweep import Grid, load_grid, run_name, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "04_train_cross_validation.ipynb"
+#: The smallest setting: 16 px, 16 images per class (two synthetic patients of 8 views), one epoch, two folds.
+FIXED = {"N_PER_CLASS": 16, "IMAGE_SIZE": 16, "EPOCHS": 1, "FOLDS": 2, "BATCH_SIZE": 32}
+
+
+def test_load_grid_reads_axes_and_fixed_values(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("MODEL: [us_sfnet_tiny, us_sfnet]\nSEED: [0, 1]\nEPOCHS: 3\nfixed:\n  FOLDS: 2\n")
+    grid = load_grid(path)
+    assert grid.axes == {"MODEL": ["us_sfnet_tiny", "us_sfnet"], "SEED": [0, 1]}
+    assert grid.fixed == {"FOLDS": 2, "EPOCHS": 3}  # a single top-level value is fixed too
+    assert grid.runs() == [{"MODEL": "us_sfnet_tiny", "SEED": 0}, {"MODEL": "us_sfnet_tiny", "SEED": 1},
+                           {"MODEL": "us_sfnet", "SEED": 0}, {"MODEL": "us_sfnet", "SEED": 1}]
+    assert Grid(axes={}, fixed={"SEED": 1}).runs() == [{}]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("SEED: []\n", "empty list"),
+    ("- 1\n- 2\n", "mapping"),
+    ("SEED: [0]\nfixed: [1]\n", "fixed"),
+    ("SEED: [0]\nfixed: {SEED: 1}\n", "both an axis and fixed"),
+    ("SEED: [0\n", "not valid YAML"),
+])
+def test_load_grid_rejects_malformed_grids(tmp_path, text, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_grid(path)
+    with pytest.raises(UserError, match="no such grid file"):
+        load_grid(tmp_path / "missing.yaml")
+
+
+def test_run_names_are_safe_folder_names():
+    assert run_name({"MODEL": "us_sfnet", "SEED": 0}) == "MODEL=us_sfnet,SEED=0"
+    assert run_name({"DATA": "../shared/busi data", "CUTOFF": 0.1}) == "DATA=.._shared_busi_data,CUTOFF=0.1"
+    assert run_name({}) == "run"
+
+
+def test_unknown_grid_parameter_is_a_user_error_naming_it(tmp_path):
+    with pytest.raises(UserError, match=r"'EPOCS' is not a parameter of 04_train_cross_validation.ipynb; "
+                                        r"its parameters are DATA, .*EPOCHS"):
+        run_sweep(NOTEBOOK, {"MODEL": ["us_sfnet_tiny"], "fixed": {"EPOCS": 1}}, tmp_path / "s")
+    with pytest.raises(UserError, match="OUT_DIR is set by the sweep"):
+        run_sweep(NOTEBOOK, {"OUT_DIR": ["a", "b"]}, tmp_path / "s")
+    with pytest.raises(UserError, match="EPOCHS takes values of type int"):
+        run_sweep(NOTEBOOK, {"EPOCHS": ["many"]}, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_sweep_reports_a_bad_grid_in_one_line(tmp_path, capsys):
+    from ussf_lib.cli import main
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("MODLE: [us_sfnet_tiny]\n")
+    assert main(["sweep", "--notebook", str(NOTEBOOK), "--grid", str(grid), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ussf sweep: error: grid parameter 'MODLE'") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_sweep_two_models_two_seeds_then_skip_when_called_again(tmp_path):
+    grid = {"MODEL": ["us_sfnet_tiny", "us_sfnet"], "SEED": [0, 1], "fixed": FIXED}
+    out = tmp_path / "sweep"
+    first = run_sweep(NOTEBOOK, grid, out, jobs=2, log=lambda line: None)
+    assert first.failed == {} and len(first.ran) == 4 and first.skipped == []
+
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 4
+    assert list(results.columns[:3]) == ["run", "MODEL", "SEED"]
+    assert sorted(zip(results["MODEL"], results["SEED"])) == [("us_sfnet", 0), ("us_sfnet", 1),
+                                                             ("us_sfnet_tiny", 0), ("us_sfnet_tiny", 1)]
+    for metric in ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc"):
+        assert results[f"{metric}_mean"].between(0, 1).all() and f"{metric}_std" in results.columns
+    assert (results["EPOCHS"] == 1).all() and (results["IMAGE_SIZE"] == 16).all()
+    for name in results["run"]:
+        assert (out / name / "04_train_cross_validation.ipynb").is_file()
+        assert json.loads((out / name / "metrics.json").read_text())["parameters"]["IMAGE_SIZE"] == 16
+    summary = (out / "summary.md").read_text()
+    assert "| us_sfnet_tiny |" in summary and "| us_sfnet " in summary and "0,1" in summary
+    assert len(pd.read_csv(out / "summary.csv")) == 2  # mean over seeds per model
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*.ipynb")}
+    again = run_sweep(NOTEBOOK, grid, out, jobs=2, log=lambda line: None)
+    assert again.ran == [] and sorted(again.skipped) == sorted(first.ran)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.ipynb")} == stamps  # nothing re-executed
+    assert len(pd.read_csv(out / "results.csv")) == 4
+
+    changed = {**grid, "fixed": {**FIXED, "BATCH_SIZE": 16}}
+    with pytest.raises(UserError, match="BATCH_SIZE=32 but the grid now gives BATCH_SIZE=16"):
+        run_sweep(NOTEBOOK, changed, out, log=lambda line: None)
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_reported_and_left_out(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_sweep(NOTEBOOK, {"MODEL": ["no_such_model"], "fixed": FIXED}, out, log=lambda line: None)
+    assert list(result.failed) == ["MODEL=no_such_model"]
+    assert "unknown model 'no_such_model'" in result.failed["MODEL=no_such_model"]
+    assert result.results.empty and "finished runs: 0 of 1" in (out / "summary.md").read_text()
+    assert json.loads((out / "MODEL=no_such_model" / "sweep.json").read_text())["status"] != "ok"

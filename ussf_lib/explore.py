@@ -1,0 +1,247 @@
+"""Look at a dataset before training on it: class balance, image sizes and modes, intensities, patients.
+
+Introduced in ``notebooks/01_explore_data.ipynb``. Every function takes an :class:`~ussf_lib.data.ImageIndex`
+(file list with labels and groups) or the decoded uint8 stack of :func:`~ussf_lib.data.decode_images`, and
+returns a table (``pandas.DataFrame``) or a matplotlib figure; ``out=`` also saves a figure. Exact and
+near-duplicate images are :mod:`ussf_lib.audit`'s job (the same notebook calls it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ussf_lib.data import ImageIndex
+from ussf_lib.errors import UserError
+from ussf_lib.plots import save_figure
+
+
+def class_table(index: ImageIndex) -> pd.DataFrame:
+    """Images per class with their share and the imbalance ratio (largest class / this class).
+
+    With patient groups (a manifest with a group column) the number of patients per class is added.
+    """
+    counts = index.class_counts()
+    table = pd.DataFrame({"class": counts.index, "images": counts.to_numpy()})
+    table["fraction"] = (table["images"] / max(1, int(table["images"].sum()))).round(4)
+    table["imbalance"] = (table["images"].max() / table["images"].replace(0, np.nan)).round(2)
+    if index.has_groups:
+        patients = index.frame.groupby("label")["group"].nunique()
+        table["patients"] = [int(patients.get(c, 0)) for c in table["class"]]
+    return table
+
+
+def image_properties(index: ImageIndex) -> pd.DataFrame:
+    """Width, height, mode and format of every file, read from the headers (no pixel is decoded)."""
+    rows = []
+    for path, relpath, label in zip(index.frame["path"], index.frame["relpath"], index.frame["label"]):
+        try:
+            with Image.open(path) as im:
+                rows.append((relpath, label, im.width, im.height, im.mode, im.format))
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read image header ({exc}); replace or remove the file") from None
+    return pd.DataFrame(rows, columns=["relpath", "label", "width", "height", "mode", "format"])
+
+
+def size_mode_table(properties: pd.DataFrame, classes: Sequence[str] | None = None) -> pd.DataFrame:
+    """How many images share each (width, height, mode), with a count per class (in ``classes`` order) and in total."""
+    table = (properties.groupby(["width", "height", "mode", "label"]).size().unstack("label", fill_value=0)
+             .reset_index())
+    table.columns.name = None
+    found = [c for c in table.columns if c not in ("width", "height", "mode")]
+    classes = [c for c in classes if c in found] if classes is not None else found
+    table = table[["width", "height", "mode", *classes]]
+    table["total"] = table[classes].sum(axis=1)
+    return table.sort_values("total", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def _gray_uint8(images: np.ndarray) -> np.ndarray:
+    arr = np.asarray(images)
+    if arr.ndim != 4:
+        raise UserError(f"images of shape {arr.shape}: pass the (N, H, W, 3) uint8 stack of decode_images")
+    return arr.mean(axis=-1)
+
+
+def intensity_histograms(images: np.ndarray, labels: Sequence[int], classes: Sequence[str],
+                         bins: int = 32) -> pd.DataFrame:
+    """Per class, the density of grayscale pixel values (0-255, channels averaged) in ``bins`` equal bins.
+
+    Returns a long table ``class, bin_left, bin_right, density`` (each class's densities integrate to 1).
+    """
+    gray = _gray_uint8(images)
+    labels = np.asarray(labels)
+    edges = np.linspace(0, 256, bins + 1)
+    frames = []
+    for k, name in enumerate(classes):
+        members = gray[labels == k]
+        if len(members):
+            density, _ = np.histogram(members, bins=edges, density=True)
+            frames.append(pd.DataFrame({"class": str(name), "bin_left": edges[:-1], "bin_right": edges[1:],
+                                        "density": density}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def intensity_summary(images: np.ndarray, labels: Sequence[int], classes: Sequence[str]) -> pd.DataFrame:
+    """Per class: mean, std and the 5th / 50th / 95th percentiles of grayscale pixel values (0-255)."""
+    gray = _gray_uint8(images)
+    labels = np.asarray(labels)
+    rows = []
+    for k, name in enumerate(classes):
+        values = gray[labels == k].ravel()
+        if values.size:
+            p5, p50, p95 = np.percentile(values, [5, 50, 95])
+            rows.append({"class": str(name), "mean": values.mean(), "std": values.std(), "p5": p5,
+                         "median": p50, "p95": p95})
+    return pd.DataFrame(rows).round(2)
+
+
+def images_per_patient(index: ImageIndex) -> pd.DataFrame:
+    """One row per group (patient): ``group, label, images``. Without a group column every image is its own group."""
+    table = index.frame.groupby(["group", "label"]).size().rename("images").reset_index()
+    labels_per_group = table.groupby("group")["label"].transform("nunique")
+    table["mixed_labels"] = labels_per_group > 1
+    return table.sort_values(["label", "group"], kind="stable").reset_index(drop=True)
+
+
+def patient_summary(per_patient: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """Per class: patients, images, and the min / median / max images per patient."""
+    rows = []
+    for name in classes:
+        sizes = per_patient.loc[per_patient["label"] == name, "images"]
+        rows.append({"class": str(name), "patients": int(len(sizes)), "images": int(sizes.sum()),
+                     "min": int(sizes.min()) if len(sizes) else 0,
+                     "median": float(sizes.median()) if len(sizes) else 0.0,
+                     "max": int(sizes.max()) if len(sizes) else 0})
+    return pd.DataFrame(rows)
+
+
+def fold_check(index: ImageIndex, folds: int) -> str:
+    """One line saying whether ``folds``-fold (patient-grouped, when groups are known) cross-validation is possible."""
+    from ussf_lib.cv import check_fold_feasible
+
+    groups = index.frame["group"].to_numpy() if index.has_groups else None
+    unit = "patients" if groups is not None else "images"
+    try:
+        check_fold_feasible(index.frame["label"], groups, folds)
+    except UserError as exc:
+        return f"{folds}-fold cross-validation is NOT possible: {exc}"
+    per_class = index.frame.groupby("label")["group"].nunique() if groups is not None else index.class_counts()
+    return (f"{folds}-fold {'patient-grouped ' if groups is not None else ''}cross-validation is possible: "
+            f"the smallest class has {int(per_class.min())} {unit}")
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def _plt():
+    # importing ussf_lib.plots keeps the notebook's inline backend in a kernel and picks Agg on a headless machine
+    from ussf_lib.plots import plt
+
+    return plt
+
+
+def plot_class_counts(table: pd.DataFrame, out: str | Path | None = None):
+    """Bar chart of :func:`class_table` (images per class, with the imbalance ratio on each bar)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(table["class"].astype(str), table["images"], color="tab:blue")
+    for bar, ratio in zip(bars, table["imbalance"]):
+        ax.annotate(f"x{ratio:g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                    va="bottom", fontsize="small")
+    ax.set(ylabel="images", title="Images per class (xN: largest class / this class)")
+    fig.tight_layout()
+    save_figure(fig, out)
+    return fig
+
+
+def sample_indices(labels: Sequence[int], n_classes: int, per_class: int, seed: int = 0) -> list[list[int]]:
+    """Up to ``per_class`` random image indices of each class (seeded), in class order."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    picks = []
+    for k in range(n_classes):
+        members = np.flatnonzero(labels == k)
+        picks.append(sorted(rng.choice(members, size=min(per_class, len(members)), replace=False).tolist()))
+    return picks
+
+
+def plot_sample_grid(images: np.ndarray, labels: Sequence[int], classes: Sequence[str], per_class: int = 4,
+                     seed: int = 0, out: str | Path | None = None):
+    """A grid of random images: one row per class, ``per_class`` columns (seeded choice)."""
+    plt = _plt()
+    picks = sample_indices(labels, len(classes), per_class, seed)
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(1.8 * per_class, 1.9 * len(classes)), squeeze=False)
+    for row, (name, idx) in enumerate(zip(classes, picks)):
+        for col in range(per_class):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < len(idx):
+                ax.imshow(images[idx[col]])
+            if col == 0:
+                ax.set_title(str(name), loc="left", fontsize="small")
+    fig.tight_layout()
+    save_figure(fig, out)
+    return fig
+
+
+def plot_intensity_histograms(table: pd.DataFrame, out: str | Path | None = None):
+    """Step plot of :func:`intensity_histograms`, one line per class."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, rows in table.groupby("class", sort=False):
+        ax.step(rows["bin_left"], rows["density"], where="post", label=str(name))
+    ax.set(xlabel="grayscale value (0-255)", ylabel="density", title="Pixel intensities per class")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    save_figure(fig, out)
+    return fig
+
+
+def plot_images_per_patient(per_patient: pd.DataFrame, out: str | Path | None = None):
+    """Histogram of images per patient, one colour per class (stacked)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    groups = [(str(name), rows["images"].to_numpy()) for name, rows in per_patient.groupby("label", sort=False)]
+    top = int(per_patient["images"].max()) if len(per_patient) else 1
+    ax.hist([g[1] for g in groups], bins=np.arange(0.5, top + 1.5), stacked=True, label=[g[0] for g in groups])
+    ax.set(xlabel="images per patient", ylabel="patients", title="Images per patient (group)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    save_figure(fig, out)
+    return fig
+
+
+def interactive_browser(images: np.ndarray, labels: Sequence[int], classes: Sequence[str]):
+    """ipywidgets: a class picker and an image slider over that class's images.
+
+    For ``INTERACTIVE = True`` in ``notebooks/01_explore_data.ipynb``; headless runs show the sample grid instead.
+    """
+    import ipywidgets as widgets
+
+    plt = _plt()
+    labels = np.asarray(labels)
+    members = {str(c): np.flatnonzero(labels == k) for k, c in enumerate(classes)}
+    picker = widgets.Dropdown(options=list(members), description="class")
+    slider = widgets.IntSlider(value=0, min=0, max=max(0, len(members[picker.value]) - 1), description="image")
+
+    def on_class(change) -> None:
+        slider.max = max(0, len(members[change["new"]]) - 1)
+        slider.value = 0
+
+    picker.observe(on_class, names="value")
+
+    def show(name: str, i: int) -> None:
+        idx = members[name]
+        if len(idx):
+            fig, ax = plt.subplots(figsize=(3.5, 3.5))
+            ax.imshow(images[idx[min(i, len(idx) - 1)]])
+            ax.set_title(f"{name} #{min(i, len(idx) - 1)}")
+            ax.axis("off")
+            plt.show()
+
+    return widgets.interact(show, name=picker, i=slider)
