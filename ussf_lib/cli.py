@@ -11,10 +11,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_CLASSES, PAPER_PROTOCOL
+
+if TYPE_CHECKING:
+    from ussf_lib.experiment import CVConfig
 
 EXIT_USER_ERROR = 2
 
@@ -86,7 +89,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.add_argument("--out", help="run folder to create (default runs/<time>_<model>)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder with its own settings")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave unreadable images out (listed in RUN/skipped.csv) instead of stopping")
+    p.add_argument("--no-dedup-folds", dest="dedup_folds", action="store_false",
+                   help="let exact and near-duplicate images fall into different folds (default: kept together)")
+    p.add_argument("--dup-threshold", type=int, default=4,
+                   help="near-duplicate: perceptual-hash distance in bits at most this (default 4, as ussf audit)")
+    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits (default 8)")
     p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("compare", help="cross-validate several models on identical folds: Tables 1 and 2, paired tests")
+    add_data_args(p)
+    p.add_argument("--models", type=_csv_list, help="comma-separated registry names, e.g. us_sfnet,densenet121,resnet101 "
+                   "(default with --tables-only: those of the comparison)")
+    add_train_args(p)
+    p.add_argument("--out", help="comparison folder: splits.csv, <model>/, table1/table2/paired .csv/.md "
+                   "(default runs/<time>_compare); rerun to continue it")
+    p.add_argument("--tables-only", action="store_true", help="rebuild the tables and chart of --out from its run folders")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
+    p.add_argument("--no-dedup-folds", dest="dedup_folds", action="store_false",
+                   help="let exact and near-duplicate images fall into different folds (default: kept together)")
+    p.add_argument("--dup-threshold", type=int, default=4, help="near-duplicate: phash distance in bits at most this")
+    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits (default 8)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="training/inference images/s, GMAC/s, FFT share, size scaling, pipeline speed")
+    p.add_argument("--quick", action="store_true", help="CPU-sized preset: us_sfnet and densenet121, small batches")
+    p.add_argument("--json", metavar="FILE", help="also write every figure to this JSON file")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision in the measured steps")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format in the measured steps")
+    p.add_argument("--models", type=_csv_list, help="models to time (default us_sfnet,densenet121[,resnet101])")
+    p.add_argument("--image-size", type=_positive_int, help="image size of the throughput table (default 224)")
+    p.add_argument("--batch-size", type=_positive_int, help="training batch (default 64; --quick 8)")
+    p.add_argument("--iters", type=_positive_int, help="timed steps per measurement (default 10; --quick 2)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("predict", help="class probabilities for images, from a fold checkpoint")
     p.add_argument("--checkpoint", required=True, help="RUN/folds/K/checkpoint.pt")
@@ -99,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("audit", help="find exact and near-duplicate images, and duplicates under different labels")
+    p.add_argument("data", nargs="?", metavar="DATA_DIR", help="class-folder tree ROOT/<class>/<image>")
+    p.add_argument("--manifest", help="CSV with columns path,label (instead of DATA_DIR)")
+    p.add_argument("--classes", type=_csv_list, help="class order, comma-separated (default: sorted names)")
+    p.add_argument("--out", help="write audit_clusters.csv and audit_summary.json here (default: print only)")
+    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits (default 8)")
+    p.add_argument("--threshold", type=int, default=4, help="near-duplicate: hash distance in bits at most this (default 4)")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_audit)
+
     p = sub.add_parser("main-job", help="`make run`: phantom data + CPU-sized cross-validation of US-SFNet")
     p.add_argument("--out", default=None, help="run folder (default runs/<time>)")
     p.add_argument("--model", default=MAIN_JOB["model"])
@@ -108,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=_positive_int, default=MAIN_JOB["folds"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_main_job)
+
+    p = sub.add_parser("notebooks", help="run the numbered notebooks headless (papermill) into a folder")
+    p.add_argument("--out", required=True, help="folder for the executed notebooks (NN_name.ipynb) and their outputs")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="notebook parameter, repeatable (e.g. EPOCHS=2); each notebook takes those it declares")
+    p.add_argument("--only", type=_csv_list, help="notebooks to run, e.g. 01,03 (default: all, in order)")
+    p.set_defaults(func=cmd_notebooks)
+
+    p = sub.add_parser("sweep", help="run one notebook over a grid of parameters and collect its metrics")
+    p.add_argument("--notebook", required=True, help="e.g. notebooks/04_train_cross_validation.ipynb")
+    p.add_argument("--grid", required=True, help="YAML: PARAM: [values, ...] per axis, optional fixed: {PARAM: value}")
+    p.add_argument("--out", required=True, help="sweep folder: one sub-folder per run, results.csv, summary.md")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="runs executed at once, in processes")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("models", help="list the registered model names")
     p.set_defaults(func=cmd_models)
@@ -123,8 +186,22 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+#: CVConfig settings that `ussf cv` and `ussf compare` take from flags of the same name.
+_CV_FLAG_SETTINGS = ("data", "manifest", "group_col", "classes", "weights_path", "folds", "image_size",
+                     "normalization", "splits", "cache_dir", "device", "epochs", "batch_size", "lr", "weight_decay",
+                     "seed", "amp", "channels_last", "compile", "deterministic", "progress", "skip_bad",
+                     "dedup_folds", "dup_threshold", "hash_size")
+
+
+def cv_config_from_args(args: argparse.Namespace, **settings: Any) -> CVConfig:
+    """The :class:`CVConfig` the shared training flags describe, plus ``settings`` (out, model)."""
+    from ussf_lib.experiment import CVConfig
+
+    return CVConfig(**{name: getattr(args, name) for name in _CV_FLAG_SETTINGS}, **settings)
+
+
 def cmd_cv(args: argparse.Namespace) -> int:
-    from ussf_lib.experiment import CVConfig, load_config, run_cv
+    from ussf_lib.experiment import load_config, run_cv
 
     if args.resume:
         cfg = load_config(args.resume)
@@ -135,14 +212,44 @@ def cmd_cv(args: argparse.Namespace) -> int:
         return 0
     if args.data is None and args.manifest is None:
         raise UserError("ussf cv needs --data DIR (class-folder tree) or --manifest CSV (or --resume RUN)")
-    cfg = CVConfig(out=args.out or default_run_dir(args.model), data=args.data, manifest=args.manifest,
-                   group_col=args.group_col, classes=args.classes, model=args.model, weights_path=args.weights_path,
-                   folds=args.folds, image_size=args.image_size, normalization=args.normalization,
-                   splits=args.splits, cache_dir=args.cache_dir, device=args.device, epochs=args.epochs,
-                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                   amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-                   deterministic=args.deterministic, progress=args.progress)
+    cfg = cv_config_from_args(args, out=args.out or default_run_dir(args.model), model=args.model)
     run_cv(cfg)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ussf_lib.compare import compare, parse_models, write_comparison
+
+    if args.tables_only:
+        if not args.out:
+            raise UserError("--tables-only needs --out DIR, the comparison folder to rebuild")
+        tables = write_comparison(args.out, parse_models(args.models) if args.models else None, log=print)
+        print(f"tables rebuilt in {Path(args.out).resolve()} for {', '.join(tables['table1']['model'])}")
+        return 0
+    if args.data is None and args.manifest is None:
+        raise UserError("ussf compare needs --data DIR (class-folder tree) or --manifest CSV")
+    if not args.models:
+        raise UserError("ussf compare needs --models, e.g. --models us_sfnet,densenet121,resnet101")
+    cfg = cv_config_from_args(args, out=args.out or default_run_dir("compare"))
+    compare(args.models, cfg, cfg.out)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from ussf_lib.bench import bench_config_from, format_bench, run_bench
+
+    cfg = bench_config_from(args.quick, device=args.device, amp=args.amp, channels_last=args.channels_last,
+                            models=tuple(args.models) if args.models else None, image_size=args.image_size,
+                            batch_size=args.batch_size, iters=args.iters, warmup=args.warmup)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    result = run_bench(cfg, log=lambda line: print(line, file=sys.stderr))
+    print(format_bench(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"figures written to {Path(args.json).resolve()}")
     return 0
 
 
@@ -159,6 +266,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     summary = write_report(args.run)
     print(f"report rebuilt in {Path(args.run).resolve()}: accuracy {summary['accuracy']['mean']:.3f}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from ussf_lib.audit import audit_index, check_hash_settings, write_audit
+    from ussf_lib.data import load_index
+
+    check_hash_settings(args.hash_size, args.threshold)
+    if (args.data is None) == (args.manifest is None):
+        raise UserError("ussf audit needs a DATA_DIR (class-folder tree) or --manifest CSV, not both")
+    index = load_index(args.data, args.manifest, classes=args.classes)
+    if args.out:
+        index.check_outside(args.out, "--out")  # before the slow part
+    result = audit_index(index, args.hash_size, args.threshold, progress=args.progress, skip_bad=args.skip_bad)
+    print(result.describe())
+    if args.out:
+        written = write_audit(result, args.out)
+        print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -183,11 +308,41 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notebooks(args: argparse.Namespace) -> int:
+    from ussf_lib.notebooks import NotebookError, parse_assignments, run_notebooks
+
+    try:
+        done = run_notebooks(args.out, parameters=parse_assignments(args.param), notebooks=args.only)
+    except NotebookError as exc:
+        print(f"ussf notebooks: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(done)} notebook(s) executed into {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ussf_lib.sweep import run_sweep
+
+    result = run_sweep(args.notebook, args.grid, args.out, jobs=args.jobs)
+    return 1 if result.failed else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from ussf_lib.models import list_models
 
     print("\n".join(list_models()))
     return 0
+
+
+def _one_line_warnings(command: str) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints ``ussf CMD: warning: message`` as one line on stderr."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        kind = "" if issubclass(category, UserWarning) else f"{category.__name__}: "
+        text = " ".join(str(message).split())
+        print(f"ussf {command}: warning: {kind}{text}", file=file or sys.stderr)
+
+    return show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = _one_line_warnings(args.command)
             return func(args)
     except UserError as exc:
         print(f"ussf {args.command}: error: {exc}", file=sys.stderr)

@@ -1,0 +1,140 @@
+"""ussf_lib.compare and `ussf compare`: identical folds for every model, Tables 1 and 2, paired tests, reruns."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from ussf_lib.cli import main
+from ussf_lib.compare import compare, fold_test_train_ratio, parse_models, reference_model, write_comparison
+from ussf_lib.errors import UserError
+from ussf_lib.experiment import CVConfig
+
+# The two cheapest registered models at 32 px on CPU (densenet121 is the cheapest torchvision baseline there).
+MODELS = ["us_sfnet_tiny", "densenet121"]
+ARGS = ["--folds", "2", "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--seed", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def comparison(phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    code = main(["compare", "--manifest", str(phantom_dir / "manifest.csv"), "--group-col", "patient",
+                 "--models", ",".join(MODELS), *ARGS, "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_compare_writes_both_tables_the_chart_and_the_paired_test(comparison):
+    for name in ("splits.csv", "compare.json", "table1.csv", "table1.md", "table2.csv", "table2.md", "paired.csv",
+                 "paired.md", "per_class_bars.png"):
+        assert (comparison / name).is_file(), name
+    assert (comparison / "per_class_bars.png").stat().st_size > 5000
+    t1 = pd.read_csv(comparison / "table1.csv")
+    assert t1["model"].tolist() == MODELS
+    for m in ("accuracy", "precision", "sensitivity", "specificity", "f1"):
+        assert t1[f"{m}_mean"].between(0, 100).all() and t1[f"{m}_std"].notna().all()
+    assert t1.set_index("model").at["densenet121", "paper_accuracy_mean"] == 90.59  # from meta.paper_table1()
+    assert pd.isna(t1.set_index("model").at["us_sfnet_tiny", "paper_accuracy_mean"])
+    t2 = pd.read_csv(comparison / "table2.csv")
+    assert len(t2) == 2 * 4 and set(t2["class"]) == {"normal", "benign", "primary", "metastatic"}
+    for m in ("precision", "sensitivity", "specificity", "f1"):
+        assert t2[f"{m}_mean"].between(0, 100).all()
+    keyed = t2.set_index(["model", "class"])  # the phantom's classes are the paper's: its Table 2 sits beside ours
+    assert keyed.at[("densenet121", "benign"), "paper_precision_mean"] == 82.25
+    assert keyed.loc["us_sfnet_tiny", "paper_precision_mean"].isna().all()
+    paired = pd.read_csv(comparison / "paired.csv")
+    assert paired["metric"].tolist() == ["accuracy", "f1"]
+    assert (paired["reference"] == "us_sfnet_tiny").all() and (paired["model"] == "densenet121").all()
+    assert paired["p_value"].between(0, 1).all() and (paired["ci_low"] <= paired["ci_high"]).all()
+    assert paired["test_train_ratio"].iloc[0] == pytest.approx(fold_test_train_ratio(comparison / "splits.csv"))
+    # the mean difference is the mean of the per-fold differences, which come from the runs' summaries
+    acc = {m: [f["accuracy"] for f in json.loads((comparison / m / "summary.json").read_text())["per_fold"]]
+           for m in MODELS}
+    diffs = [100 * (a - b) for a, b in zip(acc["us_sfnet_tiny"], acc["densenet121"])]
+    row = paired.iloc[0]
+    assert [row["diff_fold_0"], row["diff_fold_1"]] == pytest.approx(diffs)
+    assert row["mean_diff"] == pytest.approx(sum(diffs) / 2)
+    md = (comparison / "paired.md").read_text()
+    assert "Nadeau" in md and "Bouckaert" in md
+
+
+def test_every_model_ran_on_the_shared_folds(comparison):
+    shared = pd.read_csv(comparison / "splits.csv")
+    assert (shared.groupby("group")["fold"].nunique() == 1).all()  # patients never split
+    for m in MODELS:
+        own = pd.read_csv(comparison / m / "splits.csv")
+        assert own[["path", "fold"]].equals(shared[["path", "fold"]])
+        assert json.loads((comparison / m / "config.json").read_text())["splits"] == str((comparison / "splits.csv").resolve())
+
+
+def test_rerun_skips_finished_models(comparison, phantom_dir, capsys):
+    before = {m: (comparison / m / "summary.json").stat().st_mtime_ns for m in MODELS}
+    capsys.readouterr()
+    assert main(["compare", "--manifest", str(phantom_dir / "manifest.csv"), "--group-col", "patient",
+                 "--models", ",".join(MODELS), *ARGS, "--out", str(comparison)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already finished, skipped") == 2
+    assert {m: (comparison / m / "summary.json").stat().st_mtime_ns for m in MODELS} == before
+
+
+def test_interrupted_comparison_continues_where_it_stopped(comparison, phantom_dir, tmp_path):
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    (out / "densenet121" / "summary.json").unlink()  # as if killed during densenet121's last fold
+    (out / "densenet121" / "folds" / "1" / "predictions.csv").unlink()
+    kept = (out / "densenet121" / "folds" / "0" / "predictions.csv").stat().st_mtime_ns
+    for name in ("table1.csv", "table2.csv", "paired.csv"):
+        (out / name).unlink()
+    cfg = CVConfig(manifest=str(phantom_dir / "manifest.csv"), group_col="patient", folds=2, epochs=1, image_size=32,
+                   batch_size=16, seed=0, progress=False)
+    lines: list[str] = []
+    with pytest.raises(UserError, match="differ"):  # the settings used to start are checked first
+        compare(MODELS, CVConfig(**{**cfg.to_dict(), "epochs": 2}), out, log=lines.append)
+    compare(MODELS, cfg, out, log=lines.append)
+    assert any("us_sfnet_tiny: already finished" in line for line in lines)
+    assert any("densenet121: resuming" in line for line in lines)
+    assert any("fold 0: already finished, skipped" in line for line in lines)
+    assert (out / "densenet121" / "folds" / "0" / "predictions.csv").stat().st_mtime_ns == kept
+    assert (out / "densenet121" / "summary.json").is_file() and (out / "paired.csv").is_file()
+
+
+def test_tables_rebuild_from_run_folders_alone(comparison, tmp_path):
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out, ignore=shutil.ignore_patterns("checkpoint.pt", "table*", "paired*", "*.png"))
+    tables = write_comparison(out)
+    assert tables["table1"]["model"].tolist() == MODELS
+    assert pd.read_csv(out / "table1.csv").equals(pd.read_csv(comparison / "table1.csv"))
+    assert pd.read_csv(out / "paired.csv").equals(pd.read_csv(comparison / "paired.csv"))
+    assert main(["compare", "--out", str(out), "--tables-only"]) == 0
+
+
+def test_paired_refuses_runs_on_other_folds(comparison, tmp_path):
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    splits = pd.read_csv(out / "densenet121" / "splits.csv")
+    splits["fold"] = 1 - splits["fold"]
+    splits.to_csv(out / "densenet121" / "splits.csv", index=False)
+    with pytest.raises(UserError, match="other folds"):
+        write_comparison(out)
+
+
+def test_model_list_errors_before_any_work(tmp_path, phantom_dir, capsys):
+    assert parse_models(" us_sfnet , densenet121 ") == ["us_sfnet", "densenet121"]
+    assert reference_model(["resnet101", "us_sfnet"]) == "us_sfnet" and reference_model(["resnet101"]) == "resnet101"
+    with pytest.raises(UserError, match="more than once"):
+        parse_models("resnet101,resnet101")
+    with pytest.raises(UserError, match="no models"):
+        parse_models(",")
+    for models, match in (("us_sfnet_tiny,nope", "unknown model 'nope'"), ("vit_b_16", "multiple of 16")):
+        code = main(["compare", "--data", str(phantom_dir), "--models", models, "--image-size", "40",
+                     "--out", str(tmp_path / "out")])
+        assert code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    code = main(["compare", "--data", str(phantom_dir), "--models", "us_sfnet_tiny,densenet121", "--weights",
+                 str(tmp_path / "w.pt"), "--out", str(tmp_path / "out")])
+    assert code == 2 and "fits one architecture" in capsys.readouterr().err
+    assert main(["compare", "--data", str(phantom_dir), "--out", str(tmp_path / "out")]) == 2
+    assert "--models" in capsys.readouterr().err

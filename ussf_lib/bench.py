@@ -1,0 +1,389 @@
+"""Throughput benchmark: how fast US-SFNet and its baselines train and infer here, and where the time goes.
+
+``ussf bench`` calls :func:`run_bench` and prints :func:`format_bench`; ``docs/performance.md`` records its
+figures. Measured side by side in one process, on synthetic batches already on the device (so the model is
+timed, not the data loading):
+
+* training and inference images/s of each model at one image size (training step = forward, cross-entropy,
+  backward, Adam step, exactly as :func:`ussf_lib.train.train_fold` does it, with ``--amp`` / ``--channels-last``),
+  the forward GMACs per image (:func:`ussf_lib.complexity.count_macs`) and the achieved GMAC/s
+  (inference: GMACs × img/s; training: 3 × GMACs × img/s, the usual forward + backward ≈ 3 × forward rule);
+* the share of US-SFNet's training step spent in its FFTs: ``torch.profiler`` self time of every
+  ``aten::_fft_*`` operator (``_fft_r2c`` = rfft2, ``_fft_c2r`` = irfft2, and the ``_fft_c2c`` / ``_fft_r2c``
+  their backward passes run) over the self time of all operators in the profiled steps (CPU time on CPU,
+  device time on CUDA);
+* how US-SFNet's cost grows with the image size: training time per image relative to the smallest size, next
+  to the ratio of MACs;
+* the data pipeline's images/s: batches gathered from the uint8 cache (:class:`ussf_lib.train.DeviceImages`)
+  and normalized on the device (:func:`ussf_lib.data.normalize_batch`), against the model's training images/s
+  (target: at least 20 × US-SFNet's training throughput, so the input never starves the model);
+* peak memory: ``torch.cuda.max_memory_allocated`` per model on CUDA; on CPU the process's peak resident set
+  (``resource.getrusage``), which only grows, so a model's figure includes the models measured before it.
+
+``--quick`` is the CPU-sized preset (two models, small batches, three timed steps): minutes on 2 cores. Timings on
+a shared machine are noisy; compare figures only within one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ussf_lib.complexity import count_macs, count_parameters
+from ussf_lib.data import normalize_batch
+from ussf_lib.errors import UserError
+from ussf_lib.meta import PAPER_MEAN, PAPER_STD
+from ussf_lib.models import build_model, check_image_size
+from ussf_lib.train import AMP_DTYPES, DeviceImages, autocast, select_device
+
+#: Pipeline throughput wanted, as a multiple of US-SFNet's training throughput (docs/performance.md).
+PIPELINE_TARGET_RATIO = 20.0
+
+
+@dataclass
+class BenchConfig:
+    """What :func:`run_bench` measures; the defaults are the full (GPU-sized) benchmark, :data:`QUICK` the CPU one."""
+
+    models: tuple[str, ...] = ("us_sfnet", "densenet121", "resnet101")
+    image_size: int = 224
+    batch_size: int = 64  #: training batch (the paper's); inference uses twice this, as evaluation does
+    warmup: int = 3
+    iters: int = 10
+    scale_model: str | None = "us_sfnet"  #: None skips the image-size sweep
+    scale_sizes: tuple[int, ...] = (64, 128, 224, 448)
+    scale_batch: int | None = None  #: default: batch_size
+    fft_model: str | None = "us_sfnet"  #: None skips the profiler
+    profile_iters: int = 2
+    pipeline_images: int = 1024
+    pipeline_iters: int = 50
+    amp: str = "off"
+    channels_last: bool = False
+    device: str = "auto"
+    num_classes: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.models = tuple(self.models)
+        self.scale_sizes = tuple(int(s) for s in self.scale_sizes)
+        if not self.models:
+            raise UserError("bench: no models; pass --models us_sfnet,densenet121")
+        if self.amp not in AMP_DTYPES:
+            raise UserError(f"--amp {self.amp}: use one of {', '.join(AMP_DTYPES)}")
+        for name in ("batch_size", "iters", "profile_iters", "pipeline_images", "pipeline_iters", "image_size"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"bench: {name}={getattr(self, name)} must be at least 1")
+        if self.warmup < 0:
+            raise UserError(f"bench: warmup={self.warmup} must be 0 or more")
+        for name in self.models:
+            check_image_size(name, self.image_size)
+        if self.scale_model:
+            for size in self.scale_sizes:
+                check_image_size(self.scale_model, size)
+        if self.fft_model:
+            check_image_size(self.fft_model, self.image_size)
+
+
+#: ``ussf bench --quick``: the CPU-sized preset (measured at about 2-3 minutes on 2 cores, docs/performance.md).
+QUICK: dict[str, Any] = dict(models=("us_sfnet", "densenet121"), batch_size=8, warmup=2, iters=3, scale_batch=4,
+                             profile_iters=1, pipeline_images=256, pipeline_iters=10)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], warmup: int, iters: int, device: torch.device) -> float:
+    """Median seconds per call of ``fn`` over ``iters`` timed calls, after ``warmup`` untimed ones.
+
+    Each timed call is synchronized with the device and timed alone; the median keeps one call slowed by
+    another process on a shared machine from setting the figure.
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _input(batch: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = torch.randn(batch, 3, size, size, device=device)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def train_step_fn(model: nn.Module, batch: int, size: int, device: torch.device, amp: str = "off",
+                  channels_last: bool = False, num_classes: int = 4) -> Callable[[], None]:
+    """One training step as :func:`~ussf_lib.train.train_fold` takes it, on a fixed synthetic batch."""
+    model.train()
+    x = _input(batch, size, device, channels_last)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16" and device.type == "cuda"))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        with autocast(device, amp):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def infer_step_fn(model: nn.Module, batch: int, size: int, device: torch.device, amp: str = "off",
+                  channels_last: bool = False) -> Callable[[], None]:
+    """One evaluation forward pass (eval mode, inference mode, autocast) on a fixed synthetic batch."""
+    x = _input(batch, size, device, channels_last)
+
+    def step() -> None:
+        model.eval()
+        with torch.inference_mode(), autocast(device, amp):
+            model(x)
+
+    return step
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak on a GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_model(name: str, cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """Training and inference throughput, GMACs, achieved GMAC/s and peak memory of one model."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(name, cfg.num_classes, image_size=cfg.image_size)
+    gmacs = count_macs(model, cfg.image_size) / 1e9
+    params = count_parameters(model)
+    model = _prepare(model, device, cfg.channels_last)
+    _reset_peak(device)
+    train_s = _timed(train_step_fn(model, cfg.batch_size, cfg.image_size, device, cfg.amp, cfg.channels_last,
+                                   cfg.num_classes), cfg.warmup, cfg.iters, device)
+    infer_batch = 2 * cfg.batch_size
+    infer_s = _timed(infer_step_fn(model, infer_batch, cfg.image_size, device, cfg.amp, cfg.channels_last),
+                     cfg.warmup, cfg.iters, device)
+    train_img_s, infer_img_s = cfg.batch_size / train_s, infer_batch / infer_s
+    result = {"train_img_s": train_img_s, "infer_img_s": infer_img_s, "gmacs": gmacs,
+              "train_gmac_s": 3.0 * gmacs * train_img_s, "infer_gmac_s": gmacs * infer_img_s,
+              "train_step_ms": 1000 * train_s, "infer_step_ms": 1000 * infer_s, "params_m": params / 1e6,
+              "batch_size": cfg.batch_size, "infer_batch_size": infer_batch, "peak_mem_mb": peak_memory_mb(device)}
+    del model
+    return result
+
+
+def _self_time(event: Any, device: torch.device) -> float:
+    if device.type == "cuda":
+        for attr in ("self_device_time_total", "self_cuda_time_total"):
+            if hasattr(event, attr):
+                return float(getattr(event, attr))
+        return 0.0
+    return float(event.self_cpu_time_total)
+
+
+def fft_share(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """Share of ``cfg.fft_model``'s training-step time spent in FFT operators (``aten::_fft_*``), via torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(cfg.seed)
+    model = _prepare(build_model(cfg.fft_model, cfg.num_classes, image_size=cfg.image_size), device, cfg.channels_last)
+    step = train_step_fn(model, cfg.batch_size, cfg.image_size, device, cfg.amp, cfg.channels_last, cfg.num_classes)
+    step()  # warm-up outside the profile
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(cfg.profile_iters):
+            step()
+        _sync(device)
+    wall = time.perf_counter() - started
+    fft_us, total_us, per_op = 0.0, 0.0, {}
+    for event in prof.key_averages():
+        if getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU:
+            continue  # kernels: their time is already the self device time of the operator that launched them
+        t = _self_time(event, device)
+        total_us += t
+        if event.key.startswith("aten::_fft_"):
+            fft_us += t
+            per_op[event.key] = per_op.get(event.key, 0.0) + t / 1000 / cfg.profile_iters
+    del model
+    return {"fft_share": fft_us / total_us if total_us > 0 else math.nan,
+            "fft_ms_per_step": fft_us / 1000 / cfg.profile_iters,
+            "profiled_op_ms_per_step": total_us / 1000 / cfg.profile_iters,
+            "profiled_wall_ms_per_step": 1000 * wall / cfg.profile_iters,
+            "fft_ms_per_op": per_op, "model": cfg.fft_model, "profile_iters": cfg.profile_iters,
+            "time_basis": "self device time of operators" if device.type == "cuda" else "self CPU time of operators"}
+
+
+def size_scaling(cfg: BenchConfig, device: torch.device) -> list[dict[str, Any]]:
+    """Training time per image and forward MACs of ``cfg.scale_model`` per image size, relative to the first size."""
+    batch = cfg.scale_batch or cfg.batch_size
+    rows = []
+    for size in cfg.scale_sizes:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.scale_model, cfg.num_classes, image_size=size)
+        macs = count_macs(model, size)
+        model = _prepare(model, device, cfg.channels_last)
+        sec = _timed(train_step_fn(model, batch, size, device, cfg.amp, cfg.channels_last, cfg.num_classes),
+                     cfg.warmup, cfg.iters, device)
+        rows.append({"image_size": size, "ms_per_img": 1000 * sec / batch, "gmacs": macs / 1e9, "batch_size": batch})
+        del model
+    base = rows[0]
+    for row in rows:
+        row["time_ratio"] = row["ms_per_img"] / base["ms_per_img"]
+        row["mac_ratio"] = row["gmacs"] / base["gmacs"]
+    return rows
+
+
+def pipeline_throughput(cfg: BenchConfig, device: torch.device) -> float:
+    """Images/s of training batches made ready on the device from a uint8 cache (gather + normalize)."""
+    rng = np.random.default_rng(cfg.seed)
+    images = rng.integers(0, 256, size=(cfg.pipeline_images, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    cache = DeviceImages(images, device)
+    batch = min(cfg.batch_size, cfg.pipeline_images)
+    orders = [rng.permutation(cfg.pipeline_images)[:batch] for _ in range(cfg.pipeline_iters + cfg.warmup)]
+    it = iter(orders)
+
+    def step() -> None:
+        x = normalize_batch(cache.batch(next(it)), PAPER_MEAN, PAPER_STD, cfg.channels_last)
+        x.sum()  # touch the result so lazy work is done inside the timing
+
+    sec = _timed(step, cfg.warmup, cfg.pipeline_iters, device)
+    return batch / sec
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load_avg() -> list[float] | None:
+    """1/5/15-minute load averages (how busy a shared machine was), None where unavailable."""
+    try:
+        import os
+
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import os
+
+    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_avg_start": _load_avg()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def run_bench(cfg: BenchConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure everything the module docstring lists; returns the JSON-ready result (see ``docs/performance.md``)."""
+    cfg = cfg or BenchConfig()
+    device = select_device(cfg.device)
+    started = time.perf_counter()
+    result: dict[str, Any] = {**machine_info(device), "config": dataclasses.asdict(cfg), "models": {}}
+    for name in cfg.models:
+        log(f"bench: {name} at {cfg.image_size} px, batch {cfg.batch_size} ...")
+        result["models"][name] = bench_model(name, cfg, device)
+    if cfg.fft_model:
+        log(f"bench: profiling the FFT share of {cfg.fft_model} ...")
+        fft = fft_share(cfg, device)
+        result["fft"] = fft
+        result["fft_share"] = fft["fft_share"]
+    if cfg.scale_model:
+        log(f"bench: {cfg.scale_model} at {', '.join(map(str, cfg.scale_sizes))} px ...")
+        result["scaling"] = size_scaling(cfg, device)
+    log("bench: data pipeline ...")
+    result["pipeline_img_s"] = pipeline_throughput(cfg, device)
+    ref = "us_sfnet" if "us_sfnet" in result["models"] else cfg.models[0]
+    result["pipeline_reference_model"] = ref
+    result["pipeline_ratio"] = result["pipeline_img_s"] / result["models"][ref]["train_img_s"]
+    result["pipeline_target_ratio"] = PIPELINE_TARGET_RATIO
+    result["peak_mem_mb"] = peak_memory_mb(device)
+    result["peak_mem_kind"] = ("torch.cuda.max_memory_allocated (per model: since that model started)"
+                               if device.type == "cuda" else "process peak RSS (resource.getrusage ru_maxrss)")
+    result["seconds"] = time.perf_counter() - started
+    result["load_avg_end"] = _load_avg()
+    return result
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    """The result as markdown tables (what ``ussf bench`` prints)."""
+    cfg = result["config"]
+    flags = f"amp {cfg['amp']}, channels_last {cfg['channels_last']}"
+    head = (f"device {result['device']}" + (f" ({result['gpu']})" if result.get("gpu") else f" ({result['cpu']}, "
+            f"{result['torch_threads']} threads)") + f", torch {result['torch']}, {flags}, {result['date']}"
+            + (f", load average {result['load_avg_start'][0]} at start" if result.get("load_avg_start") else ""))
+    rows = [{"model": name, "train img/s": f"{m['train_img_s']:.1f}", "infer img/s": f"{m['infer_img_s']:.1f}",
+             "GMACs/img": f"{m['gmacs']:.3f}", "train GMAC/s": f"{m['train_gmac_s']:.1f}",
+             "infer GMAC/s": f"{m['infer_gmac_s']:.1f}", "params (M)": f"{m['params_m']:.1f}",
+             "peak mem (MB)": f"{m['peak_mem_mb']:.0f}"} for name, m in result["models"].items()]
+    parts = [head, "", f"## Throughput at {cfg['image_size']} px (train batch {cfg['batch_size']}, "
+             f"median of {cfg['iters']} timed steps after {cfg['warmup']} warm-up)", "", pd.DataFrame(rows).to_markdown(index=False)]
+    if "fft" in result:
+        fft = result["fft"]
+        parts += ["", f"FFT share of {fft['model']}'s training step: {100 * fft['fft_share']:.1f}% "
+                  f"({fft['fft_ms_per_step']:.1f} of {fft['profiled_op_ms_per_step']:.1f} ms, {fft['time_basis']})"]
+    if "scaling" in result:
+        srows = [{"image size": r["image_size"], "ms/img (train)": f"{r['ms_per_img']:.2f}",
+                  "time ratio": f"{r['time_ratio']:.2f}", "GMACs/img": f"{r['gmacs']:.3f}",
+                  "MAC ratio": f"{r['mac_ratio']:.2f}"} for r in result["scaling"]]
+        parts += ["", f"## Cost growth with image size ({cfg['scale_model']}, batch {result['scaling'][0]['batch_size']})",
+                  "", pd.DataFrame(srows).to_markdown(index=False)]
+    ok = "meets" if result["pipeline_ratio"] >= result["pipeline_target_ratio"] else "below"
+    parts += ["", f"Data pipeline: {result['pipeline_img_s']:.0f} img/s = {result['pipeline_ratio']:.1f} × "
+              f"{result['pipeline_reference_model']} training ({ok} the {result['pipeline_target_ratio']:.0f}× target)",
+              f"Peak memory: {result['peak_mem_mb']:.0f} MB ({result['peak_mem_kind']}); total {result['seconds']:.0f} s"]
+    return "\n".join(parts)
+
+
+def bench_config_from(quick: bool = False, **overrides: Any) -> BenchConfig:
+    """A :class:`BenchConfig`: the full defaults, or :data:`QUICK` with ``quick``; ``None`` overrides are ignored."""
+    values: dict[str, Any] = dict(QUICK) if quick else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return BenchConfig(**values)
+
+
+__all__: Sequence[str] = ["BenchConfig", "QUICK", "PIPELINE_TARGET_RATIO", "run_bench", "format_bench",
+                          "bench_config_from", "bench_model", "fft_share", "size_scaling", "pipeline_throughput",
+                          "train_step_fn", "infer_step_fn", "peak_memory_mb", "machine_info"]
