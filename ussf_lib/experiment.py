@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ussf_lib import cv as cv_mod
+from ussf_lib import distributed as dist_mod
 from ussf_lib.audit import HASH_SIZE, THRESHOLD, check_hash_settings, clusters_from_hashes
 from ussf_lib.data import ImageIndex, decode_index, fingerprint, load_index, resolve_normalization
 from ussf_lib.errors import UserError
@@ -256,11 +257,17 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
            folds_to_run: Sequence[int] | None = None) -> Path:
     """Run (or resume) k-fold cross-validation and write the complete run folder; returns its path.
 
-    Introduced in ``notebooks/04_train_cross_validation.ipynb``.
+    Launched by ``torchrun --nproc_per_node N -m ussf_lib cv ...`` every process runs this with the same
+    settings: all of them read the data and train data-parallel (:mod:`ussf_lib.distributed`), and only rank 0
+    logs and writes the run folder. Introduced in ``notebooks/04_train_cross_validation.ipynb``.
     """
     from ussf_lib.predict import check_meta, check_weights_fit, read_checkpoint
 
     started = time.perf_counter()
+    ctx = dist_mod.context_from_env()
+    if not ctx.is_main:
+        log = _silent
+        cfg = dataclasses.replace(cfg, progress=False)
     check_image_size(cfg.model, cfg.image_size)  # also rejects an unknown model name, before any data is read
     mean, std = resolve_normalization(cfg.normalization)
     out = _check_out(cfg, resume)
@@ -290,21 +297,29 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
             check_meta(ckpt, state["meta"], {key: meta[key] for key in ("model_name", "classes", "image_size", "model_kwargs")},
                        f"delete {ckpt.parent} to train this fold again, or resume with the settings it was made with")
             check_weights_fit(ckpt, probe["model"], state["model"], state["meta"])
-    device = select_device(cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
-    _write_atomic(out / "environment.json", json.dumps(environment_info(device, prepared.fingerprint), indent=2))
-    cv_mod.save_splits(index, prepared.folds, out / "splits.csv", prepared.groups)
-    _write_atomic(out / "classes.json", json.dumps(index.classes))
-    if cfg.skip_bad:
-        _write_atomic(out / "skipped.csv", prepared.skipped.to_csv(index=False))
+    device = dist_mod.device_for(ctx, select_device(cfg.device))
+    # Decided by every rank before rank 0 writes anything, so that all ranks run the same folds.
+    todo = [k for k in fold_ids if not (out / "folds" / str(k) / "predictions.csv").is_file()]
+    dist_mod.barrier(ctx)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        env = {**environment_info(device, prepared.fingerprint), "world_size": ctx.world}
+        _write_atomic(out / "environment.json", json.dumps(env, indent=2))
+        cv_mod.save_splits(index, prepared.folds, out / "splits.csv", prepared.groups)
+        _write_atomic(out / "classes.json", json.dumps(index.classes))
+        if cfg.skip_bad:
+            _write_atomic(out / "skipped.csv", prepared.skipped.to_csv(index=False))
+    if ctx.enabled:
+        log(f"data-parallel over {ctx.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}); "
+            f"each global batch of {cfg.batch_size} is split between them")
     dev_images = DeviceImages(prepared.images, device)
     targets = index.targets
     folds = prepared.folds
     train_cfg = cfg.train_config()
     for k in fold_ids:
         fold_dir = out / "folds" / str(k)
-        if (fold_dir / "predictions.csv").is_file():
+        if k not in todo:
             log(f"fold {k}: already finished, skipped")
             continue
         fold_dir.mkdir(parents=True, exist_ok=True)
@@ -313,18 +328,28 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
         model = build_model(cfg.model, len(index.classes), image_size=cfg.image_size,
                             weights_path=cfg.weights_path, **cfg.model_kwargs)
         result = train_fold(model, dev_images, targets, train_idx, test_idx, train_cfg, mean, std, device=device,
-                            fold_dir=fold_dir, fold=k, checkpoint_extra={"meta": meta}, log=log)
+                            fold_dir=fold_dir, fold=k, checkpoint_extra={"meta": meta}, log=log, dist_ctx=ctx)
+        if not ctx.is_main:
+            continue
         _write_atomic(fold_dir / "history.csv", result.history.to_csv(index=False))
         pred = predictions_frame(index, test_idx, result.probs, k)
         # predictions.csv marks the fold finished, so it is written last and atomically.
         _write_atomic(fold_dir / "predictions.csv", pred.to_csv(index=False))
         log(f"fold {k}: test accuracy {float((pred['pred'] == pred['label']).mean()):.3f} ({result.seconds:.1f}s)")
+    if not ctx.is_main:
+        dist_mod.finish(ctx)
+        return out
     summary = write_report(out)
+    dist_mod.finish(ctx)
     summary_line = ", ".join(f"{m} {summary[m]['mean']:.3f}" for m in ("accuracy", "f1", "auc")
                              if summary.get(m) and summary[m]["mean"] is not None)
     log(f"done in {time.perf_counter() - started:.0f}s: {summary_line}")
     log(f"results in {out.resolve()}")
     return out
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def predictions_frame(index, test_idx: np.ndarray, probs: np.ndarray, fold: int) -> pd.DataFrame:

@@ -230,14 +230,31 @@ def parse_value(text: str) -> Any:
 
 
 def parse_assignments(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["EPOCHS=2", "MODEL=us_sfnet"]`` -> ``{"EPOCHS": 2, "MODEL": "us_sfnet"}`` (see :func:`parse_value`)."""
+    """``["EPOCHS=2", "04:FOLDS=5"]`` -> ``{"EPOCHS": 2, "04:FOLDS": 5}`` (see :func:`parse_value`).
+
+    A ``NN:`` prefix (a notebook's number, stem or file name) scopes the value to that notebook
+    (:func:`run_notebooks` resolves it); without one every notebook that declares the name takes it.
+    """
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"--param {item!r}: write KEY=VALUE, e.g. --param EPOCHS=2")
+            raise UserError(f"--param {item!r}: write KEY=VALUE or NN:KEY=VALUE, e.g. --param EPOCHS=2")
         out[key.strip()] = parse_value(value.strip())
     return out
+
+
+def split_scoped(parameters: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Separate ``{"EPOCHS": 1, "04:FOLDS": 5}`` into shared values and per-notebook ones (``{"04": {...}}``)."""
+    shared: dict[str, Any] = {}
+    scoped: dict[str, dict[str, Any]] = {}
+    for key, value in parameters.items():
+        notebook, sep, name = key.rpartition(":")
+        if sep:
+            scoped.setdefault(notebook, {})[name] = value
+        else:
+            shared[key] = value
+    return shared, scoped
 
 
 def check_parameters(notebook: str | os.PathLike, parameters: Mapping[str, Any],
@@ -303,7 +320,8 @@ def run_notebooks(out: str | os.PathLike, *, parameters: Mapping[str, Any] | Non
     """Execute the numbered notebooks (all, or ``notebooks``) in order; return the executed copies' paths.
 
     Each notebook ``NN_name`` runs with ``OUT_DIR=OUT/NN_name`` plus those of ``parameters`` it declares (a name
-    no notebook declares is a :class:`UserError`), into ``OUT/NN_name.ipynb``. When a notebook with ``RUN_DIR``
+    no notebook declares is a :class:`UserError`) and those scoped to it as ``"NN:NAME"`` (an undeclared scoped
+    name is an error too), into ``OUT/NN_name.ipynb``. When a notebook with ``RUN_DIR``
     (05) follows one that trained a cross-validation run (04, ``OUT_DIR/run``) and ``RUN_DIR`` is not given, it
     evaluates that run instead of training its own. A failing notebook does not stop the others; a
     :class:`NotebookError` listing the failures is raised at the end. ``OUT/notebooks.json`` records each
@@ -311,23 +329,33 @@ def run_notebooks(out: str | os.PathLike, *, parameters: Mapping[str, Any] | Non
     """
     out = Path(out)
     paths = notebook_paths(notebooks)
-    parameters = dict(parameters or {})
-    if "OUT_DIR" in parameters:
+    parameters, scoped_by_name = split_scoped(parameters or {})
+    if "OUT_DIR" in parameters or any("OUT_DIR" in v for v in scoped_by_name.values()):
         raise UserError("OUT_DIR is set per notebook (OUT/NN_name); choose OUT with --out instead")
+    scoped: dict[Path, dict[str, Any]] = {}
+    for name, values in scoped_by_name.items():
+        target = notebook_paths([name])[0]
+        if target not in paths:
+            raise UserError(f"parameters for {target.stem} were given, but it is not among the notebooks run "
+                            f"({', '.join(p.stem[:2] for p in paths)})")
+        scoped.setdefault(target, {}).update(values)
     declared = {p: declared_parameters(p) for p in paths}
     known = sorted(set().union(*(d.keys() for d in declared.values())))
     unknown = sorted(set(parameters) - set(known))
     if unknown:
         raise UserError(f"no notebook has the parameter {unknown[0]!r}; the notebooks' parameters are "
                         f"{', '.join(k for k in known if k != 'OUT_DIR')}")
+    chosen = {path: {**{k: v for k, v in parameters.items() if k in declared[path]}, **scoped.get(path, {})}
+              for path in paths}
+    checked = {path: check_parameters(path, chosen[path], declared[path]) for path in paths}  # before writing
     out.mkdir(parents=True, exist_ok=True)
     executed, failures, record = [], [], []
     cv_run: Path | None = None
     for path in paths:
-        params = check_parameters(path, {k: v for k, v in parameters.items() if k in declared[path]}, declared[path])
+        params = dict(checked[path])
         out_dir = (out / path.stem).resolve()
         params["OUT_DIR"] = str(out_dir)
-        if "RUN_DIR" in declared[path] and "RUN_DIR" not in parameters and cv_run is not None:
+        if "RUN_DIR" in declared[path] and "RUN_DIR" not in chosen[path] and cv_run is not None:
             params["RUN_DIR"] = str(cv_run)
         started = time.perf_counter()
         status = "ok"

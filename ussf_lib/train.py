@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ussf_lib import distributed as dist_mod
 from ussf_lib.data import normalize_batch
+from ussf_lib.distributed import DistContext
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_PROTOCOL
 
@@ -181,17 +183,36 @@ def evaluate(model: nn.Module, images: DeviceImages, targets: np.ndarray, idx: n
     return float(sum(losses) / max(1, len(idx))), probs_arr.astype(np.float64)
 
 
+def _evaluate_split(model: nn.Module, images: DeviceImages, targets: np.ndarray, test_idx: np.ndarray,
+                    cfg: TrainConfig, mean: Sequence[float], std: Sequence[float], ctx: DistContext,
+                    device: torch.device) -> tuple[float, np.ndarray]:
+    """:func:`evaluate` on this rank's share of ``test_idx``; loss and probabilities combined over all ranks."""
+    if not ctx.enabled:
+        return evaluate(model, images, targets, test_idx, cfg.batch_size * 2, mean, std, cfg.amp, cfg.channels_last)
+    dist_mod.sync_buffers(model, ctx)
+    local = dist_mod.shard(test_idx, ctx)
+    loss, probs = evaluate(model, images, targets, local, cfg.batch_size * 2, mean, std, cfg.amp, cfg.channels_last)
+    total_loss, n = dist_mod.all_reduce_sum([loss * len(local), len(local)], ctx, device)
+    return total_loss / max(1.0, n), dist_mod.gather_rows(probs, ctx)
+
+
 def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.ndarray, train_idx: np.ndarray,
                test_idx: np.ndarray, cfg: TrainConfig, mean: Sequence[float], std: Sequence[float],
                device: torch.device | None = None, fold_dir: str | Path | None = None, fold: int = 0,
                checkpoint_extra: dict[str, Any] | None = None,
-               log: Callable[[str], None] = print) -> FoldResult:
+               log: Callable[[str], None] = print, dist_ctx: DistContext | None = None) -> FoldResult:
     """Train ``model`` on ``train_idx`` with Adam and cross-entropy, evaluating on ``test_idx`` every epoch.
 
     With ``fold_dir`` a checkpoint ``checkpoint.pt`` is written there after every epoch (temporary file, then
     rename) and, if one is already there, training resumes from it. Returns the history and the last epoch's
     test probabilities.
+
+    With ``dist_ctx`` of a torchrun launch (:mod:`ussf_lib.distributed`) every process calls this with the same
+    arguments: the model is wrapped in ``DistributedDataParallel``, each global batch of ``cfg.batch_size`` is
+    split across the processes by a ``DistributedSampler``, the test images are split for evaluation and their
+    probabilities gathered, and only rank 0 writes the checkpoint.
     """
+    ctx = dist_ctx or DistContext()
     device = device or select_device()
     started = time.perf_counter()
     dev_images = images if isinstance(images, DeviceImages) else DeviceImages(images, device)
@@ -220,25 +241,36 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
         log(f"fold {fold}: resuming after epoch {start_epoch}")
     for note in flag_notes(cfg, device):
         log(f"fold {fold}: {note}")
-    step_model = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
+    dist_mod.barrier(ctx)  # every rank has read the checkpoint before rank 0 may overwrite it
+    wrapped = model
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(wrapped, backend=cfg.compile_backend) if cfg.compile else wrapped
+    # Under DDP each process takes its share of every global batch.
+    local_batch = math.ceil(cfg.batch_size / ctx.world)
     probs = np.zeros((len(test_idx), 0))
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
-        order = train_idx[torch.randperm(len(train_idx), generator=shuffle_gen).numpy()]
+        if ctx.enabled:
+            order = dist_mod.epoch_order(train_idx, ctx, cfg.seed * 1000 + fold, epoch)
+        else:
+            order = train_idx[torch.randperm(len(train_idx), generator=shuffle_gen).numpy()]
         loss_sum, correct, seen = 0.0, 0, 0
-        batches = range(0, len(order), cfg.batch_size)
+        batches = range(0, len(order), local_batch)
         bar = tqdm(batches, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not cfg.progress, mininterval=1.0)
+                   disable=not (cfg.progress and ctx.is_main), mininterval=1.0)
         for b, start in enumerate(bar):
-            chunk = order[start:start + cfg.batch_size]
+            chunk = order[start:start + local_batch]
             x = normalize_batch(dev_images.batch(chunk), mean, std, cfg.channels_last)
             y = torch.as_tensor(targets[chunk], device=device)
             with autocast(device, cfg.amp):
                 logits = step_model(x)
                 loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                if ckpt_path is not None:
+            if dist_mod.any_nonfinite(loss, ctx):
+                if ckpt_path is not None and ctx.is_main:
                     _atomic_save({"model": model.state_dict(), "epoch": epoch, "batch": b},
                                  ckpt_path.with_name("debug_nonfinite.pt"))
                 raise NonFiniteLossError(
@@ -253,8 +285,9 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
             loss_sum += loss.item() * len(chunk)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(chunk)
-        val_loss, probs = evaluate(step_model, dev_images, targets, test_idx, cfg.batch_size * 2, mean, std,
-                                   cfg.amp, cfg.channels_last)
+        loss_sum, correct, seen = dist_mod.all_reduce_sum([loss_sum, correct, seen], ctx, device)
+        val_loss, probs = _evaluate_split(step_model if not ctx.enabled else model, dev_images, targets, test_idx,
+                                          cfg, mean, std, ctx, device)
         val_acc = float((probs.argmax(1) == targets[test_idx]).mean()) if len(test_idx) else math.nan
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
@@ -262,14 +295,14 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
         history.append(row)
         log(f"fold {fold} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} "
             f"| val loss {val_loss:.4f} acc {val_acc:.3f} ({row['seconds']:.1f}s)")
-        if ckpt_path is not None:
+        if ckpt_path is not None and ctx.is_main:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scaler": scaler.state_dict(), "shuffle_rng": shuffle_gen.get_state(),
                           "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "fold": fold,
                           "history": history, **(checkpoint_extra or {})}, ckpt_path)
     if probs.shape[1] == 0:  # resumed after the last epoch: recompute the test probabilities
-        _, probs = evaluate(model, dev_images, targets, test_idx, cfg.batch_size * 2, mean, std, cfg.amp,
-                            cfg.channels_last)
+        _, probs = _evaluate_split(model, dev_images, targets, test_idx, cfg, mean, std, ctx, device)
+    dist_mod.barrier(ctx)
     return FoldResult(history=pd.DataFrame(history), probs=probs, test_idx=test_idx,
                       seconds=time.perf_counter() - started)
