@@ -21,7 +21,7 @@ from ussf_lib.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 EXPECTED = ["01_explore_data", "02_image_spectra", "03_build_conv_fft_block", "04_train_cross_validation",
-            "05_evaluate_confusion_matrices"]
+            "05_evaluate_confusion_matrices", "06_compare_baselines"]
 #: Every numbered notebook in the folder (later notebooks follow the same rules).
 ALL = sorted(p.stem for p in NOTEBOOK_DIR.glob(nbs.NOTEBOOK_GLOB))
 #: Every notebook parameter, and the CLI flag that means the same (None: notebook-only).
@@ -46,6 +46,9 @@ EXPECTED_FILES = {
                                   "run/results.md"],
     "05_evaluate_confusion_matrices": ["metrics.json", "confusion_per_fold.png", "confusion_pooled.png",
                                        "table2.csv", "roc.png"],
+    "06_compare_baselines": ["metrics.json", "compare/table1.md", "compare/table2.md", "compare/paired.md",
+                             "compare/per_class_bars.png", "compare/us_sfnet_tiny/summary.json",
+                             "compare/densenet121/summary.json"],
 }
 
 

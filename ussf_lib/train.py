@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -125,7 +126,11 @@ class DeviceImages:
 
     def __init__(self, images: np.ndarray, device: torch.device):
         self.device = device
-        host = torch.from_numpy(np.ascontiguousarray(images))
+        with warnings.catch_warnings():
+            # A cache memory-mapped read-only from --cache-dir is never written through this tensor, so torch's
+            # "non-writable array" warning does not apply; copying it would defeat the memory map.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            host = torch.from_numpy(np.ascontiguousarray(images))
         self.on_device = False
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
