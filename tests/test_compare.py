@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pandas as pd
 import pytest
+import torch
 
 from ussf_lib.cli import main
 from ussf_lib.compare import compare, fold_test_train_ratio, parse_models, reference_model, write_comparison
@@ -138,3 +140,58 @@ def test_model_list_errors_before_any_work(tmp_path, phantom_dir, capsys):
     assert code == 2 and "fits one architecture" in capsys.readouterr().err
     assert main(["compare", "--data", str(phantom_dir), "--out", str(tmp_path / "out")]) == 2
     assert "--models" in capsys.readouterr().err
+
+
+def test_devices_run_the_models_at_once_with_the_same_results(comparison, phantom_dir, tmp_path, monkeypatch):
+    """compare(devices=["cpu", "cpu"]): one pinned worker per model, same folds, tables and predictions as in order."""
+    # Each cpu slot gets cpu_count // 2 threads; give it the thread count the sequential run had. (With 1 thread
+    # against 2, densenet121's probabilities differ by ~5e-3 after one epoch: summation order, not placement.)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2 * torch.get_num_threads())
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # more threads than cores here: idle ones sleep, not spin
+    cfg = CVConfig(manifest=str(phantom_dir / "manifest.csv"), group_col="patient", folds=2, epochs=1, image_size=32,
+                   batch_size=16, seed=0, progress=False)
+    out = tmp_path / "cmp"
+    lines: list[str] = []
+    compare(MODELS, cfg, out, log=lines.append, devices=["cpu", "cpu"])
+    assert pd.read_csv(out / "splits.csv").equals(pd.read_csv(comparison / "splits.csv"))
+    for m in MODELS:  # the workers' lines come back prefixed with their model
+        assert any(line.startswith(f"[{m}] fold 1: test accuracy") for line in lines)
+        assert f"[{m}] finished on device cpu" in lines
+        env = json.loads((out / m / "environment.json").read_text())
+        assert (env["placed_device"], env["visible_devices"], env["device"]) == ("cpu", "", "cpu")
+        for k in (0, 1):
+            ours = pd.read_csv(out / m / "folds" / str(k) / "predictions.csv")
+            theirs = pd.read_csv(comparison / m / "folds" / str(k) / "predictions.csv")
+            prob_cols = [c for c in ours.columns if c.startswith("prob_")]
+            assert ours.drop(columns=prob_cols).equals(theirs.drop(columns=prob_cols))
+            assert (ours[prob_cols] - theirs[prob_cols]).abs().to_numpy().max() < 1e-6
+    ours, theirs = (pd.read_csv(d / "table1.csv").drop(columns="train_seconds") for d in (out, comparison))
+    assert ours["model"].tolist() == MODELS
+    pd.testing.assert_frame_equal(ours, theirs, rtol=0, atol=1e-4)  # percent
+    assert json.loads((comparison / MODELS[0] / "environment.json").read_text())["placed_device"] is None
+
+    lines.clear()  # a rerun with devices skips the finished models exactly as without
+    compare(MODELS, cfg, out, log=lines.append, devices="cpu,cpu")
+    assert sum("already finished, skipped" in line for line in lines) == 2
+    assert not any(line.startswith("[us_sfnet_tiny] ") for line in lines)
+
+
+def test_devices_a_failing_model_leaves_the_others_and_their_tables(comparison, phantom_dir, tmp_path):
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out, ignore=shutil.ignore_patterns("table*", "paired*", "*.png"))
+    (out / "us_sfnet_tiny" / "summary.json").unlink()  # interrupted after its last fold: resumes in a moment
+    (out / "densenet121" / "summary.json").unlink()
+    env_file = out / "densenet121" / "environment.json"
+    env_file.write_text(json.dumps({**json.loads(env_file.read_text()), "data_fingerprint": "other data"}))
+    cfg = CVConfig(manifest=str(phantom_dir / "manifest.csv"), group_col="patient", folds=2, epochs=1, image_size=32,
+                   batch_size=16, seed=0, progress=False)
+    lines: list[str] = []
+    with pytest.raises(UserError) as info:
+        compare(MODELS, cfg, out, log=lines.append, devices="cpu,cpu")
+    message = str(info.value)  # the worker's UserError, named by its model, with what still holds
+    assert message.startswith("densenet121: ") and "the data changed since this run started" in message
+    assert "(tables written for us_sfnet_tiny)" in message and "\n" not in message
+    assert "[us_sfnet_tiny] finished on device cpu" in lines
+    assert any(line.startswith("[densenet121] FAILED: ") for line in lines)
+    assert (out / "us_sfnet_tiny" / "summary.json").is_file() and not (out / "densenet121" / "summary.json").exists()
+    assert pd.read_csv(out / "table1.csv")["model"].tolist() == ["us_sfnet_tiny"]

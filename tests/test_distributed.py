@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
 from ussf_lib.distributed import DistContext, all_reduce_sum, epoch_order, gather_rows, shard

@@ -112,3 +112,25 @@ def test_a_failing_run_is_reported_and_left_out(tmp_path):
     assert "unknown model 'no_such_model'" in result.failed["MODEL=no_such_model"]
     assert result.results.empty and "finished runs: 0 of 1" in (out / "summary.md").read_text()
     assert json.loads((out / "MODEL=no_such_model" / "sweep.json").read_text())["status"] != "ok"
+
+
+@pytest.mark.slow
+def test_sweep_on_devices_records_where_each_run_went(tmp_path, capsys):
+    from ussf_lib.cli import main
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("SEED: [0, 1]\nfixed: {MODEL: us_sfnet_tiny, N_PER_CLASS: 16, IMAGE_SIZE: 16, EPOCHS: 1, "
+                    "FOLDS: 2, BATCH_SIZE: 32}\n")
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--notebook", str(NOTEBOOK), "--grid", str(grid), "--out", str(out),
+                 "--devices", "cpu,cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 to run, 2 at a time on --devices cpu,cpu" in printed
+    for name in ("SEED=0", "SEED=1"):
+        record = json.loads((out / name / "sweep.json").read_text())
+        assert record["status"] == "ok" and record["device"] == "cpu"
+        assert f"{name}: done in" in printed and "on device cpu" in printed
+        # the notebook's kernel inherited the pinned worker's environment: no GPU, the cpu slot recorded
+        env = json.loads((out / name / "run" / "environment.json").read_text())
+        assert (env["placed_device"], env["visible_devices"], env["device"]) == ("cpu", "", "cpu")
+    assert len(pd.read_csv(out / "results.csv")) == 2

@@ -4,8 +4,11 @@
 once and saved as ``OUT/splits.csv``; every model then runs :func:`~ussf_lib.experiment.run_cv` into its own
 run folder ``OUT/<model>/`` with ``splits=OUT/splits.csv``, so all models are trained and tested on exactly
 the same images. A model whose ``summary.json`` exists is finished and skipped on a rerun; a model whose folder
-exists without it was interrupted and is resumed (finished folds are kept). :func:`write_comparison` then
-rebuilds everything below from the run folders alone (no model is needed)::
+exists without it was interrupted and is resumed (finished folds are kept). With ``--devices 0,1,...``
+(``devices=`` here) the models' runs go at once, one per device, in worker processes pinned to their device
+(:mod:`ussf_lib.placement`; ``cpu,cpu`` runs two at once on the CPU); their log lines come back prefixed with the
+model name. :func:`write_comparison` then rebuilds everything below from the run folders alone (no model is
+needed)::
 
     OUT/compare.json          the models and the shared settings
     OUT/splits.csv            path,label,group,fold: the one set of folds
@@ -40,6 +43,7 @@ from ussf_lib.experiment import CVConfig, prepare_data, run_cv
 from ussf_lib.meta import PAPER_CLASSES, paper_table1, paper_table2
 from ussf_lib.metrics import format_mean_std
 from ussf_lib.models.registry import check_image_size
+from ussf_lib.placement import Placed, parse_devices, run_placed, worker_log
 from ussf_lib.stats import N_BOOT, paired_comparison
 
 #: Macro metrics of Table 1, in column order.
@@ -98,15 +102,27 @@ def _same_folds(a: Path, b: Path) -> bool:
 
 
 def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
-            log: Callable[[str], None] = print, replace_changed: bool = False) -> Path:
+            log: Callable[[str], None] = print, replace_changed: bool = False,
+            devices: str | Sequence[str] | None = None) -> Path:
     """Cross-validate each of ``models`` with ``base_cfg``'s settings on one shared set of folds; return ``out``.
 
     ``base_cfg.model`` and ``base_cfg.out`` are ignored (each model gets ``out/<model>``). Rerunning with the same
     settings skips finished models and resumes an interrupted one; different settings in an existing ``out``
     are a :class:`UserError`, or, with ``replace_changed`` (notebooks, which own their folder), delete the
     old comparison first. Finishes with :func:`write_comparison`.
+
+    ``devices`` (``"0,1"``, ``["cpu", "cpu"]``, see :func:`~ussf_lib.placement.parse_devices`) runs the models
+    concurrently, one per entry at a time, each in a worker pinned to its device (``base_cfg.device`` must then be
+    ``auto``, which in the worker is its device; progress bars are off there). The folds are still made here first.
+    A model that stops with a :class:`UserError` does not stop the others: the tables are written for those that
+    finished and the failures are raised as one :class:`UserError` at the end. Without ``devices`` the models run
+    one after the other in this process.
     """
     names = parse_models(models)
+    placed = parse_devices(devices) if devices is not None else None
+    if placed is not None and base_cfg.device != "auto":
+        raise UserError(f"--device {base_cfg.device} and --devices {','.join(placed)}: --devices pins each model's run "
+                        "to one device, where --device auto finds it; leave --device out")
     if base_cfg.weights_path and len(names) > 1:
         raise UserError(f"--weights {base_cfg.weights_path} fits one architecture, but {len(names)} models are "
                         "compared; compare from scratch, or run `ussf cv --weights ... --splits OUT/splits.csv` per model")
@@ -138,11 +154,13 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
         raise UserError(f"--splits {base_cfg.splits} differs from {splits} already used here; choose a new --out")
     manifest.write_text(json.dumps({"models": names, "settings": settings}, indent=2))
     splits_abs = str(splits.resolve())
-    for i, name in enumerate(names, 1):
+
+    def plan(i: int, name: str) -> tuple[CVConfig, bool] | None:
+        """The config and resume flag of one model's run (None: finished), logging what happens to it."""
         run_dir = out / name
         if (run_dir / "summary.json").is_file():
             log(f"[{i}/{len(names)}] {name}: already finished, skipped")
-            continue
+            return None
         cfg = dataclasses.replace(base_cfg, model=name, out=str(run_dir), splits=splits_abs)
         resume = (run_dir / "config.json").is_file()
         if resume:
@@ -152,11 +170,51 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
             if own.is_file() and not _same_folds(own, splits):
                 raise UserError(f"{run_dir} was started on other folds than {splits}; delete {run_dir} to rerun it")
             cfg.splits = json.loads((run_dir / "config.json").read_text()).get("splits", splits_abs)
-        log(f"[{i}/{len(names)}] {name}: {'resuming' if resume else 'starting'} in {run_dir}")
-        run_cv(cfg, resume=resume, log=log)
+        where = f" (--devices {','.join(placed)})" if placed is not None else ""
+        log(f"[{i}/{len(names)}] {name}: {'resuming' if resume else 'starting'} in {run_dir}{where}")
+        return cfg, resume
+
+    if placed is None:
+        for i, name in enumerate(names, 1):
+            planned = plan(i, name)
+            if planned is not None:
+                run_cv(planned[0], resume=planned[1], log=log)
+    else:
+        _run_placed_models(names, plan, placed, out, log)
     write_comparison(out, names)
     log(f"comparison tables in {out.resolve()}: table1.md, table2.md, paired.md, per_class_bars.png")
     return out
+
+
+def _run_model(cfg: CVConfig, resume: bool) -> str:
+    """One model's run in a pinned worker; its log lines go to the parent, prefixed with the model name."""
+    run_cv(cfg, resume=resume, log=worker_log(f"[{cfg.model}] "))
+    return cfg.model
+
+
+def _run_placed_models(names: Sequence[str], plan: Callable[[int, str], tuple[CVConfig, bool] | None],
+                       devices: Sequence[str], out: Path, log: Callable[[str], None]) -> None:
+    """Run the unfinished models concurrently on ``devices``; a UserError in one lets the others finish."""
+    tasks = []
+    for i, name in enumerate(names, 1):  # every run is checked before any starts
+        planned = plan(i, name)
+        if planned is not None:
+            # Bars of several processes would overwrite each other on one terminal (and "progress" is not part of
+            # what a finished run means, see _FREE_SETTINGS), so the workers log lines only.
+            cfg = dataclasses.replace(planned[0], progress=False)
+            tasks.append((name, _run_model, (cfg, planned[1])))
+
+    def done(result: Placed) -> None:
+        log(f"[{result.key}] {'finished' if result.ok else 'FAILED: ' + str(result.error)} on device {result.device}")
+
+    failed = [r for r in run_placed(tasks, devices, log=log, on_done=done) if not r.ok]
+    if failed:
+        finished = [m for m in names if (out / m / "summary.json").is_file()]
+        if finished:
+            write_comparison(out, names, log=log)
+        raise UserError("; ".join(f"{r.key}: {r.error}" for r in failed)
+                        + (f" (tables written for {', '.join(finished)})" if finished else "")
+                        + "; fix it and rerun the same command to continue (finished models are kept)")
 
 
 # --- tables from run folders --------------------------------------------------------------------------------

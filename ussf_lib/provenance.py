@@ -5,6 +5,7 @@ Introduced in ``notebooks/04_train_cross_validation.ipynb`` (its imports cell pr
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -13,7 +14,10 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("ussf", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "pillow", "matplotlib")
+from ussf_lib.placement import PLACED_ENV
+
+PACKAGES = ("ussf", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "scipy", "pillow", "imagehash",
+            "matplotlib", "seaborn", "papermill")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -61,6 +65,10 @@ def environment_info(device: torch.device | str, data_fingerprint: str | None = 
         **device_info(device),
         "git_commit": git_commit(),
         "data_fingerprint": data_fingerprint,
+        # Where `--devices` placed this run (ussf_lib.placement): the GPUs this process was allowed to see
+        # (None: not restricted, "": none) and the --devices entry; None for a run started by hand.
+        "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "placed_device": os.environ.get(PLACED_ENV),
     }
 
 

@@ -15,7 +15,11 @@ A top-level name with a single value (not a list) is fixed too. Each run execute
 folder) and ``sweep.json`` (parameters, seconds). A run whose ``metrics.json`` exists is finished and skipped
 when the sweep is called again (with other fixed values it is an error: use a new ``--out``); an unfinished run
 starts again, and notebook 04 resumes its cross-validation fold by fold. ``--jobs N`` executes N runs at once in
-separate processes, each kernel limited to ``cpu_count // N`` threads.
+separate processes, each kernel limited to ``cpu_count // N`` threads. ``--devices 0,1`` instead places the runs
+on GPUs, one run per GPU at a time (:mod:`ussf_lib.placement`): each worker is pinned to its GPU for its whole life
+and the notebook kernel it starts inherits ``CUDA_VISIBLE_DEVICES``, so the notebook's device ``auto`` is that GPU;
+``--devices cpu,cpu`` runs two at once on the CPU. ``sweep.json`` records the entry a run was placed on
+(``device``, null without ``--devices``).
 
 Results: ``DIR/results.csv``, one row per finished run (its parameters, then ``<metric>_mean`` and
 ``<metric>_std`` for accuracy, precision, sensitivity, specificity, f1 and auc as the notebook's ``metrics.json``
@@ -32,7 +36,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -46,6 +50,7 @@ from ussf_lib.errors import UserError
 from ussf_lib.meta import METRIC_NAMES
 from ussf_lib.metrics import format_mean_std
 from ussf_lib.notebooks import NotebookError, check_parameters, declared_parameters, execute_notebook, notebook_paths
+from ussf_lib.placement import Placed, parse_devices, placed_device, run_placed
 
 #: The axis averaged over in ``summary.md``.
 SEED_AXIS = "SEED"
@@ -159,22 +164,31 @@ def _run_one(notebook: str, run_dir: str, params: dict[str, Any], threads: int |
         status = str(exc)
     seconds = time.perf_counter() - started
     (run_path / "sweep.json").write_text(json.dumps({"notebook": str(notebook), "parameters": params,
-                                                     "seconds": round(seconds, 2), "status": status}, indent=2))
+                                                     "seconds": round(seconds, 2), "status": status,
+                                                     "device": placed_device()}, indent=2))
     return status, seconds
 
 
 def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str, Any] | Grid,
-              out: str | os.PathLike, jobs: int = 1, log: Callable[[str], None] = print) -> SweepResult:
+              out: str | os.PathLike, jobs: int | None = None, log: Callable[[str], None] = print,
+              devices: str | Sequence[str] | None = None) -> SweepResult:
     """Execute ``notebook`` once per grid point into ``out/<run name>/`` and write ``results.csv`` and ``summary.md``.
 
-    Finished runs (``metrics.json`` present) are skipped; ``jobs`` > 1 runs that many at once in processes.
+    Finished runs (``metrics.json`` present) are skipped; ``jobs`` > 1 runs that many at once in processes
+    (default 1). ``devices`` (``"0,1"``, ``["cpu", "cpu"]``, see :func:`~ussf_lib.placement.parse_devices`) runs
+    one at a time per entry in worker processes pinned to it; ``jobs``, if given too, must equal their number.
     A failing run does not stop the others: it is reported in ``SweepResult.failed`` and left out of the tables.
     Grid names that are not parameters of the notebook are a :class:`UserError` naming them.
     """
     notebook = notebook_paths([notebook])[0]
     grid = grid if isinstance(grid, Grid) else load_grid(grid)
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise UserError(f"--jobs {jobs}: run at least one job at a time")
+    placed = parse_devices(devices) if devices is not None else None
+    if placed is not None and jobs is not None and jobs != len(placed):
+        raise UserError(f"--jobs {jobs} and --devices {','.join(placed)} ({len(placed)} entries) disagree; "
+                        "--devices alone sets how many runs go at once, so leave --jobs out")
+    jobs = len(placed) if placed is not None else (jobs or 1)
     _, runs = _check_grid(notebook, grid)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -187,18 +201,27 @@ def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str
         else:
             todo.append((name, params))
     log(f"sweep of {notebook.name}: {len(runs)} run(s), {len(skipped)} already finished, {len(todo)} to run"
-        + (f", {jobs} at a time" if jobs > 1 and len(todo) > 1 else ""))
+        + (f", {jobs} at a time" if jobs > 1 and len(todo) > 1 else "")
+        + (f" on --devices {','.join(placed)}" if placed is not None and todo else ""))
     ran, failed = [], {}
 
-    def report(name: str, status: str, seconds: float) -> None:
+    def report(name: str, status: str, seconds: float, where: str = "") -> None:
         if status == "ok":
             ran.append(name)
-            log(f"  {name}: done in {seconds:.1f}s")
+            log(f"  {name}: done in {seconds:.1f}s{where}")
         else:
             failed[name] = status
-            log(f"  {name}: FAILED after {seconds:.1f}s: {status}")
+            log(f"  {name}: FAILED after {seconds:.1f}s{where}: {status}")
 
-    if jobs == 1 or len(todo) <= 1:
+    def report_placed(done: Placed) -> None:
+        status, seconds = done.value if done.ok else (done.error, 0.0)
+        report(done.key, status, seconds, f" on device {done.device}")
+
+    if placed is not None:
+        # Even a single run goes to a pinned worker: `--devices 1` means "on GPU 1", not "here".
+        tasks = [(name, _run_one, (str(notebook), str(out / name), params, None)) for name, params in todo]
+        run_placed(tasks, placed, log=log, on_done=report_placed)
+    elif jobs == 1 or len(todo) <= 1:
         for name, params in todo:
             report(name, *_run_one(str(notebook), str(out / name), params, None))
     else:
