@@ -97,6 +97,45 @@ def test_console_module_exit_code_without_traceback(tmp_path):
     assert proc.stderr.strip().startswith("ussf cv: error:") and "Traceback" not in proc.stderr
 
 
+TINY_MAIN_JOB = ["--n-per-class", "16", "--image-size", "32", "--epochs", "1", "--folds", "2"]
+MAIN_JOB_FILES = ("results.md", "per_class.csv", "confusion_matrix.png", "learning_curves.png")
+
+
+def test_main_job_without_notebooks_writes_the_results_it_prints(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the shared phantom goes to ./runs
+    assert main(["main-job", "--no-notebooks", "--out", str(tmp_path / "main"), *TINY_MAIN_JOB]) == 0
+    printed = capsys.readouterr().out
+    for name in MAIN_JOB_FILES:
+        assert (tmp_path / "main" / name).is_file() and str(tmp_path / "main" / name) in printed
+    config = json.loads((tmp_path / "main" / "config.json").read_text())
+    assert (config["folds"], config["image_size"], config["group_col"]) == (2, 32, "patient")
+    assert config["classes"] == ["normal", "benign", "primary", "metastatic"]
+
+
+def test_main_job_executes_the_notebooks_with_its_settings(tmp_path, capsys):
+    out = tmp_path / "main"
+    assert main(["main-job", "--out", str(out), "--only", "04,05", *TINY_MAIN_JOB, "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    run = out / "04_train_cross_validation" / "run"
+    for name in MAIN_JOB_FILES:
+        assert (run / name).is_file() and str(run / name) in printed
+    assert (out / "04_train_cross_validation.ipynb").is_file() and (out / "05_evaluate_confusion_matrices.ipynb").is_file()
+    record = {r["notebook"]: r["parameters"] for r in json.loads((out / "notebooks.json").read_text())}
+    assert record["04_train_cross_validation.ipynb"]["EPOCHS"] == 2  # scoped to 04 only
+    assert record["05_evaluate_confusion_matrices.ipynb"]["RUN_DIR"] == str(run.resolve())  # 05 evaluates 04's run
+    assert len(pd.read_csv(run / "folds" / "0" / "history.csv")) == 2
+    assert main(["main-job", "--out", str(out), "--only", "04"]) == 2  # never mixes into an existing folder
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_scoped_notebook_parameters_are_checked(tmp_path, capsys):
+    assert main(["notebooks", "--out", str(tmp_path / "nb"), "--only", "03", "--param", "04:EPOCHS=2"]) == 2
+    assert "not among the notebooks run" in capsys.readouterr().err
+    assert main(["notebooks", "--out", str(tmp_path / "nb"), "--only", "03", "--param", "03:EPOCHS=2"]) == 2
+    assert "has no parameter 'EPOCHS'" in capsys.readouterr().err
+    assert not (tmp_path / "nb").exists()
+
+
 @pytest.mark.busi
 def test_cv_end_to_end_on_busi(busi_root, tmp_path):
     before = _snapshot(busi_root)

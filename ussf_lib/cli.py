@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let exact and near-duplicate images fall into different folds (default: kept together)")
     p.add_argument("--dup-threshold", type=int, default=4, help="near-duplicate: phash distance in bits at most this")
     p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits (default 8)")
+    p.add_argument("--devices", help="run the models at once, one per entry, each in a process pinned to it: GPU ids "
+                   "(--devices 0,1,2,3) or cpu slots (--devices cpu,cpu); default: one after the other here")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="training/inference images/s, GMAC/s, FFT share, size scaling, pipeline speed")
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("main-job", help="`make run`: phantom data + CPU-sized cross-validation of US-SFNet")
+    p = sub.add_parser("main-job", help="`make run`: the notebooks on phantom data; 04 cross-validates a CPU-sized US-SFNet")
     p.add_argument("--out", default=None, help="run folder (default runs/<time>)")
     p.add_argument("--model", default=MAIN_JOB["model"])
     p.add_argument("--n-per-class", type=_positive_int, default=MAIN_JOB["n_per_class"])
@@ -156,12 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=MAIN_JOB["epochs"])
     p.add_argument("--folds", type=_positive_int, default=MAIN_JOB["folds"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-notebooks", dest="notebooks", action="store_false",
+                   help="run the cross-validation directly instead of executing the numbered notebooks")
+    p.add_argument("--only", type=_csv_list, help="notebooks to execute, e.g. 04,05 (default: all, in order)")
     p.set_defaults(func=cmd_main_job)
 
     p = sub.add_parser("notebooks", help="run the numbered notebooks headless (papermill) into a folder")
     p.add_argument("--out", required=True, help="folder for the executed notebooks (NN_name.ipynb) and their outputs")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="notebook parameter, repeatable (e.g. EPOCHS=2); each notebook takes those it declares")
+    p.add_argument("--param", action="append", default=[], metavar="[NN:]KEY=VALUE",
+                   help="notebook parameter, repeatable (e.g. EPOCHS=2); each notebook takes those it declares; "
+                        "NN:KEY=VALUE sets it for notebook NN only (e.g. 04:FOLDS=5)")
     p.add_argument("--only", type=_csv_list, help="notebooks to run, e.g. 01,03 (default: all, in order)")
     p.set_defaults(func=cmd_notebooks)
 
@@ -169,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebook", required=True, help="e.g. notebooks/04_train_cross_validation.ipynb")
     p.add_argument("--grid", required=True, help="YAML: PARAM: [values, ...] per axis, optional fixed: {PARAM: value}")
     p.add_argument("--out", required=True, help="sweep folder: one sub-folder per run, results.csv, summary.md")
-    p.add_argument("--jobs", type=_positive_int, default=1, help="runs executed at once, in processes")
+    p.add_argument("--jobs", type=_positive_int, default=None,
+                   help="runs executed at once, in processes (default 1, or one per --devices entry)")
+    p.add_argument("--devices", help="place the runs on devices, one run per entry at a time, each in a process "
+                   "pinned to it (its notebook kernel sees only that GPU): GPU ids (--devices 0,1) or cpu slots "
+                   "(--devices cpu,cpu)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("models", help="list the registered model names")
@@ -181,7 +191,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from ussf_lib.phantom import generate_phantom
 
     manifest = generate_phantom(args.out, n_per_class=args.n_per_class, image_size=args.image_size, seed=args.seed,
-                                progress=True)
+                                progress=sys.stderr.isatty())
     print(f"phantom written to {Path(args.out).resolve()} (manifest {manifest})")
     return 0
 
@@ -231,7 +241,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.models:
         raise UserError("ussf compare needs --models, e.g. --models us_sfnet,densenet121,resnet101")
     cfg = cv_config_from_args(args, out=args.out or default_run_dir("compare"))
-    compare(args.models, cfg, cfg.out)
+    compare(args.models, cfg, cfg.out, devices=args.devices)
     return 0
 
 
@@ -288,24 +298,47 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_main_job(args: argparse.Namespace) -> int:
+    """`make run`: the numbered notebooks in order (04 trains the main job's cross-validation, 05 evaluates it),
+    or with ``--no-notebooks`` the same cross-validation through :func:`run_cv` directly."""
+    from ussf_lib.notebooks import RUN_SUBDIR, NotebookError, notebook_paths, notebooks_dir, run_notebooks
+
+    out = Path(args.out or default_run_dir("main"))
+    settings = {"MODEL": args.model, "N_PER_CLASS": args.n_per_class, "IMAGE_SIZE": args.image_size,
+                "EPOCHS": args.epochs, "FOLDS": args.folds, "BATCH_SIZE": MAIN_JOB["batch_size"], "SEED": args.seed}
+    if not args.notebooks or not notebooks_dir().is_dir():
+        run_dir = _main_job_cv(out, settings)
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out}: folder exists and is not empty; choose a new --out")
+        train_nb = "04_train_cross_validation"
+        chosen = notebook_paths(args.only)
+        scoped = {f"{train_nb}:{k}": v for k, v in settings.items()} if any(p.stem == train_nb for p in chosen) else {}
+        try:
+            run_notebooks(out, parameters=scoped, notebooks=chosen)
+        except NotebookError as exc:
+            print(f"ussf main-job: {exc}", file=sys.stderr)
+            return 1
+        print(f"executed notebooks and their figures in {out.resolve()}")
+        run_dir = out / train_nb / RUN_SUBDIR
+    for name in ("results.md", "per_class.csv", "confusion_matrix.png", "learning_curves.png"):
+        print(f"  {run_dir / name}")
+    return 0
+
+
+def _main_job_cv(out: Path, settings: dict) -> Path:
     from ussf_lib.experiment import CVConfig, run_cv
     from ussf_lib.phantom import generate_phantom
 
-    out = Path(args.out or default_run_dir("main"))
     # The phantom is shared between main jobs with the same settings: it is deterministic by seed.
-    phantom = Path("runs") / f"phantom_n{args.n_per_class}_s{args.image_size}_seed{args.seed}"
+    n, size, seed = settings["N_PER_CLASS"], settings["IMAGE_SIZE"], settings["SEED"]
+    phantom = Path("runs") / f"phantom_n{n}_s{size}_seed{seed}"
     manifest = phantom / "manifest.csv"
     if not manifest.is_file():
-        manifest = generate_phantom(phantom, n_per_class=args.n_per_class, image_size=args.image_size,
-                                    seed=args.seed, progress=True)
+        manifest = generate_phantom(phantom, n_per_class=n, image_size=size, seed=seed, progress=sys.stderr.isatty())
     cfg = CVConfig(out=str(out), manifest=str(manifest), group_col="patient", classes=list(PAPER_CLASSES),
-                   model=args.model,
-                   folds=args.folds, epochs=args.epochs, image_size=args.image_size,
-                   batch_size=MAIN_JOB["batch_size"], seed=args.seed, progress=sys.stderr.isatty())
-    run_cv(cfg)
-    for name in ("results.md", "per_class.csv", "confusion_matrix.png", "learning_curves.png"):
-        print(f"  {out / name}")
-    return 0
+                   model=settings["MODEL"], folds=settings["FOLDS"], epochs=settings["EPOCHS"], image_size=size,
+                   batch_size=settings["BATCH_SIZE"], seed=seed, progress=sys.stderr.isatty())
+    return run_cv(cfg)
 
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
@@ -323,7 +356,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ussf_lib.sweep import run_sweep
 
-    result = run_sweep(args.notebook, args.grid, args.out, jobs=args.jobs)
+    result = run_sweep(args.notebook, args.grid, args.out, jobs=args.jobs, devices=args.devices)
     return 1 if result.failed else 0
 
 

@@ -424,12 +424,16 @@ def decode_index(index: ImageIndex, image_size: int | None, cache_dir: str | Pat
                         "or pass --skip-bad to leave them out")
     if need_pixels and img_file is not None:
         img_file.parent.mkdir(parents=True, exist_ok=True)
+        # The sidecar goes first and both are renamed into place whole, so a reader (another process filling
+        # the same cache) never finds the pixels without it or half a file.
+        sidecar = img_file.with_suffix(".json")
+        tmp_json = sidecar.with_suffix(f".tmp{os.getpid()}.json")
+        tmp_json.write_text(json.dumps({"root": str(index.root), "n": n, "image_size": image_size,
+                                        "bad": {str(i): why for i, why in sorted(bad.items())}}))
+        os.replace(tmp_json, sidecar)
         tmp = img_file.with_suffix(f".tmp{os.getpid()}.npy")
         np.save(tmp, images)
         os.replace(tmp, img_file)
-        img_file.with_suffix(".json").write_text(json.dumps({
-            "root": str(index.root), "n": n, "image_size": image_size,
-            "bad": {str(i): why for i, why in sorted(bad.items())}}))
     if need_hashes and hash_file is not None:
         hash_file.parent.mkdir(parents=True, exist_ok=True)
         table = pd.DataFrame([h or ("", "", "") for h in hashes], columns=list(HASH_COLUMNS))
