@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import torch
 import pytest
 
 from ussf_lib.errors import UserError
@@ -44,6 +45,10 @@ def test_run_folder_contract(run_dir, phantom_dir):
     assert env["packages"]["torch"].startswith("2.14.1") and len(env["data_fingerprint"]) == 64
     config = json.loads((run_dir / "config.json").read_text())
     assert config["lr"] == 1e-3 and config["weight_decay"] == 1e-4 and config["betas"] == [0.9, 0.999]
+    # each fold's checkpoint carries what a resume needs: weights, optimizer, scaler, RNG states, fold, config
+    state = torch.load(run_dir / "folds" / "1" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scaler", "shuffle_rng", "torch_rng", "epoch", "fold", "meta", "config"} <= set(state)
+    assert state["fold"] == 1 and state["config"] == config and state["meta"]["classes"] == summary["classes"]
 
 
 def test_out_of_fold_predictions_cover_every_image_once_and_no_patient_leaks(run_dir, phantom_dir):

@@ -328,7 +328,8 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
         model = build_model(cfg.model, len(index.classes), image_size=cfg.image_size,
                             weights_path=cfg.weights_path, **cfg.model_kwargs)
         result = train_fold(model, dev_images, targets, train_idx, test_idx, train_cfg, mean, std, device=device,
-                            fold_dir=fold_dir, fold=k, checkpoint_extra={"meta": meta}, log=log, dist_ctx=ctx)
+                            fold_dir=fold_dir, fold=k, checkpoint_extra={"meta": meta, "config": cfg.to_dict()},
+                            log=log, dist_ctx=ctx)
         if not ctx.is_main:
             continue
         _write_atomic(fold_dir / "history.csv", result.history.to_csv(index=False))

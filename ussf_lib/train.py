@@ -3,8 +3,10 @@
 ``train`` knows one fold: it gets the decoded uint8 images, the indices of the fold's training and test
 images and a :class:`TrainConfig`, and returns the per-epoch history and the test images' class
 probabilities. Batches are gathered from the uint8 cache and normalized on the training device, so no image
-is decoded inside the loop. A checkpoint (model, optimizer, RNG state, epoch) is written atomically after
-every epoch, so an interrupted fold resumes where it stopped. Introduced in
+is decoded inside the loop. A checkpoint (model, optimizer, GradScaler and RNG states, epoch, fold, and what the
+caller adds: the run's config) is written atomically after every epoch, so an interrupted fold resumes where it
+stopped. The learning rate is constant, as in the paper (section 2.4 names no schedule), so there is no
+scheduler state to keep. Introduced in
 ``notebooks/04_train_cross_validation.ipynb``.
 """
 
