@@ -45,14 +45,39 @@ def test_single_process_helpers_are_identities():
     np.testing.assert_array_equal(out, rows)
 
 
-def test_torchrun_two_cpu_processes_write_one_complete_run_folder(phantom_dir, tmp_path):
-    out = tmp_path / "ddp"
+def test_only_a_torchrun_launch_turns_the_distributed_path_on(monkeypatch):
+    from ussf_lib.distributed import context_from_env
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # left over in a shell, no torchrun: stay single-process
+    assert context_from_env() == DistContext()
+    assert DistContext(world=1, launched=True).enabled  # torchrun --nproc_per_node 1 still goes through DDP
+
+
+def _torchrun(nproc: int, data: Path, out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ussf_lib", "cv", "--data", str(phantom_dir), "--model", "us_sfnet_tiny", "--folds", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "ussf_lib", "cv", "--data", str(data), "--model", "us_sfnet_tiny", "--folds", "2",
            "--epochs", "2", "--image-size", "32", "--batch-size", "16", "--no-progress", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_one_process_runs_the_distributed_path(phantom_dir, tmp_path):
+    out = tmp_path / "ddp1"
+    proc = _torchrun(1, phantom_dir, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data-parallel over 1 process (gloo)" in proc.stdout
+    assert json.loads((out / "environment.json").read_text())["world_size"] == 1
+    for k in range(2):
+        state = torch.load(out / "folds" / str(k) / "checkpoint.pt", map_location="cpu", weights_only=True)
+        assert not any(key.startswith("module.") for key in state["model"])  # saved unwrapped from DDP
+    assert (out / "summary.json").exists()
+
+
+def test_torchrun_two_cpu_processes_write_one_complete_run_folder(phantom_dir, tmp_path):
+    out = tmp_path / "ddp"
+    proc = _torchrun(2, phantom_dir, out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # only rank 0 logs and writes
     assert proc.stdout.count("results in") == 1, proc.stdout

@@ -4,7 +4,9 @@
 same data and folds; within a fold every global batch is split across the processes, gradients are averaged
 by ``DistributedDataParallel``, the test images are split for evaluation and their probabilities are
 gathered, and only rank 0 writes the run folder. Without torchrun (``WORLD_SIZE`` unset) everything here is
-a no-op. The backend is NCCL on GPUs and gloo on CPU (which the tests use).
+a no-op. A launch with one process (``--nproc_per_node 1``) still runs the distributed code path with a
+process group of one, so that path can be checked on a machine with a single GPU. The backend is NCCL on GPUs
+and gloo on CPU (which the tests use).
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this process stands: its rank among ``world`` processes (1 when not distributed)."""
+    """Where this process stands: its rank among ``world`` processes (1 when not distributed).
+
+    ``launched`` marks a torchrun launch; with it even a world of one trains through DDP.
+    """
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -36,16 +42,17 @@ class DistContext:
 
 def context_from_env() -> DistContext:
     """Read torchrun's environment; initialise the process group on first use."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    # torchrun sets both; WORLD_SIZE alone may be left over in a user's shell.
+    if "WORLD_SIZE" not in os.environ or "LOCAL_RANK" not in os.environ:
         return DistContext()
+    world = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
-    return DistContext(rank=rank, world=world, local_rank=local_rank)
+    return DistContext(rank=rank, world=world, local_rank=local_rank, launched=True)
 
 
 def device_for(ctx: DistContext, requested: torch.device) -> torch.device:

@@ -311,8 +311,12 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
         if cfg.skip_bad:
             _write_atomic(out / "skipped.csv", prepared.skipped.to_csv(index=False))
     if ctx.enabled:
-        log(f"data-parallel over {ctx.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}); "
-            f"each global batch of {cfg.batch_size} is split between them")
+        backend = "NCCL" if device.type == "cuda" else "gloo"
+        if ctx.world == 1:
+            log(f"data-parallel over 1 process ({backend}): the distributed path with nothing to split")
+        else:
+            log(f"data-parallel over {ctx.world} processes ({backend}); "
+                f"each global batch of {cfg.batch_size} is split between them")
     dev_images = DeviceImages(prepared.images, device)
     targets = index.targets
     folds = prepared.folds
