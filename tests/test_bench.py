@@ -26,6 +26,10 @@ def _check(result: dict) -> None:
     assert [r["image_size"] for r in result["scaling"]] == [32, 48]
     assert result["scaling"][0]["time_ratio"] == 1.0 and result["scaling"][1]["mac_ratio"] > 1.5
     assert result["device"] == "cpu" and result["peak_mem_mb"] > 0 and result["seconds"] > 0
+    top = result["fft"]["top_ops_ms_per_step"]
+    assert 0 < len(top) <= 8 and all(t["ms"] > 0 for t in top)
+    assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+    assert sum(t["ms"] for t in top) <= result["fft"]["profiled_op_ms_per_step"] + 1e-6
 
 
 def test_run_bench_tiny_gives_every_figure():
@@ -34,6 +38,27 @@ def test_run_bench_tiny_gives_every_figure():
     json.dumps(result)  # JSON-ready
     text = format_bench(result)
     assert "us_sfnet_tiny" in text and "FFT share" in text and "Data pipeline" in text
+    assert "Where the step's time goes" in text and result["fft"]["top_ops_ms_per_step"][0]["op"] in text
+
+
+def test_compiled_models_are_timed_and_reported():
+    torch._dynamo.reset()
+    result = run_bench(BenchConfig(device="cpu", compile=True, compile_backend="aot_eager",
+                                   **{**TINY, "scale_sizes": (32,), "fft_model": None}), log=lambda _: None)
+    assert result["config"]["compile"] is True and result["models"]["us_sfnet_tiny"]["train_img_s"] > 0
+    assert "compiled" in format_bench(result).splitlines()[0]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # torch.compile really ran
+
+
+def test_cli_sizes_reach_the_sweep_and_bad_sizes_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "QUICK", {**TINY, "fft_model": None})
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--sizes", "32,40", "--json", str(path)]) == 0
+    assert [r["image_size"] for r in json.loads(path.read_text())["scaling"]] == [32, 40]
+    capsys.readouterr()
+    assert main(["bench", "--quick", "--device", "cpu", "--sizes", "32,big"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--sizes 32,big" in err and "Traceback" not in err
 
 
 def test_amp_and_channels_last_are_passed_to_the_measured_steps():

@@ -154,12 +154,15 @@ def test_invalid_block_arguments_are_user_errors():
 
 # --- precision, memory format, compile --------------------------------------------------------------
 
-def test_autocast_bf16_runs_fft_branch_in_float32():
-    model = tiny().eval()
-    seen: dict[str, list[torch.dtype]] = {"freq_conv_in": [], "freq_out": [], "spatial_out": []}
+@pytest.mark.parametrize("freq_autocast, conv_dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_autocast_bf16_keeps_the_ffts_in_float32(freq_autocast, conv_dtype):
+    """The FFTs run in float32 (torch has no bf16 FFT: on bf16 input rfft2 raises), the frequency convs follow
+    autocast unless ``freq_autocast=False``, and the branch hands back the block's dtype."""
+    model = USSFNet(widths=(8, 16, 32, 64), depths=(1, 1, 1, 1), freq_autocast=freq_autocast).eval()
+    seen: dict[str, list[torch.dtype]] = {"freq_conv_out": [], "freq_out": [], "spatial_out": []}
     for m in model.modules():
         if isinstance(m, FrequencyBranch):
-            m.convs[0][0].register_forward_hook(lambda mod, inp, out: seen["freq_conv_in"].append(inp[0].dtype))
+            m.convs[0][0].register_forward_hook(lambda mod, inp, out: seen["freq_conv_out"].append(out.dtype))
             m.register_forward_hook(lambda mod, inp, out: seen["freq_out"].append(out.dtype))
         elif isinstance(m, ConvFFTBlock):
             m.spatial.register_forward_hook(lambda mod, inp, out: seen["spatial_out"].append(out.dtype))
@@ -167,12 +170,17 @@ def test_autocast_bf16_runs_fft_branch_in_float32():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x)
     assert torch.isfinite(logits).all()
-    assert set(seen["freq_conv_in"]) == {torch.float32}
+    assert set(seen["freq_conv_out"]) == {conv_dtype}
     assert set(seen["spatial_out"]) == {torch.bfloat16}  # autocast is really on
     assert set(seen["freq_out"]) == {torch.bfloat16}  # cast back to the input's dtype
     with torch.no_grad():
         reference = model(x)
     assert torch.allclose(logits.float(), reference, atol=0.1)
+
+
+def test_rfft2_has_no_bfloat16_kernel_so_the_branch_must_cast():
+    with pytest.raises(RuntimeError):
+        torch.fft.rfft2(torch.randn(1, 1, 8, 8, dtype=torch.bfloat16))
 
 
 def test_autocast_bf16_training_step():

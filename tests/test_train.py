@@ -118,3 +118,14 @@ def test_train_fold_with_compile_and_flag_notes():
                      log=logs.append)
     assert np.isfinite(res.history["train_loss"]).all()
     assert any("fp16 runs as bf16 on CPU" in line for line in logs)
+
+
+def test_optimizer_is_fused_adam_on_cuda_only():
+    from ussf_lib.train import make_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    cpu = make_optimizer(model, 1e-3, (0.9, 0.999), 1e-4, torch.device("cpu"))
+    cuda = make_optimizer(model, 1e-3, (0.9, 0.999), 1e-4, torch.device("cuda"))  # CPU params: only the choice is checked
+    assert isinstance(cpu, torch.optim.Adam) and not cpu.param_groups[0]["fused"]
+    assert cuda.param_groups[0]["fused"] is True
+    assert cuda.param_groups[0]["weight_decay"] == 1e-4 and cuda.param_groups[0]["betas"] == (0.9, 0.999)

@@ -45,7 +45,7 @@ from ussf_lib.data import normalize_batch
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_MEAN, PAPER_STD
 from ussf_lib.models import build_model, check_image_size
-from ussf_lib.train import AMP_DTYPES, DeviceImages, autocast, select_device
+from ussf_lib.train import AMP_DTYPES, DeviceImages, autocast, make_optimizer, select_device
 
 #: Pipeline throughput wanted, as a multiple of US-SFNet's training throughput (docs/performance.md).
 PIPELINE_TARGET_RATIO = 20.0
@@ -69,6 +69,10 @@ class BenchConfig:
     pipeline_iters: int = 50
     amp: str = "off"
     channels_last: bool = False
+    #: torch.compile every timed model (the warm-up steps include the compilation, which is not timed)
+    compile: bool = False
+    compile_backend: str = "inductor"  #: "aot_eager" only traces: a fast check of the path on CPU
+    top_ops: int = 8  #: operators listed by self time in the profile of ``fft_model``
     device: str = "auto"
     num_classes: int = 4
     seed: int = 0
@@ -122,9 +126,11 @@ def _timed(fn: Callable[[], None], warmup: int, iters: int, device: torch.device
     return float(np.median(times))
 
 
-def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+def _prepare(model: nn.Module, device: torch.device, cfg: BenchConfig) -> nn.Module:
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
 
 
 def _input(batch: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -138,7 +144,7 @@ def train_step_fn(model: nn.Module, batch: int, size: int, device: torch.device,
     model.train()
     x = _input(batch, size, device, channels_last)
     y = torch.randint(0, num_classes, (batch,), device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
+    optimizer = make_optimizer(model, 1e-3, (0.9, 0.999), 1e-4, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16" and device.type == "cuda"))
     loss_fn = nn.CrossEntropyLoss()
 
@@ -186,7 +192,7 @@ def bench_model(name: str, cfg: BenchConfig, device: torch.device) -> dict[str, 
     model = build_model(name, cfg.num_classes, image_size=cfg.image_size)
     gmacs = count_macs(model, cfg.image_size) / 1e9
     params = count_parameters(model)
-    model = _prepare(model, device, cfg.channels_last)
+    model = _prepare(model, device, cfg)
     _reset_peak(device)
     train_s = _timed(train_step_fn(model, cfg.batch_size, cfg.image_size, device, cfg.amp, cfg.channels_last,
                                    cfg.num_classes), cfg.warmup, cfg.iters, device)
@@ -217,7 +223,7 @@ def fft_share(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(cfg.seed)
-    model = _prepare(build_model(cfg.fft_model, cfg.num_classes, image_size=cfg.image_size), device, cfg.channels_last)
+    model = _prepare(build_model(cfg.fft_model, cfg.num_classes, image_size=cfg.image_size), device, cfg)
     step = train_step_fn(model, cfg.batch_size, cfg.image_size, device, cfg.amp, cfg.channels_last, cfg.num_classes)
     step()  # warm-up outside the profile
     _sync(device)
@@ -228,21 +234,24 @@ def fft_share(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
             step()
         _sync(device)
     wall = time.perf_counter() - started
-    fft_us, total_us, per_op = 0.0, 0.0, {}
+    fft_us, total_us, per_op, all_ops = 0.0, 0.0, {}, {}
     for event in prof.key_averages():
         if getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU:
             continue  # kernels: their time is already the self device time of the operator that launched them
         t = _self_time(event, device)
         total_us += t
+        all_ops[event.key] = all_ops.get(event.key, 0.0) + t / 1000 / cfg.profile_iters
         if event.key.startswith("aten::_fft_"):
             fft_us += t
             per_op[event.key] = per_op.get(event.key, 0.0) + t / 1000 / cfg.profile_iters
+    top = sorted(all_ops.items(), key=lambda kv: kv[1], reverse=True)[:cfg.top_ops]
     del model
     return {"fft_share": fft_us / total_us if total_us > 0 else math.nan,
             "fft_ms_per_step": fft_us / 1000 / cfg.profile_iters,
             "profiled_op_ms_per_step": total_us / 1000 / cfg.profile_iters,
             "profiled_wall_ms_per_step": 1000 * wall / cfg.profile_iters,
             "fft_ms_per_op": per_op, "model": cfg.fft_model, "profile_iters": cfg.profile_iters,
+            "top_ops_ms_per_step": [{"op": k, "ms": v} for k, v in top if v > 0],
             "time_basis": "self device time of operators" if device.type == "cuda" else "self CPU time of operators"}
 
 
@@ -254,7 +263,7 @@ def size_scaling(cfg: BenchConfig, device: torch.device) -> list[dict[str, Any]]
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.scale_model, cfg.num_classes, image_size=size)
         macs = count_macs(model, size)
-        model = _prepare(model, device, cfg.channels_last)
+        model = _prepare(model, device, cfg)
         sec = _timed(train_step_fn(model, batch, size, device, cfg.amp, cfg.channels_last, cfg.num_classes),
                      cfg.warmup, cfg.iters, device)
         rows.append({"image_size": size, "ms_per_img": 1000 * sec / batch, "gmacs": macs / 1e9, "batch_size": batch})
@@ -350,7 +359,7 @@ def run_bench(cfg: BenchConfig | None = None, log: Callable[[str], None] = print
 def format_bench(result: dict[str, Any]) -> str:
     """The result as markdown tables (what ``ussf bench`` prints)."""
     cfg = result["config"]
-    flags = f"amp {cfg['amp']}, channels_last {cfg['channels_last']}"
+    flags = f"amp {cfg['amp']}, channels_last {cfg['channels_last']}" + (", compiled" if cfg.get("compile") else "")
     head = (f"device {result['device']}" + (f" ({result['gpu']})" if result.get("gpu") else f" ({result['cpu']}, "
             f"{result['torch_threads']} threads)") + f", torch {result['torch']}, {flags}, {result['date']}"
             + (f", load average {result['load_avg_start'][0]} at start" if result.get("load_avg_start") else ""))
@@ -363,7 +372,14 @@ def format_bench(result: dict[str, Any]) -> str:
     if "fft" in result:
         fft = result["fft"]
         parts += ["", f"FFT share of {fft['model']}'s training step: {100 * fft['fft_share']:.1f}% "
-                  f"({fft['fft_ms_per_step']:.1f} of {fft['profiled_op_ms_per_step']:.1f} ms, {fft['time_basis']})"]
+                  f"({fft['fft_ms_per_step']:.1f} of {fft['profiled_op_ms_per_step']:.1f} ms, {fft['time_basis']}; "
+                  f"{fft['profiled_wall_ms_per_step']:.1f} ms wall per step under the profiler)"]
+        top = fft.get("top_ops_ms_per_step") or []
+        if top:
+            parts += ["", f"Where the step's time goes (top {len(top)} operators by {fft['time_basis']}, ms per step):",
+                      "", pd.DataFrame([{"operator": t["op"], "ms": f"{t['ms']:.2f}",
+                                         "share": f"{100 * t['ms'] / fft['profiled_op_ms_per_step']:.1f}%"}
+                                        for t in top]).to_markdown(index=False)]
     if "scaling" in result:
         srows = [{"image size": r["image_size"], "ms/img (train)": f"{r['ms_per_img']:.2f}",
                   "time ratio": f"{r['time_ratio']:.2f}", "GMACs/img": f"{r['gmacs']:.3f}",

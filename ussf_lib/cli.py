@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision in the measured steps")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format in the measured steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile each timed model (compilation is not timed)")
+    p.add_argument("--sizes", type=_csv_list, help="image sizes of the cost-growth sweep (default 64,128,224,448)")
     p.add_argument("--models", type=_csv_list, help="models to time (default us_sfnet,densenet121[,resnet101])")
     p.add_argument("--image-size", type=_positive_int, help="image size of the throughput table (default 224)")
     p.add_argument("--batch-size", type=_positive_int, help="training batch (default 64; --quick 8)")
@@ -250,7 +252,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ussf_lib.bench import bench_config_from, format_bench, run_bench
 
+    sizes = None
+    if args.sizes:
+        if not all(s.isdigit() and int(s) > 0 for s in args.sizes):
+            raise UserError(f"--sizes {','.join(args.sizes)}: give positive whole pixel sizes, e.g. --sizes 64,224")
+        sizes = tuple(int(s) for s in args.sizes)
     cfg = bench_config_from(args.quick, device=args.device, amp=args.amp, channels_last=args.channels_last,
+                            compile=args.compile or None, scale_sizes=sizes,
                             models=tuple(args.models) if args.models else None, image_size=args.image_size,
                             batch_size=args.batch_size, iters=args.iters, warmup=args.warmup)
     if args.json:

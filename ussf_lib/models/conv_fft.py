@@ -72,10 +72,13 @@ class FrequencyBranch(nn.Module):
     """Upper branch: ``rfft2`` -> [real | imag] as 2C channels -> Conv3x3 -> norm -> act -> Conv3x3 -> norm
     -> split into real/imag -> ``irfft2`` back to the input's exact ``(H, W)``.
 
-    The whole branch runs in float32 with autocast disabled (torch's FFT has no bfloat16 kernels and
-    its float16 kernels need power-of-two sizes); the result is cast back to the input's dtype, so the
-    block works under ``torch.autocast(..., dtype=torch.bfloat16)``. Do not cast the model itself to
-    a low precision (``model.bfloat16()``): use autocast.
+    Precision under ``torch.autocast``: ``rfft2`` and ``irfft2`` always run in float32 with autocast
+    disabled (torch's FFT has no bfloat16 kernels and its float16 kernels need power-of-two sizes). The two
+    convolutions between them follow autocast like every other convolution (``freq_autocast=True``,
+    default): they hold most of the network's MACs, and in float32 they made ``--amp bf16`` barely faster
+    than float32 on a GPU (docs/performance.md). ``freq_autocast=False`` keeps the whole branch in float32.
+    The result is cast back to the input's dtype. Do not cast the model itself to a low precision
+    (``model.bfloat16()``): use autocast.
 
     ``groups=1`` (default) mixes real and imaginary parts of all channels in both convolutions, like the
     Fourier unit of Fast Fourier Convolution (Chi et al., 2020); ``groups=2`` convolves real and
@@ -84,8 +87,10 @@ class FrequencyBranch(nn.Module):
     """
 
     def __init__(self, channels: int, *, fft_norm: str = "ortho", groups: int = 1,
-                 norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.GELU) -> None:
+                 norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.GELU,
+                 freq_autocast: bool = True) -> None:
         super().__init__()
+        self.freq_autocast = freq_autocast
         if fft_norm not in FFT_NORMS:
             raise UserError(f"fft_norm={fft_norm!r} is not a torch.fft norm; use one of {', '.join(FFT_NORMS)}")
         width = 2 * channels
@@ -99,10 +104,17 @@ class FrequencyBranch(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2], x.shape[-1]
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        no_autocast = torch.autocast(device_type=x.device.type, enabled=False)
+        with no_autocast:
             spec = torch.fft.rfft2(x.float(), norm=self.fft_norm)  # (B, C, H, W//2+1), complex64
-            z = self.convs(torch.cat([spec.real, spec.imag], dim=1))  # (B, 2C, H, W//2+1), float32
-            real, imag = torch.chunk(z, 2, dim=1)
+        stacked = torch.cat([spec.real, spec.imag], dim=1)  # (B, 2C, H, W//2+1), float32
+        if self.freq_autocast:
+            z = self.convs(stacked)  # in autocast's dtype when autocast is on
+        else:
+            with no_autocast:
+                z = self.convs(stacked)
+        with no_autocast:
+            real, imag = torch.chunk(z.float(), 2, dim=1)
             y = torch.fft.irfft2(torch.complex(real, imag), s=(height, width), norm=self.fft_norm)
         return y.to(x.dtype)
 
@@ -124,6 +136,8 @@ class ConvFFTBlock(nn.Module):
         norm_layer: normalization after every convolution, ``nn.BatchNorm2d`` by default (the paper's
             stem uses BatchNorm and the figure shows no other norm); ``None`` removes the norms and gives
             the convolutions a bias.
+        freq_autocast: whether the frequency branch's convolutions follow ``torch.autocast`` (True,
+            default) or stay float32 with its FFTs (False); see :class:`FrequencyBranch`.
         act_layer: activation between the convolutions of a branch, ``nn.GELU`` by default (the paper's
             only activation). The last convolution of each branch has a norm and no activation, since
             the block applies ``nn.GELU`` to the sum of the branches (ResNet's placement). That final
@@ -132,14 +146,14 @@ class ConvFFTBlock(nn.Module):
 
     def __init__(self, channels: int, *, fft_norm: str = "ortho", spatial_expansion: float = 1.0,
                  freq_groups: int = 1, norm_layer: NormLayer = nn.BatchNorm2d,
-                 act_layer: ActLayer = nn.GELU) -> None:
+                 act_layer: ActLayer = nn.GELU, freq_autocast: bool = True) -> None:
         super().__init__()
         hidden = int(round(channels * spatial_expansion))
         if hidden < 1:
             raise UserError(f"spatial_expansion={spatial_expansion} leaves no channels; use a value >= {1 / channels:g}")
         self.spatial = SpatialBranch(channels, hidden, norm_layer=norm_layer, act_layer=act_layer)
         self.freq = FrequencyBranch(channels, fft_norm=fft_norm, groups=freq_groups, norm_layer=norm_layer,
-                                    act_layer=act_layer)
+                                    act_layer=act_layer, freq_autocast=freq_autocast)
         self.act = nn.GELU()
 
     def forward(self, x: Tensor) -> Tensor:

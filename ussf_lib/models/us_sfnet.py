@@ -52,7 +52,8 @@ class USSFNet(nn.Module):
     Choices the paper leaves open, all constructor arguments (defaults in brackets):
 
     * ``fft_norm`` ["ortho"], ``spatial_expansion`` [1.0], ``freq_groups`` [1], ``norm_layer``
-      [``nn.BatchNorm2d``], ``act_layer`` [``nn.GELU``]: inside the block, see :class:`ConvFFTBlock`.
+      [``nn.BatchNorm2d``], ``act_layer`` [``nn.GELU``], ``freq_autocast`` [True]: inside the block, see
+      :class:`ConvFFTBlock`.
       ``norm_layer`` also sets the norm of the stem and of the transitions (BN after the point-wise conv).
     * ``drop_block_p`` [0.1] and ``drop_block_size`` [7]: DropBlock's own ImageNet setting (keep
       probability 0.9, block 7; Ghiasi et al., 2018), with a constant rate (no schedule). The block shrinks
@@ -83,6 +84,7 @@ class USSFNet(nn.Module):
         drop_block_size: int = 7,
         head_norm: bool = False,
         head_dropout: float = 0.0,
+        freq_autocast: bool = True,
     ) -> None:
         super().__init__()
         widths, depths = tuple(widths), tuple(depths)
@@ -97,7 +99,7 @@ class USSFNet(nn.Module):
 
         self.stem = conv_norm_act(in_chans, widths[0], 3, stride=2, norm_layer=norm_layer, act_layer=nn.GELU)
         block_kwargs = dict(fft_norm=fft_norm, spatial_expansion=spatial_expansion, freq_groups=freq_groups,
-                            norm_layer=norm_layer, act_layer=act_layer)
+                            norm_layer=norm_layer, act_layer=act_layer, freq_autocast=freq_autocast)
         # Index i holds what runs before / inside / after stage i+1, so forward is one uniform loop.
         self.transitions = nn.ModuleList(
             [nn.Identity()] + [Transition(widths[i - 1], widths[i], norm_layer) for i in range(1, 4)]
