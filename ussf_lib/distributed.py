@@ -46,7 +46,7 @@ def context_from_env() -> DistContext:
     if "WORLD_SIZE" not in os.environ or "LOCAL_RANK" not in os.environ:
         return DistContext()
     world = int(os.environ["WORLD_SIZE"])
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

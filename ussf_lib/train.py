@@ -168,8 +168,8 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weig
 
     Shared by :func:`train_fold` and ``ussf bench`` so that the benchmark times the step training takes.
     """
-    fused = device.type == "cuda"
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
+                            fused=True if device.type == "cuda" else None)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
