@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -200,25 +199,22 @@ def test_audit_command_errors(dup_tree, tmp_path, capsys, args, match):
 @pytest.fixture(scope="module")
 def busi_audit(busi_root):
     index = index_folder(busi_root)
-    started = time.perf_counter()
-    result = audit.audit_index(index)
-    return result, time.perf_counter() - started
+    return audit.audit_index(index)
 
 
 @pytest.mark.busi
 def test_busi_has_exact_and_cross_label_duplicates(busi_audit):
-    result, seconds = busi_audit
+    result = busi_audit
     s = result.summary
     assert s["images"] == 780
     assert s["exact_clusters"] >= 1 and s["exact_conflict_clusters"] >= 1  # identical files under two labels
     assert s["conflict_clusters"] >= 1 and result.conflicts.groupby("cluster")["label"].nunique().min() >= 2
     assert s["clusters"] > s["exact_clusters"]  # near duplicates beyond the identical files
-    assert seconds < 30, f"hashing 780 BUSI images took {seconds:.1f}s"  # about 1-3 s on 2 cores
 
 
 @pytest.mark.busi
 def test_busi_five_folds_never_split_a_duplicate_cluster(busi_root, busi_audit, tmp_path):
-    result, _ = busi_audit
+    result = busi_audit
     cfg = CVConfig(out=str(tmp_path / "out"), data=str(busi_root), model="us_sfnet_tiny", folds=5, image_size=32,
                    progress=False)
     prepared = prepare_data(cfg, log=lambda _: None)

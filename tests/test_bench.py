@@ -61,11 +61,27 @@ def test_cli_sizes_reach_the_sweep_and_bad_sizes_are_one_line(tmp_path, monkeypa
     assert err.count("\n") == 0 and "--sizes 32,big" in err and "Traceback" not in err
 
 
-def test_amp_and_channels_last_are_passed_to_the_measured_steps():
-    result = run_bench(BenchConfig(device="cpu", amp="bf16", channels_last=True,
+@pytest.mark.parametrize("amp,channels_last", [("bf16", True), ("off", False)])
+def test_amp_and_channels_last_reach_the_measured_steps(monkeypatch, amp, channels_last):
+    seen: list[tuple] = []  # (autocast on, input is channels-last, stem conv output dtype) per forward
+
+    def recording_build_model(*args, **kwargs):
+        model = bench_build_model(*args, **kwargs)
+        stem_conv = model.stem[0]
+        stem_conv.register_forward_hook(lambda mod, inp, out: seen.append(
+            (torch.is_autocast_enabled("cpu"), inp[0].is_contiguous(memory_format=torch.channels_last)
+             and not inp[0].is_contiguous(), out.dtype)))
+        return model
+
+    bench_build_model = bench.build_model
+    monkeypatch.setattr(bench, "build_model", recording_build_model)
+    result = run_bench(BenchConfig(device="cpu", amp=amp, channels_last=channels_last,
                                    **{**TINY, "scale_model": None, "fft_model": None}), log=lambda _: None)
-    assert result["config"]["amp"] == "bf16" and result["config"]["channels_last"] is True
-    assert result["models"]["us_sfnet_tiny"]["train_img_s"] > 0 and "fft" not in result and "scaling" not in result
+    assert result["config"]["amp"] == amp and result["config"]["channels_last"] is channels_last
+    assert "fft" not in result and "scaling" not in result
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float32
+    # The MAC count runs one plain float32 forward first; the timed train and inference steps follow it.
+    assert seen[-2:] == [(amp == "bf16", channels_last, dtype)] * 2
 
 
 def test_cli_bench_writes_json(tmp_path, monkeypatch, capsys):

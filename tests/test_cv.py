@@ -59,6 +59,7 @@ def test_splits_from_other_data_are_refused(phantom_dir, tmp_path):
         cv.load_splits(tmp_path / "s.csv", index)
 
 
+@pytest.mark.busi
 def test_busi_folds_cover_every_image_once(busi_root):
     index = index_folder(busi_root)
     folds = cv.folds_for_index(index, 5, seed=0)

@@ -183,6 +183,7 @@ def test_resolve_normalization():
         data.resolve_normalization("bogus")
 
 
+@pytest.mark.busi
 def test_busi_index_reads_names_with_spaces(busi_root):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

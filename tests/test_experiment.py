@@ -12,8 +12,8 @@ import pytest
 
 from ussf_lib.errors import UserError
 from ussf_lib.experiment import CVConfig, load_config, run_cv
-from ussf_lib.meta import METRIC_NAMES, PAPER_CLASSES
-from ussf_lib.report import write_report
+from ussf_lib.meta import METRIC_NAMES, PAPER_CLASSES, paper_headline
+from ussf_lib.report import table2_beside_paper, write_report
 
 QUIET = dict(progress=False)
 
@@ -80,6 +80,25 @@ def test_report_is_rebuilt_from_predictions_alone(run_dir, tmp_path):
     write_report(copy)
     assert json.loads((copy / "summary.json").read_text()) == json.loads((run_dir / "summary.json").read_text())
     pd.testing.assert_frame_equal(pd.read_csv(copy / "per_class.csv"), pd.read_csv(run_dir / "per_class.csv"))
+
+
+def test_table2_beside_paper_only_for_the_papers_classes(run_dir, tmp_path):
+    table = table2_beside_paper(run_dir)  # the phantom has the paper's four classes
+    per_class = pd.read_csv(run_dir / "per_class.csv").set_index("class")
+    assert list(table.index) == json.loads((run_dir / "classes.json").read_text())
+    mean, std = per_class.at["normal", "sensitivity_mean"], per_class.at["normal", "sensitivity_std"]
+    assert table.at["normal", "sensitivity"] == f"{100 * mean:.2f} ± {100 * std:.2f}"
+    assert table.at["benign", "paper US-SFNet precision"] == "85.86 ± 3.40"  # the paper's Table 2
+    results = pd.read_csv(run_dir / "results.csv").set_index("metric")["paper US-SFNet (%)"]
+    assert results.drop(["f1", "auc"]).to_dict() == paper_headline() and results[["f1", "auc"]].isna().all()
+    assert results["precision"] == 90.46 and results["specificity"] == 97.49  # the abstract's figures
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    (other / "classes.json").write_text(json.dumps(["normal", "benign", "malignant", "metastatic"]))
+    renamed = per_class.rename(index={"primary": "malignant"})
+    renamed.to_csv(other / "per_class.csv")
+    table = table2_beside_paper(other)
+    assert list(table.columns) == ["precision", "sensitivity", "specificity", "f1"]
 
 
 def test_same_seed_gives_identical_summary(run_dir, phantom_dir, tmp_path):

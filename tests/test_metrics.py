@@ -15,6 +15,7 @@ from ussf_lib.meta import METRIC_NAMES
 from ussf_lib.metrics import (
     classification_metrics,
     confusion,
+    fold_confusions,
     format_mean_std,
     per_class_summary,
     pooled_confusion,
@@ -265,6 +266,20 @@ def test_summarize_predictions_by_fold():
     assert summary["accuracy"]["mean"] == pytest.approx(np.mean([f["accuracy"] for f in folds]))
     pd.testing.assert_frame_equal(table, per_class_summary(folds, classes))
     json.dumps(summary, allow_nan=False)
+
+
+def test_fold_confusions_split_the_hand_counted_matrix_by_fold():
+    frame = pd.DataFrame({"label": np.array(CLASSES3)[Y_TRUE], "fold": [1, 0] * 5})
+    for i, c in enumerate(reversed(CLASSES3)):  # column order differs from the class order on purpose
+        frame[f"prob_{c}"] = PROBS[:, len(CLASSES3) - 1 - i]
+    per_fold = fold_confusions(frame, CLASSES3)
+    assert list(per_fold) == [0, 1]
+    even, odd = np.arange(0, 10, 2), np.arange(1, 10, 2)  # fold 1 holds the even rows, fold 0 the odd ones
+    np.testing.assert_array_equal(per_fold[1], confusion(Y_TRUE[even], Y_PRED[even], 3))
+    np.testing.assert_array_equal(per_fold[0], confusion(Y_TRUE[odd], Y_PRED[odd], 3))
+    np.testing.assert_array_equal(per_fold[0] + per_fold[1], CM_BY_HAND)
+    with pytest.raises(UserError, match="lacks a fold column"):
+        fold_confusions(frame.drop(columns="fold"), CLASSES3)
 
 
 def test_user_errors():

@@ -185,10 +185,19 @@ def test_rfft2_has_no_bfloat16_kernel_so_the_branch_must_cast():
 
 def test_autocast_bf16_training_step():
     model = tiny()
+    conv_dtypes = set()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: conv_dtypes.add(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+        logits = model(torch.randn(4, 3, 32, 32))
+        loss = F.cross_entropy(logits.float(), torch.tensor([0, 1, 2, 3]))
     loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert conv_dtypes == {torch.bfloat16}  # every convolution, the frequency branch's included, ran in bf16
+    assert torch.isfinite(loss)
+    params = list(model.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in params)
+    assert sum(float(p.grad.abs().sum()) for p in params) > 0
 
 
 def test_channels_last_matches_contiguous():

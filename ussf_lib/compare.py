@@ -7,7 +7,7 @@ the same images. A model whose ``summary.json`` exists is finished and skipped o
 exists without it was interrupted and is resumed (finished folds are kept). With ``--devices 0,1,...``
 (``devices=`` here) the models' runs go at once, one per device, in worker processes pinned to their device
 (:mod:`ussf_lib.placement`; ``cpu,cpu`` runs two at once on the CPU); their log lines come back prefixed with the
-model name. :func:`write_comparison` then rebuilds everything below from the run folders alone (no model is
+model name. Introduced in ``notebooks/06_compare_baselines.ipynb``. :func:`write_comparison` then rebuilds everything below from the run folders alone (no model is
 needed)::
 
     OUT/compare.json          the models and the shared settings
@@ -40,20 +40,19 @@ from ussf_lib import cv as cv_mod
 from ussf_lib import plots
 from ussf_lib.errors import UserError
 from ussf_lib.experiment import CVConfig, prepare_data, run_cv
-from ussf_lib.meta import PAPER_CLASSES, paper_table1, paper_table2
+from ussf_lib.meta import (METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS, TABLE2_METRICS, paper_table1,
+                           paper_table2)
 from ussf_lib.metrics import format_mean_std
 from ussf_lib.models.registry import check_image_size
 from ussf_lib.placement import Placed, parse_devices, run_placed, worker_log
 from ussf_lib.stats import N_BOOT, paired_comparison
 
 #: Macro metrics of Table 1, in column order.
-TABLE1_METRICS: tuple[str, ...] = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
-#: One-vs-rest metrics of Table 2, in column order.
-TABLE2_METRICS: tuple[str, ...] = ("precision", "sensitivity", "specificity", "f1")
+TABLE1_METRICS: tuple[str, ...] = METRIC_NAMES
 #: Metrics compared fold by fold in paired.csv.
 PAIRED_METRICS: tuple[str, ...] = ("accuracy", "f1")
 #: The model the others are compared with when it is in the list.
-REFERENCE_MODEL = "us_sfnet"
+REFERENCE_MODEL = PAPER_MODEL
 
 # Settings that may differ between the models' configs without changing what a finished run means.
 _FREE_SETTINGS = {"out", "model", "progress", "device", "cache_dir", "splits"}
@@ -290,7 +289,7 @@ def table2(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame
                 row[f"{m}_mean"] = 100.0 * float(r[f"{m}_mean"])
                 row[f"{m}_std"] = 100.0 * float(r[f"{m}_std"])
             row["support"] = int(r["support"])
-            for m in ("precision", "sensitivity", "specificity"):
+            for m in PAPER_TABLE2_METRICS:
                 for s in ("mean", "std"):
                     key = (name, row["class"])
                     known = same_task and key in reported.index
@@ -376,6 +375,7 @@ PAPER_NOTE = ("The paper's figures are those it reports for its private cervical
 
 
 def table1_markdown(t1: pd.DataFrame) -> str:
+    """:func:`table1` as a markdown table: ``mean ± std`` per metric, the paper's accuracy, training time."""
     rows = []
     for _, r in t1.iterrows():
         row = {"model": r["model"]}
@@ -388,6 +388,7 @@ def table1_markdown(t1: pd.DataFrame) -> str:
 
 
 def table2_markdown(t2: pd.DataFrame) -> str:
+    """:func:`table2` as a markdown table; the paper's columns appear only when some row has a paper figure."""
     rows = []
     has_paper = t2[[c for c in t2.columns if c.startswith("paper_")]].notna().any().any()
     for _, r in t2.iterrows():
@@ -395,7 +396,7 @@ def table2_markdown(t2: pd.DataFrame) -> str:
         for m in TABLE2_METRICS:
             row[m] = _fmt(r[f"{m}_mean"], r[f"{m}_std"])
         if has_paper:
-            for m in ("precision", "sensitivity", "specificity"):
+            for m in PAPER_TABLE2_METRICS:
                 row[f"paper {m}"] = _fmt(r[f"paper_{m}_mean"], r[f"paper_{m}_std"])
         row["support"] = int(r["support"])
         rows.append(row)
@@ -403,6 +404,7 @@ def table2_markdown(t2: pd.DataFrame) -> str:
 
 
 def paired_markdown(paired: pd.DataFrame) -> str:
+    """:func:`paired_table` as a markdown table, one row per model and metric (read with :data:`PAIRED_NOTE`)."""
     if paired.empty:
         return "(only one model: nothing to pair)"
     rows = []
@@ -426,7 +428,7 @@ PAIRED_NOTE = (
     "reference is better). p (corrected): Nadeau–Bengio corrected resampled t-test, t = mean / sqrt((1/k + "
     "n_test/n_train) · s²) with k − 1 degrees of freedom (Nadeau & Bengio 2003; Bouckaert & Frank 2004). "
     "The naive paired t-test ignores that training sets overlap and is shown only to make the correction "
-    "visible. The bootstrap CI resamples the k fold differences (percentile, 10,000 resamples, seed 0): with "
+    f"visible. The bootstrap CI resamples the k fold differences (percentile, {N_BOOT:,} resamples, seed 0): with "
     "few folds it describes the spread, it does not correct for overlap."
 )
 

@@ -8,7 +8,7 @@ near-duplicate images are :mod:`ussf_lib.audit`'s job (the same notebook calls i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from PIL import Image
 
 from ussf_lib.data import ImageIndex
 from ussf_lib.errors import UserError
-from ussf_lib.plots import save_figure
+from ussf_lib.plots import Figure, plt, save_figure
 
 
 def class_table(index: ImageIndex) -> pd.DataFrame:
@@ -137,16 +137,8 @@ def fold_check(index: ImageIndex, folds: int) -> str:
 # --------------------------------------------------------------------------------------------- figures
 
 
-def _plt():
-    # importing ussf_lib.plots keeps the notebook's inline backend in a kernel and picks Agg on a headless machine
-    from ussf_lib.plots import plt
-
-    return plt
-
-
-def plot_class_counts(table: pd.DataFrame, out: str | Path | None = None):
+def plot_class_counts(table: pd.DataFrame, out: str | Path | None = None) -> Figure:
     """Bar chart of :func:`class_table` (images per class, with the imbalance ratio on each bar)."""
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar(table["class"].astype(str), table["images"], color="tab:blue")
     for bar, ratio in zip(bars, table["imbalance"]):
@@ -170,9 +162,8 @@ def sample_indices(labels: Sequence[int], n_classes: int, per_class: int, seed: 
 
 
 def plot_sample_grid(images: np.ndarray, labels: Sequence[int], classes: Sequence[str], per_class: int = 4,
-                     seed: int = 0, out: str | Path | None = None):
+                     seed: int = 0, out: str | Path | None = None) -> Figure:
     """A grid of random images: one row per class, ``per_class`` columns (seeded choice)."""
-    plt = _plt()
     picks = sample_indices(labels, len(classes), per_class, seed)
     fig, axes = plt.subplots(len(classes), per_class, figsize=(1.8 * per_class, 1.9 * len(classes)), squeeze=False)
     for row, (name, idx) in enumerate(zip(classes, picks)):
@@ -188,9 +179,8 @@ def plot_sample_grid(images: np.ndarray, labels: Sequence[int], classes: Sequenc
     return fig
 
 
-def plot_intensity_histograms(table: pd.DataFrame, out: str | Path | None = None):
+def plot_intensity_histograms(table: pd.DataFrame, out: str | Path | None = None) -> Figure:
     """Step plot of :func:`intensity_histograms`, one line per class."""
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, rows in table.groupby("class", sort=False):
         ax.step(rows["bin_left"], rows["density"], where="post", label=str(name))
@@ -202,9 +192,8 @@ def plot_intensity_histograms(table: pd.DataFrame, out: str | Path | None = None
     return fig
 
 
-def plot_images_per_patient(per_patient: pd.DataFrame, out: str | Path | None = None):
+def plot_images_per_patient(per_patient: pd.DataFrame, out: str | Path | None = None) -> Figure:
     """Histogram of images per patient, one colour per class (stacked)."""
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     groups = [(str(name), rows["images"].to_numpy()) for name, rows in per_patient.groupby("label", sort=False)]
     top = int(per_patient["images"].max()) if len(per_patient) else 1
@@ -216,14 +205,13 @@ def plot_images_per_patient(per_patient: pd.DataFrame, out: str | Path | None = 
     return fig
 
 
-def interactive_browser(images: np.ndarray, labels: Sequence[int], classes: Sequence[str]):
+def interactive_browser(images: np.ndarray, labels: Sequence[int], classes: Sequence[str]) -> Callable[..., None]:
     """ipywidgets: a class picker and an image slider over that class's images.
 
     For ``INTERACTIVE = True`` in ``notebooks/01_explore_data.ipynb``; headless runs show the sample grid instead.
     """
     import ipywidgets as widgets
 
-    plt = _plt()
     labels = np.asarray(labels)
     members = {str(c): np.flatnonzero(labels == k) for k, c in enumerate(classes)}
     picker = widgets.Dropdown(options=list(members), description="class")

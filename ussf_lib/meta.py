@@ -6,6 +6,7 @@ Introduced in ``notebooks/01_explore_data.ipynb``.
 
 from __future__ import annotations
 
+from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 
 import pandas as pd
@@ -53,6 +54,18 @@ PAPER_DATASET: dict[str, object] = {
 #: Headline metrics, in the run folder's summary.json and in Table 1 (macro averages over classes).
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
 
+#: One-vs-rest metrics computed per class, in per_class.csv.
+PER_CLASS_METRICS: tuple[str, ...] = ("precision", "sensitivity", "specificity", "f1", "auc")
+
+#: The per-class metrics the paper reports in Table 2 (columns of ``tables/reported_table2.csv``).
+PAPER_TABLE2_METRICS: tuple[str, ...] = ("precision", "sensitivity", "specificity")
+
+#: Per-class metrics in the Table 2 layout of ``ussf compare`` and notebook 05: the paper's three, plus F1.
+TABLE2_METRICS: tuple[str, ...] = (*PAPER_TABLE2_METRICS, "f1")
+
+#: The model whose figures the paper's abstract reports.
+PAPER_MODEL = "us_sfnet"
+
 
 def paper_table1() -> pd.DataFrame:
     """Table 1 of the paper: 5-fold accuracy (%) mean and std per model, keyed by registry name."""
@@ -64,3 +77,20 @@ def paper_table2() -> pd.DataFrame:
     """Table 2 of the paper: one-vs-rest precision, sensitivity, specificity (%) per class and model."""
     with resources.files("ussf_lib").joinpath("tables/reported_table2.csv").open() as fh:
         return pd.read_csv(fh)
+
+
+def paper_headline() -> dict[str, float]:
+    """The paper's headline figures for US-SFNet (%), as its abstract gives them.
+
+    Accuracy is Table 1's 5-fold mean; precision, sensitivity and specificity are the means over the four
+    classes of Table 2 (the abstract's 90.46 / 89.95 / 97.49 are exactly those macro averages, rounded).
+    """
+    t1 = paper_table1().set_index("model")
+    t2 = paper_table2()
+    ours = t2[t2["model"] == PAPER_MODEL]
+    headline = {"accuracy": float(t1.at[PAPER_MODEL, "accuracy_mean"])}
+    for name in PAPER_TABLE2_METRICS:
+        # Half-up rounding as printed in the paper (90.455 -> 90.46); round() would give 90.45.
+        mean = Decimal(str(round(float(ours[f"{name}_mean"].mean()), 6)))
+        headline[name] = float(mean.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+    return headline

@@ -38,10 +38,7 @@ from numpy.typing import ArrayLike
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from ussf_lib.errors import UserError
-from ussf_lib.meta import METRIC_NAMES
-
-#: Columns of the per-class table returned by :func:`classification_metrics` (besides ``support``).
-PER_CLASS_METRICS: tuple[str, ...] = ("precision", "sensitivity", "specificity", "f1", "auc")
+from ussf_lib.meta import METRIC_NAMES, PER_CLASS_METRICS
 
 #: Tolerance on ``probs`` rows summing to 1 (CSV rounding is fine; logits are not).
 _PROB_SUM_TOL = 1e-2
@@ -302,6 +299,23 @@ def per_class_summary(per_fold: Sequence[dict], classes: Sequence[str]) -> pd.Da
         row["support"] = int(sum(int(t.at[cls, "support"]) for t in tables))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def fold_confusions(pred: pd.DataFrame, classes: Sequence[str]) -> dict[int, np.ndarray]:
+    """Confusion matrix (rows true, columns predicted = argmax of ``prob_<class>``) of each fold, keyed by fold.
+
+    ``pred`` is a predictions table with ``fold``, ``label`` and ``prob_<class>`` columns (e.g. every fold's
+    ``predictions.csv`` concatenated); the folds' matrices add up to the pooled one. Introduced in
+    ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+    """
+    if not isinstance(pred, pd.DataFrame) or "fold" not in pred.columns:
+        raise UserError("predictions table lacks a fold column; read every fold's predictions.csv with "
+                        "ussf_lib.report.load_predictions")
+    out: dict[int, np.ndarray] = {}
+    for fold_id, rows in pred.groupby("fold", sort=True):
+        y_true, probs = _frame_to_arrays(rows, classes)
+        out[int(fold_id)] = confusion(y_true, probs.argmax(axis=1), len(classes))
+    return out
 
 
 def pooled_confusion(per_fold: Sequence[dict]) -> np.ndarray:

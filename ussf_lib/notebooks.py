@@ -57,6 +57,7 @@ def repo_root() -> Path:
 
 
 def notebooks_dir() -> Path:
+    """The folder of the numbered notebooks, ``<repo>/notebooks``."""
     return repo_root() / "notebooks"
 
 

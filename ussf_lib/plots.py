@@ -1,8 +1,8 @@
 """Figures for the notebooks and the run folders: confusion matrices, learning curves, ROC curves, bar charts.
 
 Introduced in ``notebooks/04_train_cross_validation.ipynb`` (learning curves),
-``notebooks/05_evaluate_confusion_matrices.ipynb`` (confusion matrices and ROC curves) and notebook 06,
-``notebooks/06_*.ipynb`` (per-class bar chart comparing models with the paper's Table 2).
+``notebooks/05_evaluate_confusion_matrices.ipynb`` (confusion matrices and ROC curves) and
+``notebooks/06_compare_baselines.ipynb`` (per-class bar chart comparing models with the paper's Table 2).
 
 Every function returns the matplotlib :class:`~matplotlib.figure.Figure` and, when ``out`` is given, also
 saves it there (PNG or whatever the suffix says), creating parent folders. Nothing here calls ``plt.show``;

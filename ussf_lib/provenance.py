@@ -1,6 +1,7 @@
 """What a run folder records about where it came from: package versions, device, git commit, data fingerprint.
 
-Introduced in ``notebooks/04_train_cross_validation.ipynb`` (its imports cell prints :func:`environment_line`).
+Introduced in ``notebooks/01_explore_data.ipynb``, whose imports cell (like every notebook's) prints
+:func:`environment_line`; ``notebooks/04_train_cross_validation.ipynb`` shows what a run folder records.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ PACKAGES = ("ussf", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "
 
 
 def package_versions() -> dict[str, str | None]:
+    """Installed version of each of :data:`PACKAGES` (None where one is missing)."""
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
@@ -45,6 +47,7 @@ def git_commit() -> str | None:
 
 
 def device_info(device: torch.device | str) -> dict[str, Any]:
+    """The device, torch's thread count and, on CUDA, the GPU's name, count and CUDA/cuDNN versions."""
     device = torch.device(device)
     info: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":

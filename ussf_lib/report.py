@@ -15,14 +15,13 @@ import pandas as pd
 
 from ussf_lib import plots
 from ussf_lib.errors import UserError
-from ussf_lib.meta import METRIC_NAMES, PAPER_CLASSES
-from ussf_lib.metrics import confusion, format_mean_std, summarize_predictions
-
-#: The paper's headline macro figures for US-SFNet (%), shown beside a run of a US-SFNet model on 4 classes.
-PAPER_HEADLINE = {"accuracy": 92.89, "precision": 90.46, "sensitivity": 89.95, "specificity": 97.49}
+from ussf_lib.meta import (METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS, PER_CLASS_METRICS,
+                           TABLE2_METRICS, paper_headline, paper_table2)
+from ussf_lib.metrics import fold_confusions, format_mean_std, summarize_predictions
 
 
 def run_classes(run_dir: str | Path) -> list[str]:
+    """The run's class order, from its ``classes.json`` (columns ``prob_<class>`` follow it)."""
     path = Path(run_dir) / "classes.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: no classes.json; pass a run folder written by `ussf cv`")
@@ -39,6 +38,10 @@ def load_predictions(run_dir: str | Path) -> pd.DataFrame:
 
 
 def load_histories(run_dir: str | Path) -> dict[int, pd.DataFrame]:
+    """Each fold's ``history.csv`` (one row per epoch), keyed by fold number; ``{}`` before the first epoch ends.
+
+    Introduced in ``notebooks/04_train_cross_validation.ipynb`` (learning curves).
+    """
     files = sorted(Path(run_dir).glob("folds/*/history.csv"), key=lambda p: int(p.parent.name))
     return {int(f.parent.name): pd.read_csv(f) for f in files}
 
@@ -46,6 +49,7 @@ def load_histories(run_dir: str | Path) -> dict[int, pd.DataFrame]:
 def results_table(summary: dict, model: str | None = None) -> pd.DataFrame:
     """The headline table: one row per metric with mean, std and ``mean ± std`` in percent."""
     rows = []
+    headline = paper_headline()  # beside a US-SFNet run on the paper's 4 classes
     for name in METRIC_NAMES:
         stats = summary.get(name) or {}
         mean, std = stats.get("mean"), stats.get("std")
@@ -54,9 +58,31 @@ def results_table(summary: dict, model: str | None = None) -> pd.DataFrame:
                "std_pct": None if std is None else round(100 * std, 2),
                "mean ± std (%)": "n/a" if mean is None else format_mean_std(mean, std if std is not None else float("nan"))}
         if model and model.startswith("us_sfnet") and list(summary.get("classes", [])) == list(PAPER_CLASSES):
-            row["paper US-SFNet (%)"] = PAPER_HEADLINE.get(name)
+            row["paper US-SFNet (%)"] = headline.get(name)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def table2_beside_paper(run_dir: str | Path) -> pd.DataFrame:
+    """The run's ``per_class.csv`` in the layout of the paper's Table 2, as ``mean ± std`` (%) strings.
+
+    One row per class (the run's order) with precision, sensitivity, specificity and F1, and the paper's
+    US-SFNet figures beside them (``paper US-SFNet <metric>``) when the run's classes are the paper's four
+    lymph-node classes; other data get no paper columns (a "benign" breast lesion is not a "benign" lymph node),
+    as in :func:`ussf_lib.compare.table2`. Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+    """
+    run_dir = Path(run_dir)
+    classes = run_classes(run_dir)
+    per_class = pd.read_csv(run_dir / "per_class.csv", dtype={"class": str}).set_index("class")
+    table = pd.DataFrame(index=pd.Index(classes, name="class"))
+    for m in TABLE2_METRICS:
+        table[m] = [format_mean_std(per_class.at[c, f"{m}_mean"], per_class.at[c, f"{m}_std"]) for c in classes]
+    if set(classes) == set(PAPER_CLASSES):
+        paper = paper_table2().set_index("model").loc[PAPER_MODEL].set_index("class")
+        for m in PAPER_TABLE2_METRICS:
+            table[f"paper US-SFNet {m}"] = [
+                format_mean_std(paper.at[c, f"{m}_mean"], paper.at[c, f"{m}_std"], percent=False) for c in classes]
+    return table
 
 
 def write_report(run_dir: str | Path) -> dict:
@@ -81,9 +107,7 @@ def write_report(run_dir: str | Path) -> dict:
     for k, fold_metrics in enumerate(summary.get("per_fold", [])):
         fold_dir = run_dir / "folds" / str(sorted(pred["fold"].unique())[k])
         (fold_dir / "metrics.json").write_text(json.dumps(fold_metrics, indent=2))
-    y_true = pred["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    y_pred = pred[[f"prob_{c}" for c in classes]].to_numpy().argmax(1)
-    pooled = confusion(y_true, y_pred, len(classes))
+    pooled = sum(fold_confusions(pred, classes).values())
     pd.DataFrame(pooled, index=classes, columns=classes).to_csv(run_dir / "confusion_matrix.csv")
     figures = [
         plots.plot_confusion_pair(pooled, classes, title=f"{model}: pooled over folds", out=run_dir / "confusion_matrix.png"),
@@ -101,7 +125,7 @@ def _per_class_markdown(per_class: pd.DataFrame) -> str:
     rows = []
     for _, r in per_class.iterrows():
         row = {"class": r["class"]}
-        for m in ("precision", "sensitivity", "specificity", "f1", "auc"):
+        for m in PER_CLASS_METRICS:
             mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
             row[m] = "n/a" if mean is None or (isinstance(mean, float) and np.isnan(mean)) else format_mean_std(mean, std)
         row["support"] = int(r["support"])

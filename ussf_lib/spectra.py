@@ -18,14 +18,14 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ussf_lib.errors import UserError
-from ussf_lib.plots import save_figure
+from ussf_lib.plots import Figure, plt, save_figure
 
 
 def to_gray(images: np.ndarray) -> np.ndarray:
@@ -214,16 +214,8 @@ def _check_stack(images: np.ndarray, labels: Sequence[int]) -> tuple[np.ndarray,
 # --------------------------------------------------------------------------------------------- figures
 
 
-def _plt():
-    # importing ussf_lib.plots keeps the notebook's inline backend in a kernel and picks Agg on a headless machine
-    from ussf_lib.plots import plt
-
-    return plt
-
-
-def plot_mean_spectra(spectra: Mapping[str, np.ndarray], out: str | Path | None = None):
+def plot_mean_spectra(spectra: Mapping[str, np.ndarray], out: str | Path | None = None) -> Figure:
     """One panel per class of :func:`class_mean_log_spectra`, on a shared colour scale, axes in cycles/pixel."""
-    plt = _plt()
     names = list(spectra)
     if not names:
         raise UserError("no spectra to plot; pass {class: mean log-magnitude spectrum}")
@@ -241,9 +233,8 @@ def plot_mean_spectra(spectra: Mapping[str, np.ndarray], out: str | Path | None 
 
 
 def plot_radial_spectra(table: pd.DataFrame, title: str = "Radially averaged power spectrum",
-                        out: str | Path | None = None):
+                        out: str | Path | None = None) -> Figure:
     """Lines of :func:`radial_spectra` (one per group) with their confidence bands, log10 power vs frequency."""
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, rows in table.groupby("group", sort=False):
         line, = ax.plot(rows["frequency"], rows["mean"], label=f"{name} (n={int(rows['n'].iloc[0])})")
@@ -256,9 +247,8 @@ def plot_radial_spectra(table: pd.DataFrame, title: str = "Radially averaged pow
     return fig
 
 
-def plot_frequency_split(image: np.ndarray, cutoff: float, title: str = "", out: str | Path | None = None):
+def plot_frequency_split(image: np.ndarray, cutoff: float, title: str = "", out: str | Path | None = None) -> Figure:
     """The image, its low-pass and its high-pass part at ``cutoff`` (see :func:`split_frequencies`)."""
-    plt = _plt()
     img = _check_image(image)
     low, high = split_frequencies(img, cutoff)
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.5), layout="constrained")
@@ -273,9 +263,8 @@ def plot_frequency_split(image: np.ndarray, cutoff: float, title: str = "", out:
     return fig
 
 
-def plot_swap(a: np.ndarray, b: np.ndarray, names: tuple[str, str] = ("A", "B"), out: str | Path | None = None):
+def plot_swap(a: np.ndarray, b: np.ndarray, names: tuple[str, str] = ("A", "B"), out: str | Path | None = None) -> Figure:
     """Two images and the two magnitude/phase swaps of :func:`swap_magnitude_phase`."""
-    plt = _plt()
     ab, ba = swap_magnitude_phase(a, b)
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
     panels = [(a, names[0]), (b, names[1]), (ab, f"|{names[0]}|, phase of {names[1]}"),
@@ -289,14 +278,12 @@ def plot_swap(a: np.ndarray, b: np.ndarray, names: tuple[str, str] = ("A", "B"),
     return fig
 
 
-def interactive_cutoff(images: Mapping[str, np.ndarray], cutoff: float = 0.1):
+def interactive_cutoff(images: Mapping[str, np.ndarray], cutoff: float = 0.1) -> Callable[..., None]:
     """ipywidgets: pick an image by name and move the cut-off; redraws :func:`plot_frequency_split`.
 
     For ``INTERACTIVE = True`` in ``notebooks/02_image_spectra.ipynb``; headless runs call the plot directly.
     """
     import ipywidgets as widgets
-
-    plt = _plt()
 
     def show(name: str, cutoff: float) -> None:
         plot_frequency_split(images[name], cutoff, title=name)

@@ -85,7 +85,10 @@ class NonFiniteLossError(UserError):
 
 
 def select_device(requested: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; ``cuda:1``, ``cpu`` etc. are taken as given."""
+    """``auto`` picks CUDA when present, else CPU; ``cuda:1``, ``cpu`` etc. are taken as given.
+
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
+    """
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
@@ -95,7 +98,10 @@ def select_device(requested: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch; with ``deterministic`` also ask cuDNN/torch for deterministic kernels."""
+    """Seed Python, NumPy and torch; with ``deterministic`` also ask cuDNN/torch for deterministic kernels.
+
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
+    """
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
