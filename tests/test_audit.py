@@ -79,7 +79,7 @@ def test_cluster_ids_one_per_image_and_threshold_zero(dup_tree):
     assert ids[0] == 0 and set(ids) == set(range(ids.max() + 1))  # numbered in order of first image
     strict = audit.cluster_ids(index, threshold=0)
     assert len(set(strict)) == len(set(ids)) + 1  # the noisy copy is no longer a duplicate
-    with pytest.raises(UserError, match="--threshold 64"):
+    with pytest.raises(UserError, match="--dup-threshold 64"):
         audit.cluster_ids(index, threshold=64)
     with pytest.raises(UserError, match="--hash-size 1"):
         audit.cluster_ids(index, hash_size=1)
@@ -166,7 +166,8 @@ def test_audit_command_prints_and_writes_only_to_out(dup_tree, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "10 images: 2 exact-duplicate group(s)" in out and "a/same.png [a], b/same copy.png [b]" in out
     assert _snapshot(tmp_path) == before  # print only: nothing written anywhere
-    assert main(["audit", str(dup_tree), "--out", str(tmp_path / "report"), "--threshold", "0", "--no-progress"]) == 0
+    assert main(["audit", "--data", str(dup_tree), "--out", str(tmp_path / "report"), "--dup-threshold", "0",
+                 "--no-progress"]) == 0
     table = pd.read_csv(tmp_path / "report" / "audit_clusters.csv")
     assert list(table.columns) == ["cluster", "path", "label", "sha256", "phash", "kind"]
     assert len(table) == 4 and table["sha256"].str.len().eq(64).all()
@@ -184,9 +185,12 @@ def test_audit_command_with_manifest(dup_tree, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,match", [
     (lambda d, t: [str(d), "--out", str(d / "report")], "inside the data folder"),
-    (lambda d, t: [str(d), "--threshold", "-1"], "--threshold -1"),
-    (lambda d, t: [], "needs a DATA_DIR"),
+    (lambda d, t: [str(d), "--threshold", "-1"], "--dup-threshold -1"),
+    (lambda d, t: ["--data", str(d), "--dup-threshold", "-1"], "--dup-threshold -1"),
+    (lambda d, t: [], "needs --data DIR"),
+    (lambda d, t: [str(d), "--data", str(t)], "two data folders"),
     (lambda d, t: [str(t / "nowhere")], "no such folder"),
+    (lambda d, t: ["--data", str(t / "nowhere")], "no such folder"),
 ])
 def test_audit_command_errors(dup_tree, tmp_path, capsys, args, match):
     before = _snapshot(tmp_path)

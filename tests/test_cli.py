@@ -90,6 +90,27 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, make_args, match):
     assert _snapshot(tmp_path) == before  # nothing written, not even the run folder
 
 
+@pytest.mark.parametrize("argv,match", [
+    (["cv", "--data", "d", "--epochs", "0"], "ussf cv: error: argument --epochs: 0 must be at least 1"),
+    (["cv", "--data", "d", "--lr", "abc"], "ussf cv: error: argument --lr: invalid float value: 'abc'"),
+    (["cv", "--data", "d", "--manifest", "m.csv"], "ussf cv: error: argument --manifest: not allowed with argument --data"),
+    (["cv", "--data", "d", "--amp", "fp8"], "ussf cv: error: argument --amp: invalid choice: 'fp8'"),
+    (["audit", "--bogus", "d"], "ussf audit: error: unrecognized arguments: --bogus"),
+    (["phantom", "--out", "x", "--n-per-class", "0"], "ussf phantom: error: argument --n-per-class"),
+    (["sweep", "--notebook", "a", "--grid", "b", "--out", "c", "--jobs", "0"], "ussf sweep: error: argument --jobs"),
+    (["frobnicate"], "ussf: error: argument command: invalid choice: 'frobnicate'"),
+])
+def test_flag_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, match):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse exits from inside parse_args
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(match) and "--help" in err and "usage:" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_console_module_exit_code_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ussf_lib", "cv", "--data", str(tmp_path / "nowhere")],
                           capture_output=True, text=True, timeout=120)
@@ -102,14 +123,25 @@ MAIN_JOB_FILES = ("results.md", "per_class.csv", "confusion_matrix.png", "learni
 
 
 def test_main_job_without_notebooks_writes_the_results_it_prints(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # the shared phantom goes to ./runs
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # nothing may land in the current folder
     assert main(["main-job", "--no-notebooks", "--out", str(tmp_path / "main"), *TINY_MAIN_JOB]) == 0
     printed = capsys.readouterr().out
+    run = tmp_path / "main" / "run"
     for name in MAIN_JOB_FILES:
-        assert (tmp_path / "main" / name).is_file() and str(tmp_path / "main" / name) in printed
-    config = json.loads((tmp_path / "main" / "config.json").read_text())
+        assert (run / name).is_file() and str(run / name) in printed
+    config = json.loads((run / "config.json").read_text())
     assert (config["folds"], config["image_size"], config["group_col"]) == (2, 32, "patient")
     assert config["classes"] == ["normal", "benign", "primary", "metastatic"]
+    assert config["manifest"] == str(tmp_path / "main" / "phantom" / "manifest.csv")
+    assert sorted(p.name for p in (tmp_path / "main").iterdir()) == ["phantom", "phantom.json", "run"]
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_main_job_checks_its_settings_before_writing(tmp_path, capsys):
+    out = tmp_path / "main"
+    assert main(["main-job", "--no-notebooks", "--out", str(out), *TINY_MAIN_JOB, "--folds", "1"]) == 2
+    assert "at least 2 folds" in capsys.readouterr().err and not out.exists()
 
 
 def test_main_job_executes_the_notebooks_with_its_settings(tmp_path, capsys):
@@ -125,7 +157,7 @@ def test_main_job_executes_the_notebooks_with_its_settings(tmp_path, capsys):
     assert record["05_evaluate_confusion_matrices.ipynb"]["RUN_DIR"] == str(run.resolve())  # 05 evaluates 04's run
     assert len(pd.read_csv(run / "folds" / "0" / "history.csv")) == 2
     assert main(["main-job", "--out", str(out), "--only", "04"]) == 2  # never mixes into an existing folder
-    assert "not empty" in capsys.readouterr().err
+    assert "not an empty folder" in capsys.readouterr().err
 
 
 def test_scoped_notebook_parameters_are_checked(tmp_path, capsys):

@@ -35,7 +35,7 @@ def test_grouped_folds_never_split_a_group():
 def test_too_few_images_or_patients_per_class():
     with pytest.raises(UserError, match=r"class 'b' has 2 images, fewer than --folds 3; use --folds 2"):
         cv.check_fold_feasible(["a"] * 5 + ["b"] * 2, None, 3)
-    with pytest.raises(UserError, match="has 1 patients"):
+    with pytest.raises(UserError, match=r"has 1 patients, fewer than --folds 2; add patients to that class \(cross"):
         cv.check_fold_feasible(["a"] * 4 + ["b"] * 4, ["p1", "p2", "p3", "p4", "q", "q", "q", "q"], 2)
     with pytest.raises(UserError, match="at least 2 folds"):
         cv.check_fold_feasible(["a", "b"], None, 1)

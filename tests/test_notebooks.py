@@ -191,6 +191,24 @@ def test_paths_resolve_from_the_repository_root(tmp_path):
     assert nbs.resolve_out_dir(tmp_path / "o").is_dir()
 
 
+def test_command_line_paths_start_at_the_current_folder(tmp_path, monkeypatch, capsys):
+    from ussf_lib.cli import main
+
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "m.csv").write_text("path,label\n")
+    monkeypatch.chdir(tmp_path)
+    resolved = nbs.absolute_path_parameters({"DATA": "tree", "MANIFEST": "m.csv", "RUN_DIR": "", "EPOCHS": 2})
+    assert resolved == {"DATA": str(tmp_path / "tree"), "MANIFEST": str(tmp_path / "m.csv"), "RUN_DIR": "", "EPOCHS": 2}
+    for key, value, kind in (("DATA", "m.csv", "folder"), ("MANIFEST", "tree", "file"), ("RUN_DIR", "nope", "folder")):
+        with pytest.raises(UserError, match=rf"{key}={value}: no such {kind} \({tmp_path / value}\)"):
+            nbs.absolute_path_parameters({key: value})
+    # refused before any kernel starts or anything is written
+    assert main(["notebooks", "--out", "nb", "--only", "04", "--param", "DATA=missing"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ussf notebooks: error: DATA=missing: no such folder") and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "tree"]
+
+
 def test_phantom_is_generated_once_per_setting(tmp_path):
     first = nbs.prepare_data(out_dir=tmp_path, n_per_class=8, image_size=16, seed=0)
     assert len(first.index) == 32 and first.cv_kwargs["group_col"] == "patient"

@@ -275,3 +275,19 @@ def test_a_tiny_cnn_learns_the_phantom_in_one_epoch_but_not_perfectly(tmp_path):
         accuracy = float((net(xt[torch.from_numpy(np.flatnonzero(test))]).argmax(1).numpy() == y[test]).mean())
     print(f"tiny CNN, one epoch on {len(train_idx)} images: held-out accuracy {accuracy:.3f}")
     assert 0.35 < accuracy < 1.0, accuracy
+
+
+def test_data_readme_table_mirrors_the_class_priors():
+    """data_README.md's criteria table quotes CLASS_PRIORS; a change to one must show in the other."""
+    from ussf_lib.phantom import CLASS_PRIORS
+
+    readme = (Path(__file__).resolve().parents[1] / "data_README.md").read_text()
+    first_words = {line: (line.split("|")[1].split() or [""])[0] for line in readme.splitlines() if line.startswith("| ")}
+    rows = {word: line for line, word in first_words.items() if word in CLASS_PRIORS}
+    assert set(rows) == set(CLASS_PRIORS)
+    for name, prior in CLASS_PRIORS.items():
+        cells = [c.strip() for c in rows[name].split("|")[1:-1]]
+        assert f"{prior.long_axis_mm[0]:g} ± {prior.long_axis_mm[1]:g} mm" in cells[1], name
+        assert f"{prior.sl_ratio[0]:.2f} ± {prior.sl_ratio[1]:.2f}" in cells[2], name
+        assert f"{round(100 * prior.p_hilum)}%" in cells[3], name
+        assert f"−{abs(prior.cortex_db[0]):g} dB" in cells[4], name

@@ -137,12 +137,33 @@ BAD_INPUTS = {
         lambda t, mp: ["--data", str(_tree(t / "d")), "--splits", str(_splits_file(t))], "not in the splits file"),
     "--resume of a non-run folder": (lambda t, mp: (t / "notrun").mkdir() or ["--resume", str(t / "notrun")],
                                      "no config.json"),
+    # Settings that only fail when used: all checked before the run folder is created.
+    "--weights missing": (lambda t, mp: ["--data", str(_tree(t / "d")), "--weights", str(t / "nope.pt")],
+                          "nope.pt does not exist"),
+    "--weights not a torch file": (
+        lambda t, mp: (t / "w.pt").write_text("text") and ["--data", str(_tree(t / "d")), "--weights", str(t / "w.pt")],
+        "is not a loadable PyTorch file"),
+    "--device unknown": (lambda t, mp: ["--data", str(_tree(t / "d")), "--device", "gpu7"],
+                         "--device gpu7: not a device name"),
+    "--weight-decay negative": (lambda t, mp: ["--data", str(_tree(t / "d")), "--weight-decay", "-1"],
+                                "--weight-decay -1.0: must be 0 or more"),
+    "--classes twice": (lambda t, mp: ["--data", str(_tree(t / "d")), "--classes", "a,a,b"], "a is listed twice"),
+    "--cache-dir is a file": (
+        lambda t, mp: (t / "c.bin").write_text("x") and ["--data", str(_tree(t / "d")), "--cache-dir", str(t / "c.bin")],
+        "is a file, not a folder"),
+    "--splits leave a class untrained": (
+        lambda t, mp: ["--data", str(_tree(t / "d")), "--splits", str(_splits_file(t, {"a": [0, 0, 0], "b": [0, 1, 1]}))],
+        "fold 0 trains on no 'a' image"),
 }
 
 
-def _splits_file(t: Path) -> Path:
+def _splits_file(t: Path, folds: dict[str, list[int]] | None = None) -> Path:
+    """A splits.csv with ``folds[class][i]`` for image ``<class>/<i>.png`` (default: one image, a/0.png)."""
+    folds = folds or {"a": [0]}
+    rows = [(f"{c}/{i}.png", c, k) for c, ks in folds.items() for i, k in enumerate(ks)]
     path = t / "splits.csv"
-    pd.DataFrame({"path": ["a/0.png"], "label": ["a"], "group": ["a/0.png"], "fold": [0]}).to_csv(path, index=False)
+    pd.DataFrame({"path": [r[0] for r in rows], "label": [r[1] for r in rows], "group": [r[0] for r in rows],
+                  "fold": [r[2] for r in rows]}).to_csv(path, index=False)
     return path
 
 
@@ -374,6 +395,29 @@ def test_resume_refuses_a_checkpoint_from_another_model_or_class_list(ref_run, t
     ckpt.write_text("garbage")
     assert main(["cv", "--resume", str(run), "--no-progress"]) == 2
     assert "not a ussf checkpoint" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_settings_and_works_from_another_folder(ref_run, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(ref_run, run)
+    config = json.loads((run / "config.json").read_text())
+    assert all(Path(config[k]).is_absolute() for k in ("out", "data"))  # resolved: resumable from anywhere
+    (run / "folds" / "1" / "predictions.csv").unlink()
+    before = _snapshot(run)
+    for flags, match in ((["--epochs", "9"], "--epochs 9 (the run has 3)"),
+                         (["--model", "resnet18"], "--model resnet18 (the run has us_sfnet_tiny)"),
+                         (["--data", str(tmp_path)], f"--data {tmp_path} (the run has {config['data']})")):
+        capsys.readouterr()
+        assert main(["cv", "--resume", str(run), "--no-progress", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err and "continues with the run's own settings" in err, err
+        assert _snapshot(run) == before
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # from another folder, with a setting given again unchanged and one a resume may change (--device)
+    assert main(["cv", "--resume", "../run", "--no-progress", "--epochs", "3", "--device", "cpu"]) == 0
+    assert (run / "folds" / "1" / "predictions.csv").is_file() and list(elsewhere.iterdir()) == []
 
 
 def test_resume_refuses_data_that_changed(tmp_path, capsys):

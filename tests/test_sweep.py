@@ -58,6 +58,8 @@ def test_unknown_grid_parameter_is_a_user_error_naming_it(tmp_path):
         run_sweep(NOTEBOOK, {"OUT_DIR": ["a", "b"]}, tmp_path / "s")
     with pytest.raises(UserError, match="EPOCHS takes values of type int"):
         run_sweep(NOTEBOOK, {"EPOCHS": ["many"]}, tmp_path / "s")
+    with pytest.raises(UserError, match=r"DATA=no/such/tree: no such folder"):  # before any run starts
+        run_sweep(NOTEBOOK, {"SEED": [0, 1], "fixed": {"DATA": "no/such/tree"}}, tmp_path / "s")
     assert not (tmp_path / "s").exists()
 
 

@@ -48,7 +48,10 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
                                        MEAN, STD, torch.device("cpu"), fold_dir=d, log=lambda _: None)
     full = run(4, tmp_path / "full")
     run(2, tmp_path / "cut")  # "interrupted" after epoch 2
+    stale = tmp_path / "cut" / ".checkpoint.pt.tmp12345"  # left by a process killed while saving
+    stale.write_bytes(b"half a checkpoint")
     resumed = run(4, tmp_path / "cut")
+    assert not stale.exists()
     pd.testing.assert_frame_equal(full.history.drop(columns="seconds"), resumed.history.drop(columns="seconds"))
     np.testing.assert_array_equal(full.probs, resumed.probs)
 
@@ -67,6 +70,12 @@ def test_non_finite_loss_names_epoch_and_batch(tmp_path):
 def test_config_validation_messages():
     with pytest.raises(UserError, match="--epochs 0"):
         TrainConfig(epochs=0)
+    with pytest.raises(UserError, match=r"--weight-decay -1: must be 0 or more"):
+        TrainConfig(weight_decay=-1)
+    with pytest.raises(UserError, match=r"--lr nan"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(UserError, match=r"betas \(0.9, 1.0\)"):
+        TrainConfig(betas=(0.9, 1.0))
     with pytest.raises(UserError, match="--amp fp8"):
         TrainConfig(amp="fp8")
 
@@ -85,6 +94,12 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             select_device("cuda")
+    for name, match in [("gpu7", "not a device name"), ("foo", "not a device name"), ("xpu", "ussf runs on cpu, cuda or mps")]:
+        with pytest.raises(UserError, match=rf"--device {name}: {match}"):
+            select_device(name)
+    if not torch.backends.mps.is_available():
+        with pytest.raises(UserError, match="MPS is not available"):
+            select_device("mps")
 
 
 def test_evaluate_probabilities_follow_index_order():

@@ -41,7 +41,7 @@ THRESHOLD = 4
 CLUSTER_COLUMNS: tuple[str, ...] = ("cluster", "path", "label", "sha256", "phash", "kind")
 
 
-def check_hash_settings(hash_size: int, threshold: int, threshold_flag: str = "--threshold") -> None:
+def check_hash_settings(hash_size: int, threshold: int, threshold_flag: str = "--dup-threshold") -> None:
     """Raise :class:`UserError` for a hash size or threshold that cannot work (``threshold_flag`` names it)."""
     if isinstance(hash_size, bool) or not isinstance(hash_size, (int, np.integer)) or not 2 <= hash_size <= 32:
         raise UserError(f"--hash-size {hash_size}: use a whole number from 2 to 32 (8 gives 64-bit hashes)")

@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_CLASSES, PAPER_PROTOCOL
@@ -23,6 +23,27 @@ EXIT_USER_ERROR = 2
 
 #: The CPU-sized main job of `make run`: under 10 minutes on 2 cores (README "Main job" gives the measured time).
 MAIN_JOB = {"model": "us_sfnet_tiny", "n_per_class": 100, "image_size": 64, "epochs": 8, "folds": 5, "batch_size": 32}
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after a flag's help, except for on/off switches and flags without a default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag or value in one line (exit code 2) instead of the whole usage block;
+    ``--help`` shows each setting's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def _positive_int(text: str) -> int:
@@ -52,13 +73,17 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--folds", type=_positive_int, default=PAPER_PROTOCOL["folds"])
-    p.add_argument("--epochs", type=_positive_int, default=PAPER_PROTOCOL["epochs"])
-    p.add_argument("--image-size", type=_positive_int, default=PAPER_PROTOCOL["image_size"])
-    p.add_argument("--batch-size", type=_positive_int, default=PAPER_PROTOCOL["batch_size"])
-    p.add_argument("--lr", type=float, default=PAPER_PROTOCOL["lr"])
-    p.add_argument("--weight-decay", type=float, default=PAPER_PROTOCOL["weight_decay"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=_positive_int, default=PAPER_PROTOCOL["folds"],
+                   help="cross-validation folds, stratified by class and grouped by patient")
+    p.add_argument("--epochs", type=_positive_int, default=PAPER_PROTOCOL["epochs"], help="epochs per fold")
+    p.add_argument("--image-size", type=_positive_int, default=PAPER_PROTOCOL["image_size"],
+                   help="images are resized to this many pixels square")
+    p.add_argument("--batch-size", type=_positive_int, default=PAPER_PROTOCOL["batch_size"],
+                   help="training batch; under torchrun, split between the processes")
+    p.add_argument("--lr", type=float, default=PAPER_PROTOCOL["lr"], help="Adam learning rate, constant")
+    p.add_argument("--weight-decay", type=float, default=PAPER_PROTOCOL["weight_decay"],
+                   help="Adam weight decay")
+    p.add_argument("--seed", type=int, default=0, help="folds, weight initialisation and batch order")
     p.add_argument("--normalization", default="paper", help="paper (section 2.4) or imagenet")
     p.add_argument("--splits", help="reuse the folds of an earlier run's splits.csv")
     p.add_argument("--cache-dir", help="keep decoded images here (memory-mapped) for later runs on the same data")
@@ -67,23 +92,25 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
-    p.add_argument("--weights", dest="weights_path", help="local state-dict file to start from (nothing is downloaded)")
+    p.add_argument("--weights", dest="weights_path", metavar="FILE", help="local state-dict file to start from (nothing is downloaded)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ussf", description="US-SFNet toolkit: phantom data, cross-validation, "
+    parser = OneLineErrorParser(prog="ussf", description="US-SFNet toolkit: phantom data, cross-validation, "
                                      "prediction and reports. See README.md.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantom", help="write the built-in synthetic lymph-node dataset")
     p.add_argument("--out", required=True, help="folder to create (class folders + manifest.csv)")
-    p.add_argument("--n-per-class", type=_positive_int, default=250)
-    p.add_argument("--image-size", type=_positive_int, default=224)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-per-class", type=_positive_int, default=250, help="images per class")
+    p.add_argument("--image-size", type=_positive_int, default=224, help="pixels, square")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same images")
     p.set_defaults(func=cmd_phantom)
 
-    p = sub.add_parser("cv", help="k-fold cross-validation of one model into a run folder")
+    p = sub.add_parser("cv", help="k-fold cross-validation of one model into a run folder",
+                       description="k-fold cross-validation of one model into a run folder. The defaults are the "
+                       "paper's protocol (section 2.4): Adam, constant lr, 150 epochs, batch 64, 224 px, 5 folds.")
     add_data_args(p)
     p.add_argument("--model", default="us_sfnet", help="registry name: us_sfnet, us_sfnet_tiny, densenet121, ...")
     add_train_args(p)
@@ -94,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dedup-folds", dest="dedup_folds", action="store_false",
                    help="let exact and near-duplicate images fall into different folds (default: kept together)")
     p.add_argument("--dup-threshold", type=int, default=4,
-                   help="near-duplicate: perceptual-hash distance in bits at most this (default 4, as ussf audit)")
-    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits (default 8)")
+                   help="near-duplicate: perceptual-hash distance in bits at most this (as ussf audit)")
+    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits")
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("compare", help="cross-validate several models on identical folds: Tables 1 and 2, paired tests")
@@ -110,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dedup-folds", dest="dedup_folds", action="store_false",
                    help="let exact and near-duplicate images fall into different folds (default: kept together)")
     p.add_argument("--dup-threshold", type=int, default=4, help="near-duplicate: phash distance in bits at most this")
-    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits (default 8)")
+    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits")
     p.add_argument("--devices", help="run the models at once, one per entry, each in a process pinned to it: GPU ids "
                    "(--devices 0,1,2,3) or cpu slots (--devices cpu,cpu); default: one after the other here")
     p.set_defaults(func=cmd_compare)
@@ -123,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format in the measured steps")
     p.add_argument("--compile", action="store_true", help="torch.compile each timed model (compilation is not timed)")
     p.add_argument("--sizes", type=_csv_list, help="image sizes of the cost-growth sweep (default 64,128,224,448)")
-    p.add_argument("--models", type=_csv_list, help="models to time (default us_sfnet,densenet121[,resnet101])")
+    p.add_argument("--models", type=_csv_list, help="models in the throughput table (default us_sfnet,densenet121[,resnet101]); "
+                   "the FFT share and the size sweep always measure US-SFNet")
     p.add_argument("--image-size", type=_positive_int, help="image size of the throughput table (default 224)")
     p.add_argument("--batch-size", type=_positive_int, help="training batch (default 64; --quick 8)")
     p.add_argument("--iters", type=_positive_int, help="timed steps per measurement (default 10; --quick 2)")
@@ -132,34 +160,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="class probabilities for images, from a fold checkpoint")
     p.add_argument("--checkpoint", required=True, help="RUN/folds/K/checkpoint.pt")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders read recursively")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="rebuild a run folder's tables and figures from its predictions")
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help="a run folder written by ussf cv")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("audit", help="find exact and near-duplicate images, and duplicates under different labels")
-    p.add_argument("data", nargs="?", metavar="DATA_DIR", help="class-folder tree ROOT/<class>/<image>")
-    p.add_argument("--manifest", help="CSV with columns path,label (instead of DATA_DIR)")
+    p.add_argument("data_dir", nargs="?", metavar="DATA_DIR", help="the same as --data DATA_DIR")
+    p.add_argument("--data", help="class-folder tree ROOT/<class>/<image>")
+    p.add_argument("--manifest", help="CSV with columns path,label (instead of --data)")
     p.add_argument("--classes", type=_csv_list, help="class order, comma-separated (default: sorted names)")
     p.add_argument("--out", help="write audit_clusters.csv and audit_summary.json here (default: print only)")
-    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits (default 8)")
-    p.add_argument("--threshold", type=int, default=4, help="near-duplicate: hash distance in bits at most this (default 4)")
+    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits")
+    p.add_argument("--dup-threshold", "--threshold", dest="threshold", type=int, default=4, metavar="BITS",
+                   help="near-duplicate: hash distance in bits at most this (as ussf cv)")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("main-job", help="`make run`: the notebooks on phantom data; 04 cross-validates a CPU-sized US-SFNet")
-    p.add_argument("--out", default=None, help="run folder (default runs/<time>)")
-    p.add_argument("--model", default=MAIN_JOB["model"])
-    p.add_argument("--n-per-class", type=_positive_int, default=MAIN_JOB["n_per_class"])
-    p.add_argument("--image-size", type=_positive_int, default=MAIN_JOB["image_size"])
-    p.add_argument("--epochs", type=_positive_int, default=MAIN_JOB["epochs"])
-    p.add_argument("--folds", type=_positive_int, default=MAIN_JOB["folds"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder to create (default runs/<time>_main)")
+    p.add_argument("--model", default=MAIN_JOB["model"], help="registry name")
+    p.add_argument("--n-per-class", type=_positive_int, default=MAIN_JOB["n_per_class"], help="phantom images per class")
+    p.add_argument("--image-size", type=_positive_int, default=MAIN_JOB["image_size"], help="pixels, square")
+    p.add_argument("--epochs", type=_positive_int, default=MAIN_JOB["epochs"], help="epochs per fold")
+    p.add_argument("--folds", type=_positive_int, default=MAIN_JOB["folds"], help="cross-validation folds")
+    p.add_argument("--seed", type=int, default=0, help="phantom, folds, weights and batch order")
     p.add_argument("--no-notebooks", dest="notebooks", action="store_false",
                    help="run the cross-validation directly instead of executing the numbered notebooks")
     p.add_argument("--only", type=_csv_list, help="notebooks to execute, e.g. 04,05 (default: all, in order)")
@@ -217,9 +247,12 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     if args.resume:
         cfg = load_config(args.resume)
+        _refuse_changed_settings(args, cfg)
         cfg.out, cfg.progress = args.resume, args.progress
         if args.device != "auto":
             cfg.device = args.device
+        if args.cache_dir:
+            cfg.cache_dir = args.cache_dir
         run_cv(cfg, resume=True)
         return 0
     if args.data is None and args.manifest is None:
@@ -227,6 +260,32 @@ def cmd_cv(args: argparse.Namespace) -> int:
     cfg = cv_config_from_args(args, out=args.out or default_run_dir(args.model), model=args.model)
     run_cv(cfg)
     return 0
+
+
+#: Flags a resumed run may change: where it runs and what it prints, not what it computes.
+_RESUME_FREE_FLAGS = {"device", "progress", "cache_dir"}
+
+
+def _refuse_changed_settings(args: argparse.Namespace, saved: CVConfig) -> None:
+    """``--resume RUN`` continues with RUN's own settings: a flag given with another value is refused, not ignored."""
+    from ussf_lib.experiment import PATH_SETTINGS, absolute_path
+
+    defaults = vars(build_parser().parse_args(["cv"]))
+    changed = []
+    for name in (*_CV_FLAG_SETTINGS, "model", "out"):
+        given = getattr(args, name)
+        if name in _RESUME_FREE_FLAGS or given == defaults[name]:
+            continue  # not given on the command line
+        if name in PATH_SETTINGS:
+            given = absolute_path(given)
+        if name == "out" and given == absolute_path(args.resume):
+            continue
+        if given != getattr(saved, name):
+            flag = "--weights" if name == "weights_path" else "--" + name.replace("_", "-")
+            changed.append(f"{flag} {given} (the run has {getattr(saved, name)})")
+    if changed:
+        raise UserError(f"--resume {args.resume} continues with the run's own settings, but "
+                        f"{'; '.join(changed)}; drop those flags, or start a new run with another --out")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -291,10 +350,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from ussf_lib.audit import audit_index, check_hash_settings, write_audit
     from ussf_lib.data import load_index
 
-    check_hash_settings(args.hash_size, args.threshold)
-    if (args.data is None) == (args.manifest is None):
-        raise UserError("ussf audit needs a DATA_DIR (class-folder tree) or --manifest CSV, not both")
-    index = load_index(args.data, args.manifest, classes=args.classes)
+    check_hash_settings(args.hash_size, args.threshold, "--dup-threshold")
+    if args.data and args.data_dir and args.data != args.data_dir:
+        raise UserError(f"ussf audit got two data folders, {args.data_dir} and --data {args.data}; give one")
+    data = args.data or args.data_dir
+    if (data is None) == (args.manifest is None):
+        raise UserError("ussf audit needs --data DIR (class-folder tree) or --manifest CSV, not both")
+    index = load_index(data, args.manifest, classes=args.classes)
     if args.out:
         index.check_outside(args.out, "--out")  # before the slow part
     result = audit_index(index, args.hash_size, args.threshold, progress=args.progress, skip_bad=args.skip_bad)
@@ -313,11 +375,11 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     out = Path(args.out or default_run_dir("main"))
     settings = {"MODEL": args.model, "N_PER_CLASS": args.n_per_class, "IMAGE_SIZE": args.image_size,
                 "EPOCHS": args.epochs, "FOLDS": args.folds, "BATCH_SIZE": MAIN_JOB["batch_size"], "SEED": args.seed}
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: exists and is not an empty folder; choose a new --out")
     if not args.notebooks or not notebooks_dir().is_dir():
         run_dir = _main_job_cv(out, settings)
     else:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out}: folder exists and is not empty; choose a new --out")
         train_nb = "04_train_cross_validation"
         chosen = notebook_paths(args.only)
         scoped = {f"{train_nb}:{k}": v for k, v in settings.items()} if any(p.stem == train_nb for p in chosen) else {}
@@ -334,18 +396,21 @@ def cmd_main_job(args: argparse.Namespace) -> int:
 
 
 def _main_job_cv(out: Path, settings: dict) -> Path:
+    """OUT/phantom (the data, generated unless there) and OUT/run (the run folder): everything stays in OUT."""
+    from ussf_lib.cv import check_fold_feasible
     from ussf_lib.experiment import CVConfig, run_cv
-    from ussf_lib.phantom import generate_phantom
+    from ussf_lib.models.registry import check_image_size
+    from ussf_lib.notebooks import RUN_SUBDIR, phantom_manifest
 
-    # The phantom is shared between main jobs with the same settings: it is deterministic by seed.
     n, size, seed = settings["N_PER_CLASS"], settings["IMAGE_SIZE"], settings["SEED"]
-    phantom = Path("runs") / f"phantom_n{n}_s{size}_seed{seed}"
-    manifest = phantom / "manifest.csv"
-    if not manifest.is_file():
-        manifest = generate_phantom(phantom, n_per_class=n, image_size=size, seed=seed, progress=sys.stderr.isatty())
-    cfg = CVConfig(out=str(out), manifest=str(manifest), group_col="patient", classes=list(PAPER_CLASSES),
+    # Settings are checked before the phantom is written; the patients per class are known only after.
+    check_image_size(settings["MODEL"], size)
+    check_fold_feasible([c for c in PAPER_CLASSES for _ in range(n)], None, settings["FOLDS"])
+    manifest = out / "phantom" / "manifest.csv"
+    cfg = CVConfig(out=str(out / RUN_SUBDIR), manifest=str(manifest), group_col="patient", classes=list(PAPER_CLASSES),
                    model=settings["MODEL"], folds=settings["FOLDS"], epochs=settings["EPOCHS"], image_size=size,
                    batch_size=settings["BATCH_SIZE"], seed=seed, progress=sys.stderr.isatty())
+    phantom_manifest(out / "phantom", n, size, seed)
     return run_cv(cfg)
 
 
@@ -388,7 +453,11 @@ def _one_line_warnings(command: str) -> Callable[..., None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named after the sub-command it was given to, not after `ussf`
+        print(f"ussf {args.command}: error: unrecognized arguments: {' '.join(unknown)}; see ussf {args.command} --help",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         with warnings.catch_warnings():

@@ -39,7 +39,7 @@ import pandas as pd
 from ussf_lib import cv as cv_mod
 from ussf_lib import plots
 from ussf_lib.errors import UserError
-from ussf_lib.experiment import CVConfig, prepare_data, run_cv
+from ussf_lib.experiment import PATH_SETTINGS, CVConfig, absolute_path, prepare_data, run_cv
 from ussf_lib.meta import (METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS, TABLE2_METRICS, paper_table1,
                            paper_table2)
 from ussf_lib.metrics import format_mean_std
@@ -134,6 +134,9 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
         if not manifest.is_file():
             raise UserError(f"{out}: folder exists and is not a `ussf compare` folder; choose a new --out")
         previous = json.loads(manifest.read_text())
+        # A comparison made before paths were stored absolute holds them as typed.
+        previous["settings"].update({k: absolute_path(v) for k, v in previous["settings"].items()
+                                     if k in PATH_SETTINGS and v})
         changed = sorted(k for k in set(previous["settings"]) | set(settings)
                          if previous["settings"].get(k) != settings.get(k))
         if changed and replace_changed:

@@ -44,10 +44,10 @@ def check_fold_feasible(labels: Sequence[str], groups: Sequence[str] | None, n_f
         if count == 0:
             raise UserError(f"class {name!r} has no images left (all were unreadable or skipped); "
                             "add readable images to it, or leave it out with --classes")
-        raise UserError(
-            f"class {name!r} has {count} {unit}, fewer than --folds {n_folds}; "
-            f"use --folds {max(2, int(per_class.min()))} or fewer, or add {unit} to that class{hint}"
-        )
+        fewest = int(per_class.min())
+        fix = f"use --folds {fewest} or fewer, or add {unit} to that class" if fewest >= 2 else \
+            f"add {unit} to that class (cross-validation needs at least 2 per class)"
+        raise UserError(f"class {name!r} has {count} {unit}, fewer than --folds {n_folds}; {fix}{hint}")
 
 
 def merge_groups(groups: Sequence[str], clusters: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -189,6 +189,31 @@ def read_splits(path: str | Path, index: ImageIndex) -> pd.DataFrame:
     if folds.isna().any() or (folds < 0).any() or (folds != folds.round()).any():
         raise UserError(f"{path}: the fold column must hold whole numbers 0..K-1; use the splits.csv of an earlier run")
     return rows.assign(fold=folds.astype(np.int64)).reset_index()
+
+
+def check_split_composition(labels: Sequence[str], folds: Sequence[int], n_folds: int, source: str) -> list[str]:
+    """Refuse folds that cannot be trained or tested; return warnings for folds that test fewer classes.
+
+    Every fold must test some image, and every fold's training part must hold every class (a model cannot learn
+    a class it never sees). A fold whose test part lacks a class is allowed, but that class's AUC and
+    sensitivity are undefined in that fold, so a warning is returned. ``source`` names the splits file.
+    """
+    frame = pd.DataFrame({"label": list(labels), "fold": np.asarray(folds)})
+    classes = sorted(frame["label"].unique())
+    warnings_: list[str] = []
+    for k in range(n_folds):
+        test = frame["fold"] == k
+        if not test.any():
+            raise UserError(f"{source}: fold {k} tests no image of this data; use splits made on the same data")
+        unseen = sorted(set(classes) - set(frame.loc[~test, "label"]))
+        if unseen:
+            raise UserError(f"{source}: fold {k} trains on no {unseen[0]!r} image (all of them are in its test part); "
+                            "use splits made on this data, or let ussf make the folds (drop --splits)")
+        untested = sorted(set(classes) - set(frame.loc[test, "label"]))
+        if untested:
+            warnings_.append(f"warning: fold {k} of {source} tests no {', '.join(map(repr, untested))} image; "
+                             "that class's sensitivity and AUC are undefined in that fold")
+    return warnings_
 
 
 def load_splits(path: str | Path, index: ImageIndex) -> np.ndarray:

@@ -110,6 +110,9 @@ def _finish_index(rows: pd.DataFrame, classes: Sequence[str] | None, root: Path,
         classes = found
     else:
         classes = list(classes)
+        repeated = sorted({c for c in classes if classes.count(c) > 1})
+        if repeated:
+            raise UserError(f"--classes {','.join(classes)}: {', '.join(repeated)} is listed twice; name each class once")
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise UserError(
@@ -390,6 +393,8 @@ def decode_index(index: ImageIndex, image_size: int | None, cache_dir: str | Pat
         cache_dir = Path(cache_dir).expanduser().resolve()
         if cache_dir == index.root or index.root in cache_dir.parents:
             raise UserError(f"{cache_dir}: the cache folder is inside the data folder {index.root}; choose a folder outside it")
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise UserError(f"--cache-dir {cache_dir}: is a file, not a folder; choose a folder for the decoded images")
         if image_size:
             img_file = cache_dir / f"images_{_cache_key(index, image_size)}.npy"
         if hash_size:

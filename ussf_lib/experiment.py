@@ -45,6 +45,14 @@ from ussf_lib.train import DeviceImages, TrainConfig, select_device, seed_everyt
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
+#: Settings that are paths: stored absolute, so a run folder can be resumed or reported from any folder.
+PATH_SETTINGS: tuple[str, ...] = ("out", "data", "manifest", "splits", "cache_dir", "weights_path")
+
+
+def absolute_path(path: str | os.PathLike) -> str:
+    """``path`` made absolute against the current folder, ``~`` expanded, symbolic links kept as written."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
 
 @dataclass
 class CVConfig:
@@ -87,6 +95,9 @@ class CVConfig:
     hash_size: int = HASH_SIZE
 
     def __post_init__(self) -> None:
+        for name in PATH_SETTINGS:
+            if getattr(self, name):
+                setattr(self, name, absolute_path(getattr(self, name)))
         if self.image_size < 8:
             raise UserError(f"--image-size {self.image_size}: use at least 8 pixels")
         check_hash_settings(self.hash_size, self.dup_threshold, "--dup-threshold")
@@ -134,6 +145,8 @@ def _check_out(cfg: CVConfig, resume: bool) -> Path:
         if not resume:
             raise UserError(f"{out}: already holds a run; pass --resume {out} to continue it, or choose a new --out")
         previous = _read_json(config_file)
+        # A run made before paths were stored absolute holds them as typed, relative to where it started.
+        previous.update({k: absolute_path(previous[k]) for k in PATH_SETTINGS if previous.get(k)})
         current = cfg.to_dict()
         changed = sorted(k for k in previous if k not in _RESUME_FREE and previous.get(k) != current.get(k))
         if changed:
@@ -229,6 +242,7 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
         if int(folds.max()) + 1 != cfg.folds:
             raise UserError(f"{splits_file}: has {int(folds.max()) + 1} folds but --folds is {cfg.folds}; make them agree")
         cv_mod.check_fold_feasible(index.frame["label"], None, cfg.folds, classes=index.classes)
+        notes += cv_mod.check_split_composition(index.frame["label"], folds, cfg.folds, str(splits_file))
         groups = (table["group"].astype(str).to_numpy(dtype=object) if "group" in table
                   else index.frame["group"].to_numpy())
         if clusters is not None:
@@ -270,6 +284,7 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
         cfg = dataclasses.replace(cfg, progress=False)
     check_image_size(cfg.model, cfg.image_size)  # also rejects an unknown model name, before any data is read
     mean, std = resolve_normalization(cfg.normalization)
+    requested_device = select_device(cfg.device)  # an unknown or absent device fails before any data is read
     out = _check_out(cfg, resume)
     fold_ids = list(folds_to_run if folds_to_run is not None else range(cfg.folds))
     bad_folds = [k for k in fold_ids if not 0 <= int(k) < cfg.folds]
@@ -282,8 +297,10 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
     probe: dict[str, Any] = {}
 
     def _build_once(index: ImageIndex) -> None:
-        # Build once before any heavy work so a bad model name or size fails in a second, not after decoding.
-        probe["model"] = build_model(cfg.model, len(index.classes), image_size=cfg.image_size, **cfg.model_kwargs)
+        # Build once before any heavy work so a bad model name, size or weights file fails in a second, not after
+        # decoding, and before anything is written.
+        probe["model"] = build_model(cfg.model, len(index.classes), image_size=cfg.image_size,
+                                     weights_path=cfg.weights_path, **cfg.model_kwargs)
 
     prepared = prepare_data(cfg, log=log, splits_file=resume_splits, expect_fingerprint=expect_fp,
                             check_index=_build_once)
@@ -297,7 +314,7 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
             check_meta(ckpt, state["meta"], {key: meta[key] for key in ("model_name", "classes", "image_size", "model_kwargs")},
                        f"delete {ckpt.parent} to train this fold again, or resume with the settings it was made with")
             check_weights_fit(ckpt, probe["model"], state["model"], state["meta"])
-    device = dist_mod.device_for(ctx, select_device(cfg.device))
+    device = dist_mod.device_for(ctx, requested_device)
     # Decided by every rank before rank 0 writes anything, so that all ranks run the same folds.
     todo = [k for k in fold_ids if not (out / "folds" / str(k) / "predictions.csv").is_file()]
     dist_mod.barrier(ctx)

@@ -8,9 +8,11 @@ copy, outputs included) with its figures, tables and ``metrics.json`` under ``OU
 Notebook conventions (``tests/test_notebooks.py`` checks them): a markdown title first, one imports cell that
 prints :func:`ussf_lib.provenance.environment_line`, exactly one cell tagged ``parameters`` holding only
 literals with tiny CPU defaults (the built-in phantom when ``DATA`` and ``MANIFEST`` are empty), and no
-outputs in the committed file. Relative paths in parameters (``DATA``, ``MANIFEST``, ``OUT_DIR``,
-``RUN_DIR``) are relative to the repository root (:func:`repo_root`), whatever folder the kernel starts in
-(JupyterLab and nbval start it in ``notebooks/``, papermill wherever it is told).
+outputs in the committed file. Inside a notebook, relative paths in parameters (``DATA``, ``MANIFEST``,
+``OUT_DIR``, ``RUN_DIR``) are relative to the repository root (:func:`repo_root`), whatever folder the kernel
+starts in (JupyterLab and nbval start it in ``notebooks/``, papermill wherever it is told); ``ussf notebooks``
+and ``ussf sweep`` take them from the folder they run in and pass them on absolute
+(:func:`absolute_path_parameters`).
 
 The kernel is ``python3`` as Jupyter resolves it: from the project's ``.venv`` that is the venv's own
 ipykernel (``.venv/share/jupyter/kernels/python3``, whose ``python`` jupyter_client replaces by the running
@@ -67,6 +69,32 @@ def resolve_path(path: str | os.PathLike | None) -> Path | None:
         return None
     p = Path(str(path)).expanduser()
     return p if p.is_absolute() else repo_root() / p
+
+
+#: Parameters that name an existing path, and what it must be.
+PATH_PARAMETERS: dict[str, str] = {"DATA": "folder", "MANIFEST": "file", "RUN_DIR": "folder"}
+
+
+def absolute_path_parameters(parameters: Mapping[str, Any], base: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``parameters`` with ``DATA``, ``MANIFEST`` and ``RUN_DIR`` made absolute and checked to exist.
+
+    ``ussf notebooks --param`` and ``ussf sweep`` grids give paths relative to the folder the command runs in
+    (``base``, default the current folder), like every other path on the command line; the notebook then gets
+    them absolute. A missing path is a :class:`UserError` before any kernel starts.
+    """
+    base_dir = Path(base) if base is not None else Path.cwd()
+    out = dict(parameters)
+    for key, kind in PATH_PARAMETERS.items():
+        value = out.get(key)
+        if not isinstance(value, str) or not value.strip():
+            continue
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not (path.is_dir() if kind == "folder" else path.is_file()):
+            raise UserError(f"{key}={value}: no such {kind} ({path}); relative paths start at the folder the "
+                            f"command runs in ({base_dir.resolve()})")
+        out[key] = os.path.abspath(path)
+    return out
 
 
 def resolve_out_dir(out_dir: str | os.PathLike) -> Path:
@@ -348,7 +376,8 @@ def run_notebooks(out: str | os.PathLike, *, parameters: Mapping[str, Any] | Non
                         f"{', '.join(k for k in known if k != 'OUT_DIR')}")
     chosen = {path: {**{k: v for k, v in parameters.items() if k in declared[path]}, **scoped.get(path, {})}
               for path in paths}
-    checked = {path: check_parameters(path, chosen[path], declared[path]) for path in paths}  # before writing
+    checked = {path: absolute_path_parameters(check_parameters(path, chosen[path], declared[path]))
+               for path in paths}  # all checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     executed, failures, record = [], [], []
     cv_run: Path | None = None

@@ -49,7 +49,8 @@ import pandas as pd
 from ussf_lib.errors import UserError
 from ussf_lib.meta import METRIC_NAMES
 from ussf_lib.metrics import format_mean_std
-from ussf_lib.notebooks import NotebookError, check_parameters, declared_parameters, execute_notebook, notebook_paths
+from ussf_lib.notebooks import (NotebookError, absolute_path_parameters, check_parameters, declared_parameters,
+                                execute_notebook, notebook_paths)
 from ussf_lib.placement import Placed, parse_devices, placed_device, run_placed
 
 #: The axis averaged over in ``summary.md``.
@@ -138,7 +139,7 @@ def _check_grid(notebook: Path, grid: Grid) -> tuple[dict[str, Any], list[tuple[
                             f"its parameters are {', '.join(p for p in declared if p not in RESERVED)}")
     runs, seen = [], {}
     for values in grid.runs():
-        params = check_parameters(notebook, {**values, **grid.fixed}, declared)
+        params = absolute_path_parameters(check_parameters(notebook, {**values, **grid.fixed}, declared))
         name = run_name(values)
         if name in seen:
             raise UserError(f"runs {seen[name]} and {values} share the folder name {name!r}; use distinct values")

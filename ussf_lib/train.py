@@ -59,8 +59,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise UserError(f"--lr {self.lr}: the learning rate must be positive")
+        if not self.weight_decay >= 0:
+            raise UserError(f"--weight-decay {self.weight_decay}: must be 0 or more (the paper uses 1e-4)")
+        if len(self.betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in self.betas):
+            raise UserError(f"betas {tuple(self.betas)}: Adam needs two values in [0, 1), e.g. (0.9, 0.999)")
         if self.amp not in AMP_DTYPES:
             raise UserError(f"--amp {self.amp}: use one of {', '.join(AMP_DTYPES)}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -91,9 +95,21 @@ def select_device(requested: str = "auto") -> torch.device:
     """
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {requested}: CUDA is not available on this machine; use --device cpu or auto")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {requested}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: CUDA is not available on this machine; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s), "
+                            f"numbered 0..{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {requested}: Apple's MPS is not available here; use --device cpu or auto")
+    elif device.type != "cpu":
+        raise UserError(f"--device {requested}: ussf runs on cpu, cuda or mps; use --device cpu or auto")
     return device
 
 
@@ -255,6 +271,10 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
     history: list[dict[str, float]] = []
     start_epoch = 0
     ckpt_path = Path(fold_dir) / "checkpoint.pt" if fold_dir is not None else None
+    if ckpt_path is not None and ctx.is_main:
+        # A process killed while saving leaves its half-written temporary file; the checkpoint itself is whole.
+        for stale in ckpt_path.parent.glob(f".{ckpt_path.name}.tmp*"):
+            stale.unlink(missing_ok=True)
     if ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
