@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ussf_lib.cli import main
-from ussf_lib.compare import compare, fold_test_train_ratio, parse_models, reference_model, write_comparison
+from ussf_lib.compare import compare, parse_models
+from ussf_lib.compare_tables import fold_test_train_ratio, reference_model, write_comparison
 from ussf_lib.errors import UserError
 from ussf_lib.experiment import CVConfig
 

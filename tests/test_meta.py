@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ussf_lib import compare, metrics
+from ussf_lib import compare_tables, metrics
 from ussf_lib.meta import (METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS, PER_CLASS_METRICS,
                            TABLE2_METRICS, paper_headline, paper_table1, paper_table2)
 
@@ -44,7 +44,7 @@ def test_reported_tables_hold_the_papers_figures(paper_dir):
 
 
 def test_metric_lists_are_shared_not_copied():
-    assert compare.TABLE1_METRICS is METRIC_NAMES and compare.TABLE2_METRICS is TABLE2_METRICS
+    assert compare_tables.TABLE1_METRICS is METRIC_NAMES and compare_tables.TABLE2_METRICS is TABLE2_METRICS
     assert metrics.PER_CLASS_METRICS is PER_CLASS_METRICS
     assert TABLE2_METRICS[:3] == PAPER_TABLE2_METRICS and set(TABLE2_METRICS) <= set(PER_CLASS_METRICS)
     assert {f"{m}_{s}" for m in PAPER_TABLE2_METRICS for s in ("mean", "std")} <= set(paper_table2().columns)

@@ -289,7 +289,8 @@ def _refuse_changed_settings(args: argparse.Namespace, saved: CVConfig) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ussf_lib.compare import compare, parse_models, write_comparison
+    from ussf_lib.compare import compare, parse_models
+    from ussf_lib.compare_tables import write_comparison
 
     if args.tables_only:
         if not args.out:

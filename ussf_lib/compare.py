@@ -1,4 +1,4 @@
-"""Cross-validate several models on identical folds and lay the results out as the paper's Tables 1 and 2.
+"""Cross-validate several models on identical folds, then lay the results out as the paper's Tables 1 and 2.
 
 ``ussf compare`` and ``notebooks/06_compare_baselines.ipynb`` call :func:`compare`: the folds are computed
 once and saved as ``OUT/splits.csv``; every model then runs :func:`~ussf_lib.experiment.run_cv` into its own
@@ -7,52 +7,30 @@ the same images. A model whose ``summary.json`` exists is finished and skipped o
 exists without it was interrupted and is resumed (finished folds are kept). With ``--devices 0,1,...``
 (``devices=`` here) the models' runs go at once, one per device, in worker processes pinned to their device
 (:mod:`ussf_lib.placement`; ``cpu,cpu`` runs two at once on the CPU); their log lines come back prefixed with the
-model name. Introduced in ``notebooks/06_compare_baselines.ipynb``. :func:`write_comparison` then rebuilds everything below from the run folders alone (no model is
-needed)::
+model name. :func:`~ussf_lib.compare_tables.write_comparison` then writes the tables from the run folders::
 
     OUT/compare.json          the models and the shared settings
     OUT/splits.csv            path,label,group,fold: the one set of folds
     OUT/<model>/              a complete `ussf cv` run folder per model
-    OUT/table1.csv/.md        Table 1 layout: accuracy and macro precision, sensitivity, specificity, F1, AUC
-                              (mean ± std over folds, %) per model, the paper's reported accuracy beside it
-    OUT/table2.csv/.md        Table 2 layout: one-vs-rest precision, sensitivity, specificity, F1 per model and class
-    OUT/per_class_bars.png    Table 2 as grouped bars
-    OUT/paired.csv/.md        every model against the reference (us_sfnet, else the first model) fold by fold:
-                              differences, Nadeau–Bengio corrected t-test, bootstrap CI (see ussf_lib.stats)
+    OUT/table1, table2, paired (.csv/.md), per_class_bars.png   see ussf_lib.compare_tables
 
-All figures in the tables are percent (the run folders' JSON keeps fractions).
+Introduced in ``notebooks/06_compare_baselines.ipynb``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
-import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
-
 from ussf_lib import cv as cv_mod
-from ussf_lib import plots
+from ussf_lib.compare_tables import same_folds, write_comparison
 from ussf_lib.errors import UserError
 from ussf_lib.experiment import PATH_SETTINGS, CVConfig, absolute_path, prepare_data, run_cv
-from ussf_lib.meta import (METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS, TABLE2_METRICS, paper_table1,
-                           paper_table2)
-from ussf_lib.metrics import format_mean_std
 from ussf_lib.models.registry import check_image_size
 from ussf_lib.placement import Placed, parse_devices, run_placed, worker_log
-from ussf_lib.stats import N_BOOT, paired_comparison
-
-#: Macro metrics of Table 1, in column order.
-TABLE1_METRICS: tuple[str, ...] = METRIC_NAMES
-#: Metrics compared fold by fold in paired.csv.
-PAIRED_METRICS: tuple[str, ...] = ("accuracy", "f1")
-#: The model the others are compared with when it is in the list.
-REFERENCE_MODEL = PAPER_MODEL
 
 # Settings that may differ between the models' configs without changing what a finished run means.
 _FREE_SETTINGS = {"out", "model", "progress", "device", "cache_dir", "splits"}
@@ -69,15 +47,6 @@ def parse_models(models: str | Sequence[str]) -> list[str]:
     return names
 
 
-def reference_model(models: Sequence[str]) -> str:
-    """``us_sfnet`` when compared, else the first model listed."""
-    return REFERENCE_MODEL if REFERENCE_MODEL in models else models[0]
-
-
-def _log_quiet(_: str) -> None:
-    pass
-
-
 def make_splits(cfg: CVConfig, path: str | Path, log: Callable[[str], None] = print) -> Path:
     """Make the folds of ``cfg``'s data once, exactly as ``run_cv`` would, and save them as ``splits.csv``.
 
@@ -92,12 +61,6 @@ def make_splits(cfg: CVConfig, path: str | Path, log: Callable[[str], None] = pr
 
 def _shared_settings(cfg: CVConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in _FREE_SETTINGS}
-
-
-def _same_folds(a: Path, b: Path) -> bool:
-    fa = pd.read_csv(a, dtype={"path": str}).set_index("path")["fold"].sort_index()
-    fb = pd.read_csv(b, dtype={"path": str}).set_index("path")["fold"].sort_index()
-    return fa.index.equals(fb.index) and bool((fa.to_numpy() == fb.to_numpy()).all())
 
 
 def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
@@ -152,7 +115,7 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
     if not splits.is_file():
         make_splits(base_cfg, splits, log=log)
         log(f"folds: {base_cfg.folds} folds saved to {splits} (shared by every model)")
-    elif base_cfg.splits and not _same_folds(Path(base_cfg.splits), splits):
+    elif base_cfg.splits and not same_folds(Path(base_cfg.splits), splits):
         raise UserError(f"--splits {base_cfg.splits} differs from {splits} already used here; choose a new --out")
     manifest.write_text(json.dumps({"models": names, "settings": settings}, indent=2))
     splits_abs = str(splits.resolve())
@@ -169,7 +132,7 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
             # A resumed run keeps its own splits.csv; if the comparison folder was moved since, the recorded path
             # differs while the folds are the same: keep the recorded path so that the run can be resumed.
             own = run_dir / "splits.csv"
-            if own.is_file() and not _same_folds(own, splits):
+            if own.is_file() and not same_folds(own, splits):
                 raise UserError(f"{run_dir} was started on other folds than {splits}; delete {run_dir} to rerun it")
             cfg.splits = json.loads((run_dir / "config.json").read_text()).get("splits", splits_abs)
         where = f" (--devices {','.join(placed)})" if placed is not None else ""
@@ -217,266 +180,3 @@ def _run_placed_models(names: Sequence[str], plan: Callable[[int, str], tuple[CV
         raise UserError("; ".join(f"{r.key}: {r.error}" for r in failed)
                         + (f" (tables written for {', '.join(finished)})" if finished else "")
                         + "; fix it and rerun the same command to continue (finished models are kept)")
-
-
-# --- tables from run folders --------------------------------------------------------------------------------
-
-
-def _finished_runs(out: Path, models: Sequence[str] | None) -> list[str]:
-    if models is None:
-        manifest = out / "compare.json"
-        if manifest.is_file():
-            models = json.loads(manifest.read_text())["models"]
-        else:
-            models = sorted(p.parent.name for p in out.glob("*/summary.json"))
-    finished = [m for m in models if (out / m / "summary.json").is_file()]
-    if not finished:
-        raise UserError(f"{out}: no finished model run (OUT/<model>/summary.json); run `ussf compare` first")
-    return finished
-
-
-def _pct(value) -> float:
-    return math.nan if value is None else 100.0 * float(value)
-
-
-def _run_settings(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _train_seconds(run_dir: Path) -> float:
-    total = 0.0
-    for f in run_dir.glob("folds/*/history.csv"):
-        hist = pd.read_csv(f)
-        if "seconds" in hist.columns:
-            total += float(hist["seconds"].sum())
-    return total
-
-
-def table1(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame:
-    """Table 1 layout: one row per finished model; ``<metric>_mean``/``_std`` in % and the paper's accuracy."""
-    out = Path(out)
-    reported = paper_table1().set_index("model")
-    rows = []
-    for name in _finished_runs(out, models):
-        summary = json.loads((out / name / "summary.json").read_text())
-        cfg = _run_settings(out / name)
-        row: dict = {"model": name, "n_folds": summary.get("n_folds"), "epochs": cfg.get("epochs"),
-                     "image_size": cfg.get("image_size")}
-        for m in TABLE1_METRICS:
-            stats = summary.get(m) or {}
-            row[f"{m}_mean"], row[f"{m}_std"] = _pct(stats.get("mean")), _pct(stats.get("std"))
-        row["paper_accuracy_mean"] = reported["accuracy_mean"].get(name, math.nan)
-        row["paper_accuracy_std"] = reported["accuracy_std"].get(name, math.nan)
-        row["train_seconds"] = round(_train_seconds(out / name), 1)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def table2(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame:
-    """Table 2 layout: one row per finished model and class (class order of the runs), values in %.
-
-    Columns ``model, class, <metric>_mean, <metric>_std`` for precision, sensitivity, specificity, F1, and
-    ``paper_<metric>_mean/_std`` where the paper reports that model and class, for runs whose classes are the
-    paper's four lymph-node classes (a "benign" breast lesion is not a "benign" lymph node: other data get NaN).
-    """
-    out = Path(out)
-    reported = paper_table2().set_index(["model", "class"])
-    rows = []
-    for name in _finished_runs(out, models):
-        per_class = pd.read_csv(out / name / "per_class.csv", dtype={"class": str})
-        same_task = set(per_class["class"]) == set(PAPER_CLASSES)
-        for _, r in per_class.iterrows():
-            row: dict = {"model": name, "class": r["class"]}
-            for m in TABLE2_METRICS:
-                row[f"{m}_mean"] = 100.0 * float(r[f"{m}_mean"])
-                row[f"{m}_std"] = 100.0 * float(r[f"{m}_std"])
-            row["support"] = int(r["support"])
-            for m in PAPER_TABLE2_METRICS:
-                for s in ("mean", "std"):
-                    key = (name, row["class"])
-                    known = same_task and key in reported.index
-                    row[f"paper_{m}_{s}"] = float(reported.at[key, f"{m}_{s}"]) if known else math.nan
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _per_fold(out: Path, name: str, metric: str) -> pd.Series:
-    summary = json.loads((out / name / "summary.json").read_text())
-    return pd.Series({int(f["fold"]): (math.nan if f.get(metric) is None else float(f[metric]))
-                      for f in summary["per_fold"]})
-
-
-def fold_test_train_ratio(splits_csv: str | Path) -> float:
-    """Mean over folds of ``n_test / n_train`` (``1/(k-1)`` for equal folds): the Nadeau–Bengio correction term."""
-    folds = pd.read_csv(splits_csv)["fold"]
-    n = len(folds)
-    return float(np.mean([c / (n - c) for c in folds.value_counts().to_numpy()]))
-
-
-def paired_table(out: str | Path, models: Sequence[str] | None = None, n_boot: int = N_BOOT,
-                 seed: int = 0) -> pd.DataFrame:
-    """Every finished model against the reference on the same folds; differences are ``reference - model`` in points.
-
-    One row per model and metric (accuracy, macro F1): per-fold differences ``diff_fold_<k>``, their mean and std,
-    the corrected resampled t-test (``t``, ``df``, ``p_value``; ``naive_p_value`` is the uncorrected paired t-test,
-    shown for contrast only), the bootstrap 95% CI (``ci_low``, ``ci_high``) and the ``n_test/n_train`` ratio used.
-    Runs made on different folds are a :class:`UserError`.
-    """
-    out = Path(out)
-    names = _finished_runs(out, models)
-    ref = reference_model(names)
-    ref_splits = out / ref / "splits.csv"
-    ratio = fold_test_train_ratio(ref_splits)
-    rows = []
-    for name in names:
-        if name == ref:
-            continue
-        if not _same_folds(ref_splits, out / name / "splits.csv"):
-            raise UserError(f"{out / name} was run on other folds than {out / ref}; a paired comparison needs "
-                            "identical folds (run both with `ussf compare`, or `ussf cv --splits`)")
-        for metric in PAIRED_METRICS:
-            a, b = _per_fold(out, ref, metric), _per_fold(out, name, metric)
-            folds = sorted(set(a.index) & set(b.index))
-            res = paired_comparison(a.loc[folds].to_numpy(), b.loc[folds].to_numpy(), ratio, n_boot=n_boot, seed=seed)
-            row: dict = {"model": name, "reference": ref, "metric": metric}
-            row.update({f"diff_fold_{k}": 100.0 * d for k, d in zip(folds, res.diffs)})
-            row.update(mean_diff=100.0 * res.mean_diff, std_diff=100.0 * res.std_diff, t=res.t, df=res.df,
-                       p_value=res.p_value, naive_p_value=res.naive_p_value, ci_low=100.0 * res.ci_low,
-                       ci_high=100.0 * res.ci_high, test_train_ratio=res.test_train_ratio, n_folds=res.n_folds)
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-# --- markdown ---------------------------------------------------------------------------------------------------
-
-
-def _fmt(mean: float, std: float) -> str:
-    if mean is None or not math.isfinite(mean):
-        return "n/a"
-    return format_mean_std(mean / 100.0, None if std is None or not math.isfinite(std) else std / 100.0)
-
-
-def majority_line(out: Path, names: Sequence[str]) -> str:
-    """One sentence: the accuracy of always predicting the most frequent class (the floor a model must beat)."""
-    labels = pd.read_csv(out / names[0] / "splits.csv", dtype={"label": str})["label"]
-    counts = labels.value_counts()
-    return (f"Always predicting the most frequent class ({counts.index[0]!r}, {counts.iloc[0]} of {len(labels)} "
-            f"images) would score {100 * counts.iloc[0] / len(labels):.2f}% accuracy.")
-
-
-def _settings_line(out: Path, names: Sequence[str]) -> str:
-    cfg = _run_settings(out / names[0])
-    data = cfg.get("data") or cfg.get("manifest") or "?"
-    return (f"Data `{data}`; {cfg.get('folds')} folds (shared `splits.csv`), {cfg.get('epochs')} epochs, "
-            f"{cfg.get('image_size')} px, batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, seed {cfg.get('seed')}.")
-
-
-PAPER_NOTE = ("The paper's figures are those it reports for its private cervical lymph-node set (4 classes, "
-              "224 px, 150 epochs); they are beside ours for orientation, not as a like-for-like comparison "
-              "unless the data and protocol are the paper's.")
-
-
-def table1_markdown(t1: pd.DataFrame) -> str:
-    """:func:`table1` as a markdown table: ``mean ± std`` per metric, the paper's accuracy, training time."""
-    rows = []
-    for _, r in t1.iterrows():
-        row = {"model": r["model"]}
-        for m in TABLE1_METRICS:
-            row[m] = _fmt(r[f"{m}_mean"], r[f"{m}_std"])
-        row["paper accuracy"] = _fmt(r["paper_accuracy_mean"], r["paper_accuracy_std"])
-        row["train time (s)"] = f"{r['train_seconds']:.0f}"
-        rows.append(row)
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
-
-
-def table2_markdown(t2: pd.DataFrame) -> str:
-    """:func:`table2` as a markdown table; the paper's columns appear only when some row has a paper figure."""
-    rows = []
-    has_paper = t2[[c for c in t2.columns if c.startswith("paper_")]].notna().any().any()
-    for _, r in t2.iterrows():
-        row = {"model": r["model"], "class": r["class"]}
-        for m in TABLE2_METRICS:
-            row[m] = _fmt(r[f"{m}_mean"], r[f"{m}_std"])
-        if has_paper:
-            for m in PAPER_TABLE2_METRICS:
-                row[f"paper {m}"] = _fmt(r[f"paper_{m}_mean"], r[f"paper_{m}_std"])
-        row["support"] = int(r["support"])
-        rows.append(row)
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
-
-
-def paired_markdown(paired: pd.DataFrame) -> str:
-    """:func:`paired_table` as a markdown table, one row per model and metric (read with :data:`PAIRED_NOTE`)."""
-    if paired.empty:
-        return "(only one model: nothing to pair)"
-    rows = []
-    diff_cols = [c for c in paired.columns if c.startswith("diff_fold_")]
-    for _, r in paired.iterrows():
-        rows.append({
-            "reference − model": f"{r['reference']} − {r['model']}",
-            "metric": r["metric"],
-            "per-fold differences (points)": ", ".join(f"{r[c]:+.2f}" for c in diff_cols if math.isfinite(r[c])),
-            "mean diff": f"{r['mean_diff']:+.2f}",
-            "95% bootstrap CI": f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]",
-            "corrected t": f"{r['t']:.2f}",
-            "p (corrected)": f"{r['p_value']:.3f}",
-            "p (naive, do not use)": f"{r['naive_p_value']:.3f}",
-        })
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
-
-
-PAIRED_NOTE = (
-    "Differences are reference − model in percentage points, fold by fold on identical folds (positive: the "
-    "reference is better). p (corrected): Nadeau–Bengio corrected resampled t-test, t = mean / sqrt((1/k + "
-    "n_test/n_train) · s²) with k − 1 degrees of freedom (Nadeau & Bengio 2003; Bouckaert & Frank 2004). "
-    "The naive paired t-test ignores that training sets overlap and is shown only to make the correction "
-    f"visible. The bootstrap CI resamples the k fold differences (percentile, {N_BOOT:,} resamples, seed 0): with "
-    "few folds it describes the spread, it does not correct for overlap."
-)
-
-
-def per_class_long(t2: pd.DataFrame, include_paper: bool = True) -> pd.DataFrame:
-    """Table 2 in the long layout :func:`~ussf_lib.plots.plot_per_class_bars` reads; the paper's rows as ``<model> (paper)``."""
-    cols = ["model", "class", *[f"{m}_{s}" for m in TABLE2_METRICS for s in ("mean", "std")]]
-    frames = [t2[cols]]
-    if include_paper:
-        paper = t2.dropna(subset=["paper_precision_mean"])
-        if len(paper):
-            p = pd.DataFrame({"model": paper["model"] + " (paper)", "class": paper["class"]})
-            for m in TABLE2_METRICS:
-                for s in ("mean", "std"):
-                    p[f"{m}_{s}"] = paper.get(f"paper_{m}_{s}", pd.Series(math.nan, index=paper.index))
-            frames.append(p)
-    return pd.concat(frames, ignore_index=True)
-
-
-def write_comparison(out: str | Path, models: Sequence[str] | None = None, log: Callable[[str], None] = _log_quiet
-                     ) -> dict[str, pd.DataFrame]:
-    """(Re)write table1, table2, paired (.csv and .md) and per_class_bars.png from the run folders in ``out``.
-
-    ``models`` defaults to those in ``out/compare.json`` (else every ``out/*/summary.json``); unfinished models are
-    left out. Returns ``{"table1", "table2", "paired"}`` DataFrames.
-    """
-    out = Path(out)
-    names = _finished_runs(out, models)
-    if models is not None and len(names) < len(models):
-        log(f"not finished yet, left out: {[m for m in models if m not in names]}")
-    t1, t2, paired = table1(out, names), table2(out, names), paired_table(out, names)
-    settings = _settings_line(out, names)
-    t1.to_csv(out / "table1.csv", index=False)
-    (out / "table1.md").write_text(
-        "# Table 1 layout: macro metrics per model (mean ± std over folds, %)\n\n" + settings + "\n\n"
-        + table1_markdown(t1) + "\n\n" + majority_line(out, names) + " " + PAPER_NOTE + "\n")
-    t2.to_csv(out / "table2.csv", index=False)
-    (out / "table2.md").write_text(
-        "# Table 2 layout: one-vs-rest metrics per model and class (mean ± std over folds, %)\n\n" + settings
-        + "\n\n" + table2_markdown(t2) + "\n\n" + PAPER_NOTE + "\n")
-    paired.to_csv(out / "paired.csv", index=False)
-    (out / "paired.md").write_text(
-        f"# Paired comparison with {reference_model(names)} on identical folds\n\n" + settings + "\n\n"
-        + paired_markdown(paired) + "\n\n" + PAIRED_NOTE + "\n")
-    fig = plots.plot_per_class_bars(per_class_long(t2), metric_cols=TABLE2_METRICS, out=out / "per_class_bars.png")
-    plt.close(fig)
-    return {"table1": t1, "table2": t2, "paired": paired}
-

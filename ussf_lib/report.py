@@ -69,7 +69,7 @@ def table2_beside_paper(run_dir: str | Path) -> pd.DataFrame:
     One row per class (the run's order) with precision, sensitivity, specificity and F1, and the paper's
     US-SFNet figures beside them (``paper US-SFNet <metric>``) when the run's classes are the paper's four
     lymph-node classes; other data get no paper columns (a "benign" breast lesion is not a "benign" lymph node),
-    as in :func:`ussf_lib.compare.table2`. Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+    as in :func:`ussf_lib.compare_tables.table2`. Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
     """
     run_dir = Path(run_dir)
     classes = run_classes(run_dir)
