@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -59,6 +60,17 @@ def test_report_command(cli_run, capsys):
     assert (cli_run / "summary.json").is_file() and "report rebuilt" in capsys.readouterr().out
 
 
+def test_report_refuses_an_unfinished_run(cli_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    (run / "folds" / "0" / "predictions.csv").unlink()
+    summary = (run / "summary.json").read_text()
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fold(s) [0] of 2 have no predictions.csv" in err and "ussf cv --resume" in err and "\n" not in err
+    assert (run / "summary.json").read_text() == summary  # the finished run's tables are kept
+
+
 def _one_class(tmp_path):
     (tmp_path / "only" / "a").mkdir(parents=True)
     Image.new("L", (8, 8)).save(tmp_path / "only" / "a" / "x.png")
@@ -99,6 +111,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, make_args, match):
     (["phantom", "--out", "x", "--n-per-class", "0"], "ussf phantom: error: argument --n-per-class"),
     (["sweep", "--notebook", "a", "--grid", "b", "--out", "c", "--jobs", "0"], "ussf sweep: error: argument --jobs"),
     (["frobnicate"], "ussf: error: argument command: invalid choice: 'frobnicate'"),
+    (["cv", "--data", "d", "--seed", "-1"], "ussf cv: error: argument --seed: -1 is not between 0 and 4294967295"),
 ])
 def test_flag_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, match):
     monkeypatch.chdir(tmp_path)
@@ -142,6 +155,9 @@ def test_main_job_checks_its_settings_before_writing(tmp_path, capsys):
     out = tmp_path / "main"
     assert main(["main-job", "--no-notebooks", "--out", str(out), *TINY_MAIN_JOB, "--folds", "1"]) == 2
     assert "at least 2 folds" in capsys.readouterr().err and not out.exists()
+    # 10 images per class make one synthetic patient per class, and folds never split a patient
+    assert main(["main-job", "--no-notebooks", "--out", str(out), *TINY_MAIN_JOB, "--n-per-class", "10"]) == 2
+    assert "use --n-per-class 18 or more" in capsys.readouterr().err and not out.exists()
 
 
 def test_main_job_executes_the_notebooks_with_its_settings(tmp_path, capsys):

@@ -141,6 +141,14 @@ def test_model_list_errors_before_any_work(tmp_path, phantom_dir, capsys):
     assert code == 2 and "fits one architecture" in capsys.readouterr().err
     assert main(["compare", "--data", str(phantom_dir), "--out", str(tmp_path / "out")]) == 2
     assert "--models" in capsys.readouterr().err
+    # found while reading the data or making the folds: still before the comparison folder is created
+    for args, match in ((["--folds", "99"], "fewer than --folds 99"), (["--device", "gpu7"], "not a device name"),
+                        (["--out", str(phantom_dir / "cmp")], "is inside the data folder")):
+        code = main(["compare", "--data", str(phantom_dir), "--models", "us_sfnet_tiny,densenet121", "--image-size",
+                     "32", "--out", str(tmp_path / "out"), "--no-progress", *args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and match in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists() and not (phantom_dir / "cmp").exists()
 
 
 def test_devices_run_the_models_at_once_with_the_same_results(comparison, phantom_dir, tmp_path, monkeypatch):

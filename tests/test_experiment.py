@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -109,7 +110,8 @@ def test_same_seed_gives_identical_summary(run_dir, phantom_dir, tmp_path):
 
 def test_interrupted_run_resumes_to_the_same_result(run_dir, phantom_dir, tmp_path):
     out = tmp_path / "cut"
-    run_cv(_cfg(phantom_dir, out), folds_to_run=[0], log=lambda _: None)
+    with pytest.warns(UserWarning, match=r"fold\(s\) \[1\] of 2 have no predictions.csv"):  # tables of fold 0
+        run_cv(_cfg(phantom_dir, out), folds_to_run=[0], log=lambda _: None)
     assert not (out / "folds" / "1" / "predictions.csv").exists()
     with pytest.raises(UserError, match="--resume"):
         run_cv(_cfg(phantom_dir, out), log=lambda _: None)
@@ -133,3 +135,14 @@ def test_bad_settings_fail_before_any_work(phantom_dir, tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(UserError, match="fewer than --folds 9"):
         run_cv(_cfg(phantom_dir, tmp_path / "y", folds=9), log=lambda _: None)
+
+
+def test_config_names_the_models_own_size_limits(tmp_path):
+    with pytest.raises(UserError, match=r"image_size=8 is too small for us_sfnet_tiny; use 15 px or more"):
+        CVConfig(out=str(tmp_path / "r"), model="us_sfnet_tiny", image_size=8)
+    with pytest.raises(UserError, match=r"image_size=40 is not a multiple of 16, which vit_b_16 needs"):
+        CVConfig(out=str(tmp_path / "r"), model="vit_b_16", image_size=40)
+    with pytest.raises(UserError, match=r"--seed -1: use a whole number from 0 to 4294967295"):
+        CVConfig(out=str(tmp_path / "r"), seed=-1)
+    cfg = CVConfig(out="relative/run", data="~/images")
+    assert Path(cfg.out).is_absolute() and cfg.data == str(Path.home() / "images")  # stored as config.json has it

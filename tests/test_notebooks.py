@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from PIL import Image
 
 from ussf_lib import notebooks as nbs
 from ussf_lib.errors import UserError
@@ -199,8 +200,9 @@ def test_command_line_paths_start_at_the_current_folder(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     resolved = nbs.absolute_path_parameters({"DATA": "tree", "MANIFEST": "m.csv", "RUN_DIR": "", "EPOCHS": 2})
     assert resolved == {"DATA": str(tmp_path / "tree"), "MANIFEST": str(tmp_path / "m.csv"), "RUN_DIR": "", "EPOCHS": 2}
-    for key, value, kind in (("DATA", "m.csv", "folder"), ("MANIFEST", "tree", "file"), ("RUN_DIR", "nope", "folder")):
-        with pytest.raises(UserError, match=rf"{key}={value}: no such {kind} \({tmp_path / value}\)"):
+    for key, value, what in (("DATA", "m.csv", "is a file, not a folder"), ("MANIFEST", "tree", "is a folder, not a file"),
+                             ("RUN_DIR", "nope", "no such folder")):
+        with pytest.raises(UserError, match=rf"{key}={value}: {what} \({tmp_path / value}\)"):
             nbs.absolute_path_parameters({key: value})
     # refused before any kernel starts or anything is written
     assert main(["notebooks", "--out", "nb", "--only", "04", "--param", "DATA=missing"]) == 2
@@ -326,9 +328,27 @@ def test_nbval_fails_when_a_checked_output_changes(executed, tmp_path):
 def test_a_failing_notebook_is_reported_with_its_executed_copy(tmp_path, capsys):
     from ussf_lib.cli import main
 
-    assert main(["notebooks", "--out", str(tmp_path), "--only", "03", "--param", "MODEL=no_such_model"]) == 1
+    one_class = tmp_path / "one" / "a"  # exists, so only the notebook itself finds out that it cannot be used
+    one_class.mkdir(parents=True)
+    Image.new("L", (16, 16)).save(one_class / "x.png")
+    out = tmp_path / "nb"
+    assert main(["notebooks", "--out", str(out), "--only", "04", "--param", f"DATA={one_class.parent}"]) == 1
     err = capsys.readouterr().err
-    assert "03_build_conv_fft_block.ipynb failed in cell" in err and "unknown model 'no_such_model'" in err
-    assert (tmp_path / "03_build_conv_fft_block.ipynb").is_file()  # the executed copy keeps the traceback
-    record = json.loads((tmp_path / "notebooks.json").read_text())
-    assert record[0]["status"].startswith("failed") and record[0]["parameters"]["MODEL"] == "no_such_model"
+    assert "04_train_cross_validation.ipynb failed in cell" in err and "only one class" in err
+    assert (out / "04_train_cross_validation.ipynb").is_file()  # the executed copy keeps the traceback
+    record = json.loads((out / "notebooks.json").read_text())
+    assert record[0]["status"].startswith("failed") and record[0]["parameters"]["DATA"] == str(one_class.parent)
+
+
+def test_values_a_notebook_would_refuse_are_refused_before_a_kernel_starts(tmp_path, capsys):
+    from ussf_lib.cli import main
+
+    for params, match in ((["MODEL=no_such_model"], "04_train_cross_validation: unknown model 'no_such_model'"),
+                          (["FOLDS=1"], "04_train_cross_validation: FOLDS=1 must be at least 2"),
+                          (["04:MODEL=vit_b_16", "IMAGE_SIZE=40"], "04_train_cross_validation: image_size=40 is not a "
+                                                                   "multiple of 16")):
+        argv = ["notebooks", "--out", str(tmp_path / "nb"), "--only", "04"]
+        assert main([*argv, *(a for p in params for a in ("--param", p))]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"ussf notebooks: error: {match}") and "\n" not in err, err
+    assert not (tmp_path / "nb").exists()

@@ -151,6 +151,18 @@ BAD_INPUTS = {
     "--cache-dir is a file": (
         lambda t, mp: (t / "c.bin").write_text("x") and ["--data", str(_tree(t / "d")), "--cache-dir", str(t / "c.bin")],
         "is a file, not a folder"),
+    "--manifest is a folder": (lambda t, mp: ["--manifest", str(_tree(t / "d"))], "is a folder; pass --manifest the CSV"),
+    "--weights is a folder": (lambda t, mp: ["--data", str(_tree(t / "d")), "--weights", str(t)],
+                              "is a folder; pass the state-dict file"),
+    "--lr inf": (lambda t, mp: ["--data", str(_tree(t / "d")), "--lr", "inf"], "--lr inf: the learning rate must be"),
+    "empty class folder beside one class": (lambda t, mp: (_tree(t / "d", {"a": 3}) / "b").mkdir() or
+                                            ["--data", str(t / "d")], "only one class (a) holds images; the class folder(s) b"),
+    "--out inside the manifest's folder": (
+        lambda t, mp: _manifest(t, {"path": ["0.png", "1.png"], "label": ["x", "y"]}) + ["--out", str(t / "m" / "run")],
+        "is inside the data folder"),
+    "manifest: empty group id": (
+        lambda t, mp: _manifest(t, {"path": ["0.png", "1.png"], "label": ["x", "y"], "patient": ["p1", " "]})
+        + ["--group-col", "patient"], "1 row(s) have an empty patient"),
     "--splits leave a class untrained": (
         lambda t, mp: ["--data", str(_tree(t / "d")), "--splits", str(_splits_file(t, {"a": [0, 0, 0], "b": [0, 1, 1]}))],
         "fold 0 trains on no 'a' image"),
@@ -181,7 +193,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, monke
     assert len(err.splitlines()) == 1, err
     assert err.startswith("ussf cv: error: ") and match in err and "Traceback" not in err, err
     assert _snapshot(tmp_path) == before  # neither the data nor a run folder was touched
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "m" / "run").exists()
 
 
 def test_every_unreadable_file_is_named_in_one_error_before_training(tmp_path, capsys):
@@ -425,7 +437,8 @@ def test_resume_refuses_data_that_changed(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = CVConfig(out=str(out), data=str(root), model="us_sfnet_tiny", folds=2, epochs=1, image_size=16,
                    batch_size=8, progress=False)
-    run_cv(cfg, folds_to_run=[0], log=lambda _: None)
+    with pytest.warns(UserWarning, match=r"fold\(s\) \[1\] of 2 have no predictions.csv"):  # tables of fold 0
+        run_cv(cfg, folds_to_run=[0], log=lambda _: None)
     _pattern(1234, 12).save(root / "a" / "0.png")
     before = _snapshot(out)
     assert main(["cv", "--resume", str(out), "--no-progress"]) == 2

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from ussf_lib.errors import UserError
 from ussf_lib.sweep import Grid, load_grid, run_name, run_sweep
@@ -108,12 +109,23 @@ def test_sweep_two_models_two_seeds_then_skip_when_called_again(tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_run_is_reported_and_left_out(tmp_path):
+    one_class = tmp_path / "one"  # exists, so only the notebook itself finds out that it cannot be used
+    (one_class / "a").mkdir(parents=True)
+    Image.new("L", (16, 16)).save(one_class / "a" / "x.png")
     out = tmp_path / "sweep"
-    result = run_sweep(NOTEBOOK, {"MODEL": ["no_such_model"], "fixed": FIXED}, out, log=lambda line: None)
-    assert list(result.failed) == ["MODEL=no_such_model"]
-    assert "unknown model 'no_such_model'" in result.failed["MODEL=no_such_model"]
+    result = run_sweep(NOTEBOOK, {"SEED": [0], "fixed": {**FIXED, "DATA": str(one_class)}}, out, log=lambda line: None)
+    assert list(result.failed) == ["SEED=0"]
+    assert "only one class" in result.failed["SEED=0"]
     assert result.results.empty and "finished runs: 0 of 1" in (out / "summary.md").read_text()
-    assert json.loads((out / "MODEL=no_such_model" / "sweep.json").read_text())["status"] != "ok"
+    assert json.loads((out / "SEED=0" / "sweep.json").read_text())["status"] != "ok"
+
+
+def test_values_a_run_would_refuse_are_refused_before_any_run(tmp_path):
+    with pytest.raises(UserError, match=r"run MODEL=no_such_model: unknown model 'no_such_model'"):
+        run_sweep(NOTEBOOK, {"MODEL": ["us_sfnet_tiny", "no_such_model"], "fixed": FIXED}, tmp_path / "s")
+    with pytest.raises(UserError, match=r"run FOLDS=1: FOLDS=1 must be at least 2"):
+        run_sweep(NOTEBOOK, {"FOLDS": [2, 1], "fixed": {"EPOCHS": 1}}, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow

@@ -56,6 +56,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    from ussf_lib.train import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and {MAX_SEED}")
+    return value
+
+
 def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -83,7 +95,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=PAPER_PROTOCOL["lr"], help="Adam learning rate, constant")
     p.add_argument("--weight-decay", type=float, default=PAPER_PROTOCOL["weight_decay"],
                    help="Adam weight decay")
-    p.add_argument("--seed", type=int, default=0, help="folds, weight initialisation and batch order")
+    p.add_argument("--seed", type=_seed, default=0, help="folds, weight initialisation and batch order")
     p.add_argument("--normalization", default="paper", help="paper (section 2.4) or imagenet")
     p.add_argument("--splits", help="reuse the folds of an earlier run's splits.csv")
     p.add_argument("--cache-dir", help="keep decoded images here (memory-mapped) for later runs on the same data")
@@ -105,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to create (class folders + manifest.csv)")
     p.add_argument("--n-per-class", type=_positive_int, default=250, help="images per class")
     p.add_argument("--image-size", type=_positive_int, default=224, help="pixels, square")
-    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same images")
+    p.add_argument("--seed", type=_seed, default=0, help="the same seed writes the same images")
     p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("cv", help="k-fold cross-validation of one model into a run folder",
@@ -189,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, default=MAIN_JOB["image_size"], help="pixels, square")
     p.add_argument("--epochs", type=_positive_int, default=MAIN_JOB["epochs"], help="epochs per fold")
     p.add_argument("--folds", type=_positive_int, default=MAIN_JOB["folds"], help="cross-validation folds")
-    p.add_argument("--seed", type=int, default=0, help="phantom, folds, weights and batch order")
+    p.add_argument("--seed", type=_seed, default=0, help="phantom, folds, weights and batch order")
     p.add_argument("--no-notebooks", dest="notebooks", action="store_false",
                    help="run the cross-validation directly instead of executing the numbered notebooks")
     p.add_argument("--only", type=_csv_list, help="notebooks to execute, e.g. 04,05 (default: all, in order)")
@@ -313,8 +325,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ussf_lib.bench import bench_config_from, format_bench, run_bench
 
     sizes = None
-    if args.sizes:
-        if not all(s.isdigit() and int(s) > 0 for s in args.sizes):
+    if args.sizes is not None:
+        if not args.sizes or not all(s.isdigit() and int(s) > 0 for s in args.sizes):
             raise UserError(f"--sizes {','.join(args.sizes)}: give positive whole pixel sizes, e.g. --sizes 64,224")
         sizes = tuple(int(s) for s in args.sizes)
     cfg = bench_config_from(args.quick, device=args.device, amp=args.amp, channels_last=args.channels_last,
@@ -322,6 +334,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             models=tuple(args.models) if args.models else None, image_size=args.image_size,
                             batch_size=args.batch_size, iters=args.iters, warmup=args.warmup)
     if args.json:
+        if Path(args.json).is_dir():
+            raise UserError(f"--json {args.json}: is a folder; give a file name, e.g. {Path(args.json) / 'bench.json'}")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     result = run_bench(cfg, log=lambda line: print(line, file=sys.stderr))
     print(format_bench(result))
@@ -401,12 +415,18 @@ def _main_job_cv(out: Path, settings: dict) -> Path:
     from ussf_lib.cv import check_fold_feasible
     from ussf_lib.experiment import CVConfig, run_cv
     from ussf_lib.models.registry import check_image_size
+    import numpy as np
+
     from ussf_lib.notebooks import RUN_SUBDIR, phantom_manifest
+    from ussf_lib.phantom import PHANTOM_IMAGES_PER_PATIENT, patient_sizes
 
     n, size, seed = settings["N_PER_CLASS"], settings["IMAGE_SIZE"], settings["SEED"]
     # Settings are checked before the phantom is written; the patients per class are known only after.
     check_image_size(settings["MODEL"], size)
-    check_fold_feasible([c for c in PAPER_CLASSES for _ in range(n)], None, settings["FOLDS"])
+    n_patients = len(patient_sizes(n, PHANTOM_IMAGES_PER_PATIENT, np.random.default_rng(seed)))  # count needs no rng
+    check_fold_feasible(["any"] * n_patients, [str(i) for i in range(n_patients)], settings["FOLDS"],
+                        hint=f" (the phantom holds about 9 views per patient: use --n-per-class {9 * settings['FOLDS']} "
+                             "or more)")
     manifest = out / "phantom" / "manifest.csv"
     cfg = CVConfig(out=str(out / RUN_SUBDIR), manifest=str(manifest), group_col="patient", classes=list(PAPER_CLASSES),
                    model=settings["MODEL"], folds=settings["FOLDS"], epochs=settings["EPOCHS"], image_size=size,

@@ -31,6 +31,7 @@ from ussf_lib.errors import UserError
 from ussf_lib.experiment import PATH_SETTINGS, CVConfig, absolute_path, prepare_data, run_cv
 from ussf_lib.models.registry import check_image_size
 from ussf_lib.placement import Placed, parse_devices, run_placed, worker_log
+from ussf_lib.train import select_device
 
 # Settings that may differ between the models' configs without changing what a finished run means.
 _FREE_SETTINGS = {"out", "model", "progress", "device", "cache_dir", "splits"}
@@ -88,9 +89,13 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
     if base_cfg.weights_path and len(names) > 1:
         raise UserError(f"--weights {base_cfg.weights_path} fits one architecture, but {len(names)} models are "
                         "compared; compare from scratch, or run `ussf cv --weights ... --splits OUT/splits.csv` per model")
-    for name in names:  # every name and size is checked before hours of training start
+    for name in names:  # every name, size and the device are checked before hours of training start
         check_image_size(name, base_cfg.image_size)
+    if placed is None:
+        select_device(base_cfg.device)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder; choose a folder for the comparison")
     settings = _shared_settings(base_cfg)
     manifest = out / "compare.json"
     if out.exists() and any(out.iterdir()):
@@ -110,10 +115,9 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
                             "rerun with the same settings to continue it, or choose a new --out")
         else:
             names = previous["models"] + [m for m in names if m not in previous["models"]]
-    out.mkdir(parents=True, exist_ok=True)
     splits = out / "splits.csv"
     if not splits.is_file():
-        make_splits(base_cfg, splits, log=log)
+        make_splits(base_cfg, splits, log=log)  # creates OUT only once the data and folds have passed every check
         log(f"folds: {base_cfg.folds} folds saved to {splits} (shared by every model)")
     elif base_cfg.splits and not same_folds(Path(base_cfg.splits), splits):
         raise UserError(f"--splits {base_cfg.splits} differs from {splits} already used here; choose a new --out")

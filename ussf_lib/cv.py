@@ -42,8 +42,8 @@ def check_fold_feasible(labels: Sequence[str], groups: Sequence[str] | None, n_f
     if len(short):
         name, count = short.index[0], int(short.iloc[0])
         if count == 0:
-            raise UserError(f"class {name!r} has no images left (all were unreadable or skipped); "
-                            "add readable images to it, or leave it out with --classes")
+            raise UserError(f"class {name!r} has no images (none were found, or all were unreadable or skipped); "
+                            "add readable images to it, or leave it out of --classes")
         fewest = int(per_class.min())
         fix = f"use --folds {fewest} or fewer, or add {unit} to that class" if fewest >= 2 else \
             f"add {unit} to that class (cross-validation needs at least 2 per class)"

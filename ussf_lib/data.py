@@ -78,14 +78,12 @@ class ImageIndex:
     def check_outside(self, folder: str | Path, flag: str) -> Path:
         """Raise :class:`UserError` when ``folder`` (an output) lies inside the data; returns it resolved.
 
-        For a folder tree the data folder is its root; for a manifest it is every folder that holds a listed image.
+        The data folder is the tree's root, or the manifest's folder (which holds every image it lists).
         """
         folder = Path(folder).expanduser().resolve()
-        data_dirs = {self.root} if self.source == "folder" else {Path(p).parent for p in self.frame["path"]}
-        for data_dir in sorted(data_dirs):
-            if folder == data_dir or data_dir in folder.parents:
-                raise UserError(f"{flag} {folder}: is inside the data folder {data_dir}; nothing is written into the data, "
-                                "choose a folder outside it")
+        if folder == self.root or self.root in folder.parents:
+            raise UserError(f"{flag} {folder}: is inside the data folder {self.root}; nothing is written into the data, "
+                            "choose a folder outside it")
         return folder
 
     def describe(self) -> str:
@@ -143,6 +141,7 @@ def index_folder(root: str | Path, classes: Sequence[str] | None = None) -> Imag
         raise UserError(f"{root}: is a file, not a folder; pass a CSV with --manifest, or a class-folder tree with --data")
     ignored = {"hidden": 0, "non-image": 0}
     rows: list[tuple[str, str, str]] = []
+    empty: list[Path] = []
     for class_dir in sorted(root.iterdir()):
         if _is_hidden(class_dir.name):
             ignored["hidden"] += 1
@@ -164,6 +163,9 @@ def index_folder(root: str | Path, classes: Sequence[str] | None = None) -> Imag
                 else:
                     ignored["non-image"] += 1
         if len(rows) == n_before:
+            empty.append(class_dir)
+    if empty and len({label for _, _, label in rows}) >= 2:  # otherwise the error below names them
+        for class_dir in empty:
             warnings.warn(f"{class_dir}: class folder holds no images and is ignored", stacklevel=2)
     if not rows:
         raise UserError(
@@ -172,6 +174,10 @@ def index_folder(root: str | Path, classes: Sequence[str] | None = None) -> Imag
         )
     frame = pd.DataFrame(rows, columns=["path", "relpath", "label"])
     frame["group"] = frame["relpath"]
+    if empty and frame["label"].nunique() < 2 and classes is None:
+        raise UserError(f"{root}: only one class ({frame['label'].iloc[0]}) holds images; the class folder(s) "
+                        f"{', '.join(d.name for d in empty)} are empty. Classification needs images in at least two "
+                        "class folders (ROOT/<class>/*.png)")
     return _finish_index(frame, classes, root.resolve(), "folder", None, ignored)
 
 
@@ -182,6 +188,8 @@ def index_manifest(manifest: str | Path, group_col: str | None = None,
     Introduced in ``notebooks/01_explore_data.ipynb``.
     """
     manifest = Path(manifest).expanduser()
+    if manifest.is_dir():
+        raise UserError(f"{manifest}: is a folder; pass --manifest the CSV file itself, or --data for a class-folder tree")
     if not manifest.is_file():
         raise UserError(f"{manifest}: no such manifest file; pass --manifest with a CSV that has columns path,label")
     try:
@@ -218,7 +226,10 @@ def index_manifest(manifest: str | Path, group_col: str | None = None,
     })
     if (frame["label"] == "").any():
         raise UserError(f"{manifest}: {int((frame['label'] == '').sum())} row(s) have an empty label; fill in the label column")
-    frame["group"] = table[group_col].astype(str).to_numpy() if group_col else frame["relpath"]
+    if group_col and (table[group_col].str.strip() == "").any():
+        raise UserError(f"{manifest}: {int((table[group_col].str.strip() == '').sum())} row(s) have an empty "
+                        f"{group_col}; fill it in (one id per patient), or leave out --group-col")
+    frame["group"] = table[group_col].str.strip().to_numpy() if group_col else frame["relpath"]
     return _finish_index(frame, classes, base, "manifest", group_col, {}, where=manifest)
 
 

@@ -38,7 +38,7 @@ from ussf_lib.data import ImageIndex, decode_index, fingerprint, load_index, res
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_PROTOCOL
 from ussf_lib.models import build_model
-from ussf_lib.models.registry import check_image_size
+from ussf_lib.models.registry import check_image_size, list_models
 from ussf_lib.provenance import environment_info
 from ussf_lib.report import write_report
 from ussf_lib.train import DeviceImages, TrainConfig, select_device, seed_everything, train_fold
@@ -98,7 +98,9 @@ class CVConfig:
         for name in PATH_SETTINGS:
             if getattr(self, name):
                 setattr(self, name, absolute_path(getattr(self, name)))
-        if self.image_size < 8:
+        if self.model in list_models():  # the model's own minimum and size multiple, named in the message
+            check_image_size(self.model, self.image_size)
+        elif self.image_size < 8:
             raise UserError(f"--image-size {self.image_size}: use at least 8 pixels")
         check_hash_settings(self.hash_size, self.dup_threshold, "--dup-threshold")
         self.train_config()  # validates the optimization settings early, before any data is read
@@ -361,7 +363,7 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
     if not ctx.is_main:
         dist_mod.finish(ctx)
         return out
-    summary = write_report(out)
+    summary = write_report(out, partial_ok=folds_to_run is not None)
     dist_mod.finish(ctx)
     summary_line = ", ".join(f"{m} {summary[m]['mean']:.3f}" for m in ("accuracy", "f1", "auc")
                              if summary.get(m) and summary[m]["mean"] is not None)

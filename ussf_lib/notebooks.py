@@ -91,10 +91,36 @@ def absolute_path_parameters(parameters: Mapping[str, Any], base: str | os.PathL
         path = Path(value).expanduser()
         path = path if path.is_absolute() else base_dir / path
         if not (path.is_dir() if kind == "folder" else path.is_file()):
-            raise UserError(f"{key}={value}: no such {kind} ({path}); relative paths start at the folder the "
+            what = f"is a {'file' if kind == 'folder' else 'folder'}, not a {kind}" if path.exists() else f"no such {kind}"
+            raise UserError(f"{key}={value}: {what} ({path}); relative paths start at the folder the "
                             f"command runs in ({base_dir.resolve()})")
         out[key] = os.path.abspath(path)
     return out
+
+
+def check_values(values: Mapping[str, Any], where: str) -> None:
+    """Refuse, before a kernel starts, the values a notebook's first cells would refuse (``where`` names it).
+
+    ``values`` are a notebook's parameters with its defaults filled in: ``MODEL`` / ``MODELS`` must be registry
+    names that take ``IMAGE_SIZE``, ``FOLDS`` at least 2, ``EPOCHS``, ``BATCH_SIZE`` and ``N_PER_CLASS`` at
+    least 1, and ``SEED`` a valid seed.
+    """
+    from ussf_lib.models.registry import check_image_size
+    from ussf_lib.train import check_seed
+
+    size = values.get("IMAGE_SIZE", 224)
+    models = [values["MODEL"]] if "MODEL" in values else []
+    models += [m.strip() for m in str(values.get("MODELS", "")).split(",") if m.strip()]
+    try:
+        for name in models:
+            check_image_size(name, size)
+        if "SEED" in values:
+            check_seed(values["SEED"])
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    for key, least in (("FOLDS", 2), ("EPOCHS", 1), ("BATCH_SIZE", 1), ("N_PER_CLASS", 1)):
+        if key in values and values[key] < least:
+            raise UserError(f"{where}: {key}={values[key]} must be at least {least}")
 
 
 def resolve_out_dir(out_dir: str | os.PathLike) -> Path:
@@ -378,6 +404,10 @@ def run_notebooks(out: str | os.PathLike, *, parameters: Mapping[str, Any] | Non
               for path in paths}
     checked = {path: absolute_path_parameters(check_parameters(path, chosen[path], declared[path]))
                for path in paths}  # all checked before anything is written
+    for path in paths:
+        check_values({**declared[path], **checked[path]}, path.stem)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder; choose a folder for the executed notebooks")
     out.mkdir(parents=True, exist_ok=True)
     executed, failures, record = [], [], []
     cv_run: Path | None = None

@@ -583,8 +583,13 @@ def _patient_rng(seed: int, label: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(key))
 
 
+#: Views per synthetic patient, (fewest, most).
+PHANTOM_IMAGES_PER_PATIENT: tuple[int, int] = (8, 10)
+
+
 def generate_phantom(out: str | Path, n_per_class: int = 250, image_size: int = 224, seed: int = 0,
-                     classes: Sequence[str] = PAPER_CLASSES, images_per_patient: tuple[int, int] = (8, 10),
+                     classes: Sequence[str] = PAPER_CLASSES,
+                     images_per_patient: tuple[int, int] = PHANTOM_IMAGES_PER_PATIENT,
                      progress: bool = False) -> Path:
     """Write ``OUT/<class>/<patient>_<k>.png`` for each class plus ``OUT/manifest.csv`` (``path,label,patient``).
 

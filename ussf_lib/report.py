@@ -7,6 +7,7 @@ Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -85,15 +86,28 @@ def table2_beside_paper(run_dir: str | Path) -> pd.DataFrame:
     return table
 
 
-def write_report(run_dir: str | Path) -> dict:
-    """Write summary.json, per_class.csv, results.csv/.md, fold metrics and the figures; return the summary."""
+def write_report(run_dir: str | Path, partial_ok: bool = False) -> dict:
+    """Write summary.json, per_class.csv, results.csv/.md, fold metrics and the figures; return the summary.
+
+    The tables cover the folds that have a ``predictions.csv``. When the run's config names more folds the run
+    is unfinished: that is a :class:`UserError` (nothing is rewritten), or with ``partial_ok`` (a run of
+    chosen folds) a warning naming the missing ones.
+    """
     run_dir = Path(run_dir)
     classes = run_classes(run_dir)
     pred = load_predictions(run_dir)
     summary, per_class = summarize_predictions(pred, classes)
     summary["classes"] = list(classes)
     config_file = run_dir / "config.json"
-    model = json.loads(config_file.read_text()).get("model") if config_file.is_file() else None
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    model = config.get("model")
+    missing = sorted(set(range(int(config.get("folds", 0)))) - {int(k) for k in pred["fold"].unique()})
+    if missing:
+        message = (f"{run_dir}: fold(s) {missing} of {config['folds']} have no predictions.csv, so the run is "
+                   f"unfinished; finish it with `ussf cv --resume {run_dir}`")
+        if not partial_ok:
+            raise UserError(message + " (nothing was rewritten)")
+        warnings.warn(message + "; the tables cover the other folds only", stacklevel=2)
     summary["model"] = model
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     per_class.to_csv(run_dir / "per_class.csv", index=False)

@@ -37,6 +37,16 @@ from ussf_lib.meta import PAPER_PROTOCOL
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+#: Seeds are whole numbers NumPy accepts everywhere (scikit-learn's folds pass them to RandomState).
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int) -> None:
+    """Raise :class:`UserError` for a seed that is not a whole number from 0 to :data:`MAX_SEED`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed}: use a whole number from 0 to {MAX_SEED}")
+
+
 @dataclass
 class TrainConfig:
     """Optimization settings; the defaults are the paper's protocol (section 2.4)."""
@@ -59,8 +69,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if not self.lr > 0:
-            raise UserError(f"--lr {self.lr}: the learning rate must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr {self.lr}: the learning rate must be a positive number, e.g. 1e-3")
+        check_seed(self.seed)
         if not self.weight_decay >= 0:
             raise UserError(f"--weight-decay {self.weight_decay}: must be 0 or more (the paper uses 1e-4)")
         if len(self.betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in self.betas):
@@ -337,6 +348,9 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
         loss_sum, correct, seen = dist_mod.all_reduce_sum([loss_sum.item(), float(correct.item()), seen], ctx, device)
         val_loss, probs = _evaluate_split(step_model if not ctx.enabled else model, dev_images, targets, test_idx,
                                           cfg, mean, std, ctx, device)
+        if not np.isfinite(probs).all():  # finite training loss, but the weights themselves overflowed
+            raise NonFiniteLossError(f"fold {fold}: the model's outputs on its test images became non-finite after "
+                                     f"epoch {epoch + 1}; lower --lr (now {cfg.lr}) or use --amp off")
         val_acc = float((probs.argmax(1) == targets[test_idx]).mean()) if len(test_idx) else math.nan
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],

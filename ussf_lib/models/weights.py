@@ -52,6 +52,8 @@ def load_weights(model: nn.Module, path: str | Path, *, head: str, model_name: s
     match by name and shape, else :class:`UserError` says how the file differs.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"weights file {path} is a folder; pass the state-dict file itself (.pt / .pth)")
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; pass the path of a saved state dict (.pt / .pth)")
     try:
