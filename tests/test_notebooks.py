@@ -340,6 +340,15 @@ def test_a_failing_notebook_is_reported_with_its_executed_copy(tmp_path, capsys)
     assert record[0]["status"].startswith("failed") and record[0]["parameters"]["DATA"] == str(one_class.parent)
 
 
+@pytest.mark.slow
+def test_a_notebook_run_prints_only_its_own_lines(tmp_path, capfd):
+    from ussf_lib.cli import main
+
+    assert main(["notebooks", "--out", str(tmp_path / "nb"), "--only", "03"]) == 0
+    out, err = capfd.readouterr()  # file descriptors: the kernel is another process
+    assert err == "" and out.splitlines()[-1] == f"1 notebook(s) executed into {tmp_path / 'nb'}", (out, err)
+
+
 def test_values_a_notebook_would_refuse_are_refused_before_a_kernel_starts(tmp_path, capsys):
     from ussf_lib.cli import main
 

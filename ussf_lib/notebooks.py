@@ -361,8 +361,11 @@ def execute_notebook(notebook: str | os.PathLike, output: str | os.PathLike, par
     notebook, output = Path(notebook), Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
+        # The kernel's own log (not the notebook's output) warns on every start that its local TCP sockets are
+        # unencrypted; only its errors reach the terminal.
         papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters), kernel_name=KERNEL_NAME,
-                                   progress_bar=progress, log_output=False, cwd=str(cwd or notebook.parent))
+                                   progress_bar=progress, log_output=False, cwd=str(cwd or notebook.parent),
+                                   extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except PapermillExecutionError as exc:
         raise NotebookError(f"{notebook.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
                             f"(traceback in the executed copy {output})") from None
