@@ -16,6 +16,7 @@ import nbformat
 import pytest
 from PIL import Image
 
+from ussf_lib import notebook_runner as runner
 from ussf_lib import notebooks as nbs
 from ussf_lib.errors import UserError
 
@@ -24,7 +25,7 @@ NOTEBOOK_DIR = REPO / "notebooks"
 EXPECTED = ["01_explore_data", "02_image_spectra", "03_build_conv_fft_block", "04_train_cross_validation",
             "05_evaluate_confusion_matrices", "06_compare_baselines"]
 #: Every numbered notebook in the folder (later notebooks follow the same rules).
-ALL = sorted(p.stem for p in NOTEBOOK_DIR.glob(nbs.NOTEBOOK_GLOB))
+ALL = sorted(p.stem for p in NOTEBOOK_DIR.glob(runner.NOTEBOOK_GLOB))
 #: Every notebook parameter, and the CLI flag that means the same (None: notebook-only).
 VOCABULARY = {
     "DATA": "--data", "MANIFEST": "--manifest", "GROUP_COL": "--group-col", "N_PER_CLASS": "--n-per-class",
@@ -82,10 +83,10 @@ def logic_lines(source: str) -> int:
 
 
 def test_the_numbered_notebooks_are_found_in_order():
-    assert [p.stem for p in nbs.notebook_paths()] == ALL and ALL[:len(EXPECTED)] == EXPECTED
-    assert [p.stem for p in nbs.notebook_paths(["03", "01_explore_data"])] == [EXPECTED[2], EXPECTED[0]]
+    assert [p.stem for p in runner.notebook_paths()] == ALL and ALL[:len(EXPECTED)] == EXPECTED
+    assert [p.stem for p in runner.notebook_paths(["03", "01_explore_data"])] == [EXPECTED[2], EXPECTED[0]]
     with pytest.raises(UserError, match="not found"):
-        nbs.notebook_paths(["99"])
+        runner.notebook_paths(["99"])
 
 
 @pytest.mark.parametrize("stem", ALL)
@@ -133,7 +134,7 @@ def test_parameters_are_literals_with_ci_safe_defaults(stem):
         if name in values:
             assert values[name] == default and type(values[name]) is type(default), f"{name} = {values[name]!r}"
     # papermill reads the same names (comments with quotes or '=' can make it skip a line silently)
-    assert list(nbs.declared_parameters(NOTEBOOK_DIR / f"{stem}.ipynb")) == list(values)
+    assert list(runner.declared_parameters(NOTEBOOK_DIR / f"{stem}.ipynb")) == list(values)
 
 
 def test_parameter_names_match_the_cli_flags():
@@ -154,25 +155,25 @@ def test_parameter_names_match_the_cli_flags():
 
 
 def test_parse_assignments_and_type_checks():
-    assert nbs.parse_assignments(["EPOCHS=2", "MODEL=us_sfnet", "CUTOFF=1e-1", "INTERACTIVE=true",
+    assert runner.parse_assignments(["EPOCHS=2", "MODEL=us_sfnet", "CUTOFF=1e-1", "INTERACTIVE=true",
                                   "DATA=../shared/datasets/busi", "RUN_DIR="]) == {
         "EPOCHS": 2, "MODEL": "us_sfnet", "CUTOFF": 0.1, "INTERACTIVE": True,
         "DATA": "../shared/datasets/busi", "RUN_DIR": ""}
     with pytest.raises(UserError, match="KEY=VALUE"):
-        nbs.parse_assignments(["EPOCHS"])
+        runner.parse_assignments(["EPOCHS"])
     nb = NOTEBOOK_DIR / "02_image_spectra.ipynb"
-    assert nbs.check_parameters(nb, {"CUTOFF": 1, "DATA": 5}) == {"CUTOFF": 1.0, "DATA": "5"}
+    assert runner.check_parameters(nb, {"CUTOFF": 1, "DATA": 5}) == {"CUTOFF": 1.0, "DATA": "5"}
     with pytest.raises(UserError, match="IMAGE_SIZE takes values of type int"):
-        nbs.check_parameters(nb, {"IMAGE_SIZE": "big"})
+        runner.check_parameters(nb, {"IMAGE_SIZE": "big"})
     with pytest.raises(UserError, match="has no parameter 'EPOCHS'; its parameters are DATA"):
-        nbs.check_parameters(nb, {"EPOCHS": 1})
+        runner.check_parameters(nb, {"EPOCHS": 1})
 
 
 def test_run_notebooks_rejects_bad_parameters_before_running(tmp_path):
     with pytest.raises(UserError, match="no notebook has the parameter 'EPOCS'"):
-        nbs.run_notebooks(tmp_path / "a", parameters={"EPOCS": 1})
+        runner.run_notebooks(tmp_path / "a", parameters={"EPOCS": 1})
     with pytest.raises(UserError, match="OUT_DIR is set per notebook"):
-        nbs.run_notebooks(tmp_path / "b", parameters={"OUT_DIR": "x"})
+        runner.run_notebooks(tmp_path / "b", parameters={"OUT_DIR": "x"})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -198,12 +199,12 @@ def test_command_line_paths_start_at_the_current_folder(tmp_path, monkeypatch, c
     (tmp_path / "tree").mkdir()
     (tmp_path / "m.csv").write_text("path,label\n")
     monkeypatch.chdir(tmp_path)
-    resolved = nbs.absolute_path_parameters({"DATA": "tree", "MANIFEST": "m.csv", "RUN_DIR": "", "EPOCHS": 2})
+    resolved = runner.absolute_path_parameters({"DATA": "tree", "MANIFEST": "m.csv", "RUN_DIR": "", "EPOCHS": 2})
     assert resolved == {"DATA": str(tmp_path / "tree"), "MANIFEST": str(tmp_path / "m.csv"), "RUN_DIR": "", "EPOCHS": 2}
     for key, value, what in (("DATA", "m.csv", "is a file, not a folder"), ("MANIFEST", "tree", "is a folder, not a file"),
                              ("RUN_DIR", "nope", "no such folder")):
         with pytest.raises(UserError, match=rf"{key}={value}: {what} \({tmp_path / value}\)"):
-            nbs.absolute_path_parameters({key: value})
+            runner.absolute_path_parameters({key: value})
     # refused before any kernel starts or anything is written
     assert main(["notebooks", "--out", "nb", "--only", "04", "--param", "DATA=missing"]) == 2
     err = capsys.readouterr().err.strip()
@@ -244,7 +245,7 @@ def test_resume_or_replace_keeps_a_matching_run_and_replaces_another(tmp_path):
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
     out = tmp_path_factory.mktemp("notebooks")
-    paths = nbs.run_notebooks(out, log=lambda line: None)
+    paths = runner.run_notebooks(out, log=lambda line: None)
     return out, paths
 
 

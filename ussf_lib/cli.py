@@ -385,7 +385,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_main_job(args: argparse.Namespace) -> int:
     """`make run`: the numbered notebooks in order (04 trains the main job's cross-validation, 05 evaluates it),
     or with ``--no-notebooks`` the same cross-validation through :func:`run_cv` directly."""
-    from ussf_lib.notebooks import RUN_SUBDIR, NotebookError, notebook_paths, notebooks_dir, run_notebooks
+    from ussf_lib.notebook_runner import NotebookError, notebook_paths, run_notebooks
+    from ussf_lib.notebooks import RUN_SUBDIR, notebooks_dir
 
     out = Path(args.out or default_run_dir("main"))
     settings = {"MODEL": args.model, "N_PER_CLASS": args.n_per_class, "IMAGE_SIZE": args.image_size,
@@ -436,7 +437,7 @@ def _main_job_cv(out: Path, settings: dict) -> Path:
 
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
-    from ussf_lib.notebooks import NotebookError, parse_assignments, run_notebooks
+    from ussf_lib.notebook_runner import NotebookError, parse_assignments, run_notebooks
 
     try:
         done = run_notebooks(args.out, parameters=parse_assignments(args.param), notebooks=args.only)

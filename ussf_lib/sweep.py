@@ -49,8 +49,8 @@ import pandas as pd
 from ussf_lib.errors import UserError
 from ussf_lib.meta import METRIC_NAMES
 from ussf_lib.metrics import format_mean_std
-from ussf_lib.notebooks import (NotebookError, absolute_path_parameters, check_parameters, check_values,
-                                declared_parameters, execute_notebook, notebook_paths)
+from ussf_lib.notebook_runner import (NotebookError, absolute_path_parameters, check_parameters, check_values,
+                                      declared_parameters, execute_notebook, notebook_paths)
 from ussf_lib.placement import Placed, parse_devices, placed_device, run_placed
 
 #: The axis averaged over in ``summary.md``.
