@@ -113,3 +113,13 @@ def test_quick_preset_and_errors():
 def test_cuda_requested_without_cuda_is_a_user_error():
     with pytest.raises(UserError, match="CUDA"):
         run_bench(BenchConfig(device="cuda", **TINY))
+
+
+def test_help_states_the_quick_presets_own_numbers(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default 10; --quick {bench.QUICK['iters']})" in text
+    assert f"(default 3; --quick {bench.QUICK['warmup']})" in text
+    assert f"(default 64; --quick {bench.QUICK['batch_size']})" in text
+    assert BenchConfig().iters == 10 and BenchConfig().warmup == 3 and BenchConfig().batch_size == 64

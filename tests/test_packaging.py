@@ -40,3 +40,15 @@ def test_ci_runs_exactly_make_test():
 def test_outputs_are_ignored_by_git():
     ignored = (REPO / ".gitignore").read_text().split()
     assert "runs/" in ignored and ".venv/" in ignored
+
+
+def test_jupyterlab_is_in_the_environment_the_readme_opens():
+    """README: `.venv/bin/jupyter lab` opens the notebooks, with the widgets of INTERACTIVE = True."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("jupyterlab") and importlib.util.find_spec("ipywidgets")
+    version = subprocess.run([sys.executable, "-m", "jupyterlab", "--version"], capture_output=True, text=True,
+                             timeout=120)
+    assert version.returncode == 0 and version.stdout.strip()[0].isdigit(), version.stderr

@@ -417,6 +417,8 @@ def test_resume_refuses_other_settings_and_works_from_another_folder(ref_run, tm
     (run / "folds" / "1" / "predictions.csv").unlink()
     before = _snapshot(run)
     for flags, match in ((["--epochs", "9"], "--epochs 9 (the run has 3)"),
+                         (["--epochs", "150"], "--epochs 150 (the run has 3)"),  # the flag's default, typed
+                         (["--model=us_sfnet"], "--model us_sfnet (the run has us_sfnet_tiny)"),
                          (["--model", "resnet18"], "--model resnet18 (the run has us_sfnet_tiny)"),
                          (["--data", str(tmp_path)], f"--data {tmp_path} (the run has {config['data']})")):
         capsys.readouterr()
@@ -430,6 +432,7 @@ def test_resume_refuses_other_settings_and_works_from_another_folder(ref_run, tm
     # from another folder, with a setting given again unchanged and one a resume may change (--device)
     assert main(["cv", "--resume", "../run", "--no-progress", "--epochs", "3", "--device", "cpu"]) == 0
     assert (run / "folds" / "1" / "predictions.csv").is_file() and list(elsewhere.iterdir()) == []
+    assert json.loads((run / "config.json").read_text())["out"] == str(run)  # absolute, though typed relative
 
 
 def test_resume_refuses_data_that_changed(tmp_path, capsys):

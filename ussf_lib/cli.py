@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 EXIT_USER_ERROR = 2
 
-#: The CPU-sized main job of `make run`: under 10 minutes on 2 cores (README "Main job" gives the measured time).
+#: The CPU-sized main job of `make run`: under 10 minutes on 2 cores (README "Two commands" gives the measured time).
 MAIN_JOB = {"model": "us_sfnet_tiny", "n_per_class": 100, "image_size": 64, "epochs": 8, "folds": 5, "batch_size": 32}
 
 
@@ -108,6 +108,21 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
+def add_cv_args(p: argparse.ArgumentParser) -> None:
+    add_data_args(p)
+    p.add_argument("--model", default="us_sfnet", help="registry name: us_sfnet, us_sfnet_tiny, densenet121, ...")
+    add_train_args(p)
+    p.add_argument("--out", help="run folder to create (default runs/<time>_<model>)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder with its own settings")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave unreadable images out (listed in RUN/skipped.csv) instead of stopping")
+    p.add_argument("--no-dedup-folds", dest="dedup_folds", action="store_false",
+                   help="let exact and near-duplicate images fall into different folds (default: kept together)")
+    p.add_argument("--dup-threshold", type=int, default=4,
+                   help="near-duplicate: perceptual-hash distance in bits at most this (as ussf audit)")
+    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="ussf", description="US-SFNet toolkit: phantom data, cross-validation, "
                                      "prediction and reports. See README.md.")
@@ -123,18 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cv", help="k-fold cross-validation of one model into a run folder",
                        description="k-fold cross-validation of one model into a run folder. The defaults are the "
                        "paper's protocol (section 2.4): Adam, constant lr, 150 epochs, batch 64, 224 px, 5 folds.")
-    add_data_args(p)
-    p.add_argument("--model", default="us_sfnet", help="registry name: us_sfnet, us_sfnet_tiny, densenet121, ...")
-    add_train_args(p)
-    p.add_argument("--out", help="run folder to create (default runs/<time>_<model>)")
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder with its own settings")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave unreadable images out (listed in RUN/skipped.csv) instead of stopping")
-    p.add_argument("--no-dedup-folds", dest="dedup_folds", action="store_false",
-                   help="let exact and near-duplicate images fall into different folds (default: kept together)")
-    p.add_argument("--dup-threshold", type=int, default=4,
-                   help="near-duplicate: perceptual-hash distance in bits at most this (as ussf audit)")
-    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits")
+    add_cv_args(p)
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("compare", help="cross-validate several models on identical folds: Tables 1 and 2, paired tests")
@@ -166,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the FFT share and the size sweep always measure US-SFNet")
     p.add_argument("--image-size", type=_positive_int, help="image size of the throughput table (default 224)")
     p.add_argument("--batch-size", type=_positive_int, help="training batch (default 64; --quick 8)")
-    p.add_argument("--iters", type=_positive_int, help="timed steps per measurement (default 10; --quick 2)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
+    p.add_argument("--iters", type=_positive_int, help="timed steps per measurement (default 10; --quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 2)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("predict", help="class probabilities for images, from a fold checkpoint")
@@ -255,16 +259,16 @@ def cv_config_from_args(args: argparse.Namespace, **settings: Any) -> CVConfig:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from ussf_lib.experiment import load_config, run_cv
+    from ussf_lib.experiment import absolute_path, load_config, run_cv
 
     if args.resume:
         cfg = load_config(args.resume)
         _refuse_changed_settings(args, cfg)
-        cfg.out, cfg.progress = args.resume, args.progress
+        cfg.out, cfg.progress = absolute_path(args.resume), args.progress
         if args.device != "auto":
             cfg.device = args.device
         if args.cache_dir:
-            cfg.cache_dir = args.cache_dir
+            cfg.cache_dir = absolute_path(args.cache_dir)
         run_cv(cfg, resume=True)
         return 0
     if args.data is None and args.manifest is None:
@@ -282,11 +286,17 @@ def _refuse_changed_settings(args: argparse.Namespace, saved: CVConfig) -> None:
     """``--resume RUN`` continues with RUN's own settings: a flag given with another value is refused, not ignored."""
     from ussf_lib.experiment import PATH_SETTINGS, absolute_path
 
-    defaults = vars(build_parser().parse_args(["cv"]))
+    # Which flags were typed: argparse leaves a setting that already has a value alone unless its flag is given.
+    unset = object()
+    names = (*_CV_FLAG_SETTINGS, "model", "out")
+    typed = argparse.Namespace(**{name: unset for name in names})
+    cv_flags = OneLineErrorParser(prog="ussf cv")
+    add_cv_args(cv_flags)
+    cv_flags.parse_known_args(list(args.argv)[1:], typed)
     changed = []
-    for name in (*_CV_FLAG_SETTINGS, "model", "out"):
+    for name in names:
         given = getattr(args, name)
-        if name in _RESUME_FREE_FLAGS or given == defaults[name]:
+        if name in _RESUME_FREE_FLAGS or getattr(typed, name) is unset:
             continue  # not given on the command line
         if name in PATH_SETTINGS:
             given = absolute_path(given)
@@ -369,8 +379,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.data and args.data_dir and args.data != args.data_dir:
         raise UserError(f"ussf audit got two data folders, {args.data_dir} and --data {args.data}; give one")
     data = args.data or args.data_dir
-    if (data is None) == (args.manifest is None):
-        raise UserError("ussf audit needs --data DIR (class-folder tree) or --manifest CSV, not both")
+    if data is None and args.manifest is None:
+        raise UserError("ussf audit needs --data DIR (class-folder tree) or --manifest CSV")
+    if data is not None and args.manifest is not None:
+        raise UserError("ussf audit got --data and --manifest; give one of them")
     index = load_index(data, args.manifest, classes=args.classes)
     if args.out:
         index.check_outside(args.out, "--out")  # before the slow part
@@ -481,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_USER_ERROR
     func: Callable[[argparse.Namespace], int] = args.func
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what was typed, for `cv --resume`
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

@@ -6,11 +6,12 @@ notebook can run on this stand-in instead. It is a teaching and testing phantom,
 Physics (a simplified version of the linear convolution model behind Field II, Jensen 1996)
 -------------------------------------------------------------------------------------------
 1. A *tissue echogenicity map* in dB is built in millimetres: skin line, subcutaneous fat with echogenic
-   septa, a fascia line, a striated muscle layer, deep soft tissue, sometimes an anechoic vessel, and the
+   septa, superficial and deep fascia lines, a striated muscle layer, deep soft tissue, sometimes an anechoic vessel, and the
    lymph node drawn with the morphology of its class (below).
 2. *Scatterers*: every grid point carries a circular complex Gaussian amplitude whose variance is the
    echogenicity there (fully developed speckle: many sub-resolution scatterers per cell, Rayleigh envelope),
-   plus coherent bright reflectors (fascia, capsule, calcifications).
+   with bright reflectors (fascia, capsule, calcifications) added to that amplitude as random-phase scatterers
+   too, so they speckle like tissue.
 3. *Attenuation*: a per-pixel attenuation map (dB/mm, round trip, scaled with the transmit frequency) is
    integrated along depth, so fluid (necrosis, vessels, pseudo-cystic lymphoma) gives posterior enhancement
    and calcifications cast an acoustic shadow.

@@ -1,7 +1,8 @@
 """Load a fold checkpoint and classify images with it (``ussf predict``).
 
 Checkpoints are read with ``weights_only=True``: they hold tensors and plain metadata only, so loading one
-never executes code. Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+never executes code. No notebook loads a model (05 evaluates from ``predictions.csv`` alone); this is the
+command line's way to use a trained fold, and ``run_cv``'s way to check a checkpoint before resuming it.
 """
 
 from __future__ import annotations

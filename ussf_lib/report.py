@@ -58,7 +58,7 @@ def results_table(summary: dict, model: str | None = None) -> pd.DataFrame:
                "mean_pct": None if mean is None else round(100 * mean, 2),
                "std_pct": None if std is None else round(100 * std, 2),
                "mean ± std (%)": "n/a" if mean is None else format_mean_std(mean, std if std is not None else float("nan"))}
-        if model and model.startswith("us_sfnet") and list(summary.get("classes", [])) == list(PAPER_CLASSES):
+        if model and model.startswith("us_sfnet") and set(summary.get("classes", [])) == set(PAPER_CLASSES):
             row["paper US-SFNet (%)"] = headline.get(name)
         rows.append(row)
     return pd.DataFrame(rows)
