@@ -157,7 +157,7 @@ def test_main_job_checks_its_settings_before_writing(tmp_path, capsys):
     assert "at least 2 folds" in capsys.readouterr().err and not out.exists()
     # 10 images per class make one synthetic patient per class, and folds never split a patient
     assert main(["main-job", "--no-notebooks", "--out", str(out), *TINY_MAIN_JOB, "--n-per-class", "10"]) == 2
-    assert "use --n-per-class 18 or more" in capsys.readouterr().err and not out.exists()
+    assert "use --n-per-class 11 or more" in capsys.readouterr().err and not out.exists()
 
 
 def test_main_job_executes_the_notebooks_with_its_settings(tmp_path, capsys):

@@ -356,7 +356,7 @@ def test_values_a_notebook_would_refuse_are_refused_before_a_kernel_starts(tmp_p
     for params, match in ((["MODEL=no_such_model"], "04_train_cross_validation: unknown model 'no_such_model'"),
                           (["FOLDS=1"], "04_train_cross_validation: FOLDS=1 must be at least 2"),
                           (["04:FOLDS=5"], "04_train_cross_validation: the phantom's N_PER_CLASS=16 images per class "
-                                           "make 2 patient(s), fewer than FOLDS=5; use N_PER_CLASS=45 or more"),
+                                           "make 2 patient(s), fewer than FOLDS=5; use N_PER_CLASS=41 or more"),
                           (["04:MODEL=vit_b_16", "IMAGE_SIZE=40"], "04_train_cross_validation: image_size=40 is not a "
                                                                    "multiple of 16")):
         argv = ["notebooks", "--out", str(tmp_path / "nb"), "--only", "04"]

@@ -19,7 +19,9 @@ from ussf_lib.phantom import (
     NODE_MASK_VALUES,
     PHANTOM_CLASSES,
     generate_phantom,
+    min_images_per_class,
     patient_sizes,
+    patients_per_class,
     render_node,
     render_view,
     sample_patient,
@@ -194,6 +196,15 @@ def test_patient_sizes_cover_the_images(n):
         assert all(8 <= s <= 10 for s in sizes)
     else:
         assert max(sizes) - min(sizes) <= 1
+
+
+def test_patients_per_class_counts_what_generate_phantom_writes(tmp_path):
+    manifest = generate_phantom(tmp_path / "ph", n_per_class=11, image_size=16, seed=3)
+    patients = {r["patient"] for r in read_manifest(manifest) if r["label"] == "benign"}
+    assert len(patients) == patients_per_class(11) == 2 and patients_per_class(10) == 1
+    for folds in (2, 3, 5, 10):
+        n = min_images_per_class(folds)
+        assert patients_per_class(n) >= folds > patients_per_class(n - 1)
 
 
 def test_refuses_a_folder_with_other_data_and_leaves_it_alone(tmp_path):

@@ -428,18 +428,15 @@ def _main_job_cv(out: Path, settings: dict) -> Path:
     from ussf_lib.cv import check_fold_feasible
     from ussf_lib.experiment import CVConfig, run_cv
     from ussf_lib.models.registry import check_image_size
-    import numpy as np
-
     from ussf_lib.notebooks import RUN_SUBDIR, phantom_manifest
-    from ussf_lib.phantom import PHANTOM_IMAGES_PER_PATIENT, patient_sizes
+    from ussf_lib.phantom import min_images_per_class, patients_per_class
 
     n, size, seed = settings["N_PER_CLASS"], settings["IMAGE_SIZE"], settings["SEED"]
-    # Settings are checked before the phantom is written; the patients per class are known only after.
+    # Checked before the phantom is written: folds never split a patient.
     check_image_size(settings["MODEL"], size)
-    n_patients = len(patient_sizes(n, PHANTOM_IMAGES_PER_PATIENT, np.random.default_rng(seed)))  # count needs no rng
+    n_patients = patients_per_class(n)
     check_fold_feasible(["any"] * n_patients, [str(i) for i in range(n_patients)], settings["FOLDS"],
-                        hint=f" (the phantom holds about 9 views per patient: use --n-per-class {9 * settings['FOLDS']} "
-                             "or more)")
+                        hint=f" (use --n-per-class {min_images_per_class(settings['FOLDS'])} or more)")
     manifest = out / "phantom" / "manifest.csv"
     cfg = CVConfig(out=str(out / RUN_SUBDIR), manifest=str(manifest), group_col="patient", classes=list(PAPER_CLASSES),
                    model=settings["MODEL"], folds=settings["FOLDS"], epochs=settings["EPOCHS"], image_size=size,

@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ussf_lib.errors import UserError
 from ussf_lib.notebooks import RUN_SUBDIR, notebooks_dir, resolve_path
 
@@ -74,7 +72,7 @@ def check_values(values: Mapping[str, Any], where: str) -> None:
     patients per class as ``FOLDS``.
     """
     from ussf_lib.models.registry import check_image_size
-    from ussf_lib.phantom import PHANTOM_IMAGES_PER_PATIENT, patient_sizes
+    from ussf_lib.phantom import min_images_per_class, patients_per_class
     from ussf_lib.train import check_seed
 
     size = values.get("IMAGE_SIZE", 224)
@@ -92,12 +90,11 @@ def check_values(values: Mapping[str, Any], where: str) -> None:
             raise UserError(f"{where}: {key}={values[key]} must be at least {least}")
     trains_on_phantom = models and not values.get("DATA") and not values.get("MANIFEST") and not values.get("RUN_DIR")
     if trains_on_phantom and "N_PER_CLASS" in values and "FOLDS" in values:
-        # Folds never split a patient, and the phantom gives each patient about 9 views.
         n, folds = values["N_PER_CLASS"], values["FOLDS"]
-        patients = len(patient_sizes(n, PHANTOM_IMAGES_PER_PATIENT, np.random.default_rng(0)))
-        if patients < folds:
-            raise UserError(f"{where}: the phantom's N_PER_CLASS={n} images per class make {patients} patient(s), "
-                            f"fewer than FOLDS={folds}; use N_PER_CLASS={9 * folds} or more")
+        if patients_per_class(n) < folds:
+            raise UserError(f"{where}: the phantom's N_PER_CLASS={n} images per class make {patients_per_class(n)} "
+                            f"patient(s), fewer than FOLDS={folds}; use N_PER_CLASS={min_images_per_class(folds)} "
+                            "or more")
 
 
 

@@ -65,12 +65,16 @@ __all__ = [
     "render_view",
     "render_node",
     "patient_sizes",
+    "patients_per_class",
+    "min_images_per_class",
     "generate_phantom",
     "is_phantom_folder",
 ]
 
 #: The phantom's classes: the paper's four, in the paper's order.
 PHANTOM_CLASSES: tuple[str, ...] = PAPER_CLASSES
+#: Views per synthetic patient, (fewest, most).
+PHANTOM_IMAGES_PER_PATIENT: tuple[int, int] = (8, 10)
 
 #: Values of the label mask that ``render_node(..., return_mask=True)`` returns.
 MASK_LABELS: dict[int, str] = {
@@ -547,6 +551,19 @@ def patient_sizes(n_images: int, images_per_patient: tuple[int, int], rng: np.ra
     return sizes
 
 
+def patients_per_class(n_per_class: int, images_per_patient: tuple[int, int] = PHANTOM_IMAGES_PER_PATIENT) -> int:
+    """How many synthetic patients :func:`generate_phantom` makes per class (the count does not depend on the seed)."""
+    return len(patient_sizes(n_per_class, images_per_patient, np.random.default_rng(0)))
+
+
+def min_images_per_class(folds: int, images_per_patient: tuple[int, int] = PHANTOM_IMAGES_PER_PATIENT) -> int:
+    """The smallest ``n_per_class`` that gives every class ``folds`` patients: grouped folds never split one."""
+    n = folds
+    while patients_per_class(n, images_per_patient) < folds:
+        n += 1
+    return n
+
+
 def is_phantom_folder(out: str | Path) -> bool:
     """True if ``out`` holds a manifest.csv whose header is the phantom's (``path,label,patient``)."""
     manifest = Path(out) / "manifest.csv"
@@ -582,10 +599,6 @@ def _patient_rng(seed: int, label: str, index: int) -> np.random.Generator:
     """Independent stream per (seed, class, patient): the first patients do not change with n_per_class."""
     key = [abs(int(seed)), int(int(seed) < 0), zlib.crc32(label.encode()), index]
     return np.random.default_rng(np.random.SeedSequence(key))
-
-
-#: Views per synthetic patient, (fewest, most).
-PHANTOM_IMAGES_PER_PATIENT: tuple[int, int] = (8, 10)
 
 
 def generate_phantom(out: str | Path, n_per_class: int = 250, image_size: int = 224, seed: int = 0,
