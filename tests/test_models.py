@@ -211,6 +211,36 @@ def test_channels_last_matches_contiguous():
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-4)
 
 
+def _frequency_branch_by_definition(branch: FrequencyBranch, x: torch.Tensor) -> torch.Tensor:
+    """The branch as the paper's figure reads: rfft2 -> cat(real, imag) -> convs -> split -> irfft2 (float32)."""
+    spec = torch.fft.rfft2(x.float(), norm=branch.fft_norm)
+    real, imag = torch.chunk(branch.convs(torch.cat([spec.real, spec.imag], dim=1)).float(), 2, dim=1)
+    return torch.fft.irfft2(torch.complex(real, imag), s=x.shape[-2:], norm=branch.fft_norm)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("hw", [(16, 16), (15, 9)])
+def test_frequency_branch_layout_copies_change_no_value(channels_last, hw):
+    """The branch writes the spectrum straight into the convolutions' layout; values and gradients must be
+    those of the plain cat/chunk formulation, and the output keeps the input's memory format."""
+    torch.manual_seed(0)
+    branch = FrequencyBranch(6)
+    randomize_norms(branch)
+    x = torch.randn(3, 6, *hw)
+    if channels_last:
+        branch, x = branch.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = branch(x)
+    expected = _frequency_branch_by_definition(branch, x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    grad, = torch.autograd.grad(out.square().sum(), x)
+    grad_expected, = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-5, atol=1e-6)
+    conv_weight_grad, = torch.autograd.grad(branch(x).sum(), branch.convs[0][0].weight)
+    assert conv_weight_grad.abs().sum() > 0
+
+
 def test_torch_compile_traces_without_graph_breaks():
     """fullgraph=True fails on any graph break; the 'eager' backend keeps this fast on CPU (inductor ~50 s)."""
     torch._dynamo.reset()

@@ -45,6 +45,7 @@ from ussf_lib.data import normalize_batch
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_MEAN, PAPER_STD
 from ussf_lib.models import build_model, check_image_size
+from ussf_lib.models.compiling import check_compile_settings, compile_model
 from ussf_lib.train import AMP_DTYPES, DeviceImages, autocast, make_optimizer, select_device
 
 #: Pipeline throughput wanted, as a multiple of US-SFNet's training throughput (docs/performance.md).
@@ -72,6 +73,8 @@ class BenchConfig:
     #: torch.compile every timed model (the warm-up steps include the compilation, which is not timed)
     compile: bool = False
     compile_backend: str = "inductor"  #: "aot_eager" only traces: a fast check of the path on CPU
+    compile_scope: str = "blocks"  #: see :func:`ussf_lib.models.compiling.compile_model`
+    compile_mode: str = "default"
     top_ops: int = 8  #: operators listed by self time in the profile of ``fft_model``
     device: str = "auto"
     num_classes: int = 4
@@ -84,6 +87,7 @@ class BenchConfig:
             raise UserError("bench: no models; pass --models us_sfnet,densenet121")
         if self.amp not in AMP_DTYPES:
             raise UserError(f"--amp {self.amp}: use one of {', '.join(AMP_DTYPES)}")
+        check_compile_settings(self.compile_scope, self.compile_mode)
         for name in ("batch_size", "iters", "profile_iters", "pipeline_images", "pipeline_iters", "image_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"bench: {name}={getattr(self, name)} must be at least 1")
@@ -130,7 +134,9 @@ def _prepare(model: nn.Module, device: torch.device, cfg: BenchConfig) -> nn.Mod
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
+    if not cfg.compile:
+        return model
+    return compile_model(model, backend=cfg.compile_backend, scope=cfg.compile_scope, mode=cfg.compile_mode)[0]
 
 
 def _input(batch: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -359,7 +365,9 @@ def run_bench(cfg: BenchConfig | None = None, log: Callable[[str], None] = print
 def format_bench(result: dict[str, Any]) -> str:
     """The result as markdown tables (what ``ussf bench`` prints)."""
     cfg = result["config"]
-    flags = f"amp {cfg['amp']}, channels_last {cfg['channels_last']}" + (", compiled" if cfg.get("compile") else "")
+    flags = f"amp {cfg['amp']}, channels_last {cfg['channels_last']}"
+    if cfg.get("compile"):  # JSON files written before --compile-scope existed compiled the whole model
+        flags += f", compiled ({cfg.get('compile_scope', 'model')}, mode {cfg.get('compile_mode', 'default')})"
     head = (f"device {result['device']}" + (f" ({result['gpu']})" if result.get("gpu") else f" ({result['cpu']}, "
             f"{result['torch_threads']} threads)") + f", torch {result['torch']}, {flags}, {result['date']}"
             + (f", load average {result['load_avg_start'][0]} at start" if result.get("load_avg_start") else ""))

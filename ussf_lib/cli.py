@@ -84,6 +84,18 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=_csv_list, help="class order, comma-separated (default: sorted names)")
 
 
+#: ussf_lib.models.compiling.COMPILE_SCOPES / COMPILE_MODES, spelled out so that --help does not import torch.
+_COMPILE_SCOPES = ("blocks", "model")
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _add_compile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-scope", choices=_COMPILE_SCOPES, default="blocks",
+                   help="with --compile: each repeated block compiled alone (fast to compile) or the whole model")
+    p.add_argument("--compile-mode", choices=_COMPILE_MODES, default="default",
+                   help="with --compile: torch.compile mode (reduce-overhead adds CUDA graphs)")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=_positive_int, default=PAPER_PROTOCOL["folds"],
                    help="cross-validation folds, stratified by class and grouped by patient")
@@ -103,6 +115,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (FFT stays float32)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    _add_compile_options(p)
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
     p.add_argument("--weights", dest="weights_path", metavar="FILE", help="local state-dict file to start from (nothing is downloaded)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -165,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision in the measured steps")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format in the measured steps")
     p.add_argument("--compile", action="store_true", help="torch.compile each timed model (compilation is not timed)")
+    _add_compile_options(p)
     p.add_argument("--sizes", type=_csv_list, help="image sizes of the cost-growth sweep (default 64,128,224,448)")
     p.add_argument("--models", type=_csv_list, help="models in the throughput table (default us_sfnet,densenet121[,resnet101]); "
                    "the FFT share and the size sweep always measure US-SFNet")
@@ -247,7 +261,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 #: CVConfig settings that `ussf cv` and `ussf compare` take from flags of the same name.
 _CV_FLAG_SETTINGS = ("data", "manifest", "group_col", "classes", "weights_path", "folds", "image_size",
                      "normalization", "splits", "cache_dir", "device", "epochs", "batch_size", "lr", "weight_decay",
-                     "seed", "amp", "channels_last", "compile", "deterministic", "progress", "skip_bad",
+                     "seed", "amp", "channels_last", "compile", "compile_scope", "compile_mode", "deterministic", "progress", "skip_bad",
                      "dedup_folds", "dup_threshold", "hash_size")
 
 
@@ -340,7 +354,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError(f"--sizes {','.join(args.sizes)}: give positive whole pixel sizes, e.g. --sizes 64,224")
         sizes = tuple(int(s) for s in args.sizes)
     cfg = bench_config_from(args.quick, device=args.device, amp=args.amp, channels_last=args.channels_last,
-                            compile=args.compile or None, scale_sizes=sizes,
+                            compile=args.compile or None, compile_scope=args.compile_scope,
+                            compile_mode=args.compile_mode, scale_sizes=sizes,
                             models=tuple(args.models) if args.models else None, image_size=args.image_size,
                             batch_size=args.batch_size, iters=args.iters, warmup=args.warmup)
     if args.json:

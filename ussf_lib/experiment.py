@@ -87,6 +87,8 @@ class CVConfig:
     channels_last: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
+    compile_scope: str = "blocks"
+    compile_mode: str = "default"
     deterministic: bool = False
     progress: bool = True
     skip_bad: bool = False

@@ -33,6 +33,7 @@ from ussf_lib.data import normalize_batch
 from ussf_lib.distributed import DistContext
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_PROTOCOL
+from ussf_lib.models.compiling import check_compile_settings, compile_model
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,6 +63,9 @@ class TrainConfig:
     compile: bool = False
     #: torch.compile backend; "inductor" generates kernels, "aot_eager" only traces (fast checks on CPU).
     compile_backend: str = "inductor"
+    #: "blocks": each Conv-FFT (or ResNet/DenseNet) block compiled alone; "model": one graph (models.compiling)
+    compile_scope: str = "blocks"
+    compile_mode: str = "default"  #: torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
     deterministic: bool = False
     progress: bool = True
 
@@ -78,6 +82,7 @@ class TrainConfig:
             raise UserError(f"betas {tuple(self.betas)}: Adam needs two values in [0, 1), e.g. (0.9, 0.999)")
         if self.amp not in AMP_DTYPES:
             raise UserError(f"--amp {self.amp}: use one of {', '.join(AMP_DTYPES)}")
+        check_compile_settings(self.compile_scope, self.compile_mode)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,7 +309,12 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_model = torch.compile(wrapped, backend=cfg.compile_backend) if cfg.compile else wrapped
+    step_model = wrapped
+    if cfg.compile:
+        # Blocks are compiled in place inside the DDP wrapper; a whole-model compile wraps DDP itself.
+        step_model, how = compile_model(wrapped, backend=cfg.compile_backend, scope=cfg.compile_scope,
+                                        mode=cfg.compile_mode)
+        log(f"fold {fold}: {how}")
     # Under DDP each process takes its share of every global batch.
     local_batch = math.ceil(cfg.batch_size / ctx.world)
     probs = np.zeros((len(test_idx), 0))

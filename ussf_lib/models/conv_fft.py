@@ -103,20 +103,51 @@ class FrequencyBranch(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        height, width = x.shape[-2], x.shape[-1]
-        no_autocast = torch.autocast(device_type=x.device.type, enabled=False)
+        batch, channels, height, width = x.shape
+        device_type = x.device.type
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        no_autocast = torch.autocast(device_type=device_type, enabled=False)
+        conv_dtype = torch.float32
+        if self.freq_autocast and torch.is_autocast_enabled(device_type):
+            conv_dtype = torch.get_autocast_dtype(device_type)
         with no_autocast:
-            spec = torch.fft.rfft2(x.float(), norm=self.fft_norm)  # (B, C, H, W//2+1), complex64
-        stacked = torch.cat([spec.real, spec.imag], dim=1)  # (B, 2C, H, W//2+1), float32
+            # One copy casts to float32 and lays the planes out as cuFFT wants them (no copy inside rfft2).
+            spec = torch.fft.rfft2(x.to(torch.float32, memory_format=torch.contiguous_format), norm=self.fft_norm)
+            stacked = _stack_real_imag(spec, conv_dtype, channels_last)  # (B, 2C, H, W//2+1): [real | imag]
         if self.freq_autocast:
             z = self.convs(stacked)  # in autocast's dtype when autocast is on
         else:
             with no_autocast:
                 z = self.convs(stacked)
         with no_autocast:
-            real, imag = torch.chunk(z.float(), 2, dim=1)
-            y = torch.fft.irfft2(torch.complex(real, imag), s=(height, width), norm=self.fft_norm)
-        return y.to(x.dtype)
+            y = torch.fft.irfft2(_unstack_real_imag(z), s=(height, width), norm=self.fft_norm)
+        # Back in the input's dtype and memory format, so the block's sum adds like-for-like tensors.
+        return y.to(x.dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _stack_real_imag(spec: Tensor, dtype: torch.dtype, channels_last: bool) -> Tensor:
+    """``cat([spec.real, spec.imag], dim=1)`` as ``dtype`` in the wanted memory format, written by one copy.
+
+    The eager ``cat`` -> autocast cast -> cuDNN layout change took three copies of the spectrum; here the
+    real/imaginary axis of ``view_as_real`` is moved beside the channels and one ``.to`` writes the result.
+    """
+    b, c, h, w = spec.shape
+    parts = torch.view_as_real(spec)  # (B, C, H, W', 2) float32 view, no copy
+    if channels_last:  # memory (B, H, W', 2, C) is (B, 2C, H, W') in channels-last
+        return _dense_copy(parts.permute(0, 2, 3, 4, 1), dtype).reshape(b, h, w, 2 * c).permute(0, 3, 1, 2)
+    return _dense_copy(parts.permute(0, 4, 1, 2, 3), dtype).reshape(b, 2 * c, h, w)
+
+
+def _unstack_real_imag(z: Tensor) -> Tensor:
+    """Inverse of :func:`_stack_real_imag`: ``(B, 2C, H, W')`` real -> ``(B, C, H, W')`` complex64, one copy."""
+    b, c2, h, w = z.shape
+    parts = z.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 4, 1)  # (B, C, H, W', 2), a view in either format
+    return torch.view_as_complex(_dense_copy(parts, torch.float32))
+
+
+def _dense_copy(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # copy=True: without it ``.to`` may hand back a permuted view of the same dtype unchanged.
+    return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 class ConvFFTBlock(nn.Module):

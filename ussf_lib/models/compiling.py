@@ -1,0 +1,87 @@
+"""``torch.compile`` for training and benchmarking: the whole model, or each repeated block on its own.
+
+Used by ``ussf cv --compile`` (:func:`ussf_lib.train.train_fold`) and ``ussf bench --compile``; measured in
+``docs/performance.md``.
+
+Compiling the whole of US-SFNet hands inductor one graph of 15 Conv-FFT blocks, their backward and the
+complex FFTs; on a 16-core GPU machine that took longer than 100 s. Most of that work is repeated: the 15
+blocks have only 4 distinct shapes. ``scope="blocks"`` compiles each block in place (PyTorch's "regional
+compilation"), so inductor compiles one graph per distinct block shape and reuses it for the blocks that
+share it, while the small parts between the blocks (stem, transitions, head) stay eager. Inside a block,
+where nearly all the time goes, inductor fuses each batch norm with its GELU, the sum of the three branches
+and the casts around the FFTs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.convnext import CNBlock
+from torchvision.models.densenet import _DenseLayer
+from torchvision.models.resnet import Bottleneck
+from torchvision.models.swin_transformer import SwinTransformerBlock
+from torchvision.models.vision_transformer import EncoderBlock
+
+from ussf_lib.errors import UserError
+from ussf_lib.models.conv_fft import ConvFFTBlock
+
+#: ``--compile-scope`` values: each repeated block compiled on its own, or the model as one graph.
+COMPILE_SCOPES: tuple[str, ...] = ("blocks", "model")
+#: ``--compile-mode`` values, torch.compile's own ("default" passes no mode).
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Blocks that ``scope="blocks"`` compiles: US-SFNet's and those of every baseline (ResNet, DenseNet, ConvNeXt,
+#: Swin and Swin V2, ViT).
+REPEATED_BLOCKS: tuple[type[nn.Module], ...] = (ConvFFTBlock, Bottleneck, _DenseLayer, CNBlock,
+                                                SwinTransformerBlock, EncoderBlock)
+#: Compiled graphs kept per block kind. Every block of a kind runs the same code, so each of its distinct
+#: (shape, batch size, train/eval) cases is one cache entry; torch's default of 8 would silently send
+#: US-SFNet's blocks back to eager once training and evaluation batches have been seen.
+RECOMPILE_LIMIT = 64
+
+
+def check_compile_settings(scope: str, mode: str) -> None:
+    """Raise :class:`UserError` naming the flag if ``scope`` or ``mode`` is not one torch.compile takes here."""
+    if scope not in COMPILE_SCOPES:
+        raise UserError(f"--compile-scope {scope}: use one of {', '.join(COMPILE_SCOPES)}")
+    if mode not in COMPILE_MODES:
+        raise UserError(f"--compile-mode {mode}: use one of {', '.join(COMPILE_MODES)}")
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules of ``model`` that are one of :data:`REPEATED_BLOCKS`, in module order."""
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, REPEATED_BLOCKS):
+            found.append(module)
+            inside.update(id(m) for m in module.modules())
+    return found
+
+
+def compile_model(model: nn.Module, *, backend: str = "inductor", scope: str = "blocks",
+                  mode: str = "default") -> tuple[nn.Module, str]:
+    """Compile ``model`` for training; returns the module to call and a line saying what was compiled.
+
+    ``scope="blocks"`` compiles every :func:`repeated_blocks` module in place (``nn.Module.compile``: the
+    state-dict keys do not change) and returns ``model`` itself; a model without such blocks is compiled whole.
+    ``scope="model"`` returns ``torch.compile(model)``. Shapes are static (``dynamic=False``): each image
+    size and batch size gets its own specialised kernels.
+    Introduced in ``notebooks/04_train_cross_validation.ipynb``.
+    """
+    check_compile_settings(scope, mode)
+    options = {"backend": backend, "dynamic": False}
+    if mode != "default":
+        options["mode"] = mode
+    blocks = repeated_blocks(model) if scope == "blocks" else []
+    if not blocks:
+        how = "whole model" if scope == "model" else "whole model (no repeated blocks to compile alone)"
+        return torch.compile(model, **options), f"torch.compile ({backend}, mode {mode}): {how}"
+    dynamo_config = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # older torch
+    setattr(dynamo_config, limit_name, max(getattr(dynamo_config, limit_name), RECOMPILE_LIMIT))
+    for block in blocks:
+        block.compile(**options)
+    kinds = sorted({type(b).__name__ for b in blocks})
+    return model, f"torch.compile ({backend}, mode {mode}): {len(blocks)} {'/'.join(kinds)} blocks, rest eager"
