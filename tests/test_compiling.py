@@ -25,6 +25,7 @@ from ussf_lib.models.compiling import (
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # graph counts are per test
     yield
     torch._dynamo.reset()
 

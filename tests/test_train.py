@@ -135,6 +135,25 @@ def test_train_fold_with_compile_and_flag_notes():
     assert any("fp16 runs as bf16 on CPU" in line for line in logs)
 
 
+@pytest.mark.parametrize(("scope", "graphs"), [("model", 2), ("blocks", 2)])
+def test_whole_model_compile_needs_no_new_graph_for_the_last_smaller_batch(scope, graphs):
+    """50 training images in batches of 32 end with a batch of 18, and evaluation has its own size; a whole-model
+    compile marks the batch dynamic, so one training and one evaluation graph serve every size (unmarked, the
+    batch of 18 compiles a third graph). The toy net has no repeated blocks, so "blocks" falls back to the
+    whole model, which the loop also detects. (Batches stay >= 16: CPU convolution adds a guard there.)"""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x, y = _toy(70)
+    logs: list[str] = []
+    cfg = TrainConfig(epochs=2, batch_size=32, compile=True, compile_backend="aot_eager", compile_scope=scope,
+                      progress=False)
+    res = train_fold(_net(), x, y, np.arange(50), np.arange(50, 70), cfg, MEAN, STD, torch.device("cpu"),
+                     log=logs.append)
+    assert len(res.history) == 2 and any("whole model" in line for line in logs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
 def test_optimizer_is_fused_adam_on_cuda_only():
     from ussf_lib.train import make_optimizer
 

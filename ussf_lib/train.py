@@ -33,7 +33,7 @@ from ussf_lib.data import normalize_batch
 from ussf_lib.distributed import DistContext
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_PROTOCOL
-from ussf_lib.models.compiling import check_compile_settings, compile_model
+from ussf_lib.models.compiling import check_compile_settings, compile_model, mark_batch_dynamic
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -218,8 +218,12 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def evaluate(model: nn.Module, images: DeviceImages, targets: np.ndarray, idx: np.ndarray, batch_size: int,
              mean: Sequence[float], std: Sequence[float], amp: str = "off",
-             channels_last: bool = False) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy and softmax probabilities (rows in ``idx`` order) without gradients."""
+             channels_last: bool = False, dynamic_batch: bool = False) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy and softmax probabilities (rows in ``idx`` order) without gradients.
+
+    ``dynamic_batch`` marks each batch's size as dynamic for a whole-model ``torch.compile``
+    (:func:`ussf_lib.models.compiling.mark_batch_dynamic`), so the last, smaller batch does not recompile.
+    """
     model.eval()
     device = images.device
     losses, probs = [], []
@@ -228,6 +232,8 @@ def evaluate(model: nn.Module, images: DeviceImages, targets: np.ndarray, idx: n
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
             x = normalize_batch(images.batch(chunk), mean, std, channels_last)
+            if dynamic_batch:
+                mark_batch_dynamic(x)
             y = torch.as_tensor(targets[chunk], device=device)
             with autocast(device, amp):
                 logits = model(x)
@@ -243,10 +249,11 @@ def evaluate(model: nn.Module, images: DeviceImages, targets: np.ndarray, idx: n
 
 def _evaluate_split(model: nn.Module, images: DeviceImages, targets: np.ndarray, test_idx: np.ndarray,
                     cfg: TrainConfig, mean: Sequence[float], std: Sequence[float], ctx: DistContext,
-                    device: torch.device) -> tuple[float, np.ndarray]:
+                    device: torch.device, dynamic_batch: bool = False) -> tuple[float, np.ndarray]:
     """:func:`evaluate` on this rank's share of ``test_idx``; loss and probabilities combined over all ranks."""
     if not ctx.enabled:
-        return evaluate(model, images, targets, test_idx, cfg.batch_size * 2, mean, std, cfg.amp, cfg.channels_last)
+        return evaluate(model, images, targets, test_idx, cfg.batch_size * 2, mean, std, cfg.amp, cfg.channels_last,
+                        dynamic_batch=dynamic_batch)
     dist_mod.sync_buffers(model, ctx)
     local = dist_mod.shard(test_idx, ctx)
     loss, probs = evaluate(model, images, targets, local, cfg.batch_size * 2, mean, std, cfg.amp, cfg.channels_last)
@@ -315,6 +322,7 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
         step_model, how = compile_model(wrapped, backend=cfg.compile_backend, scope=cfg.compile_scope,
                                         mode=cfg.compile_mode)
         log(f"fold {fold}: {how}")
+    dynamic_batch = step_model is not wrapped  # a whole-model compile: one graph for every batch size
     # Under DDP each process takes its share of every global batch.
     local_batch = math.ceil(cfg.batch_size / ctx.world)
     probs = np.zeros((len(test_idx), 0))
@@ -335,6 +343,8 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
         for b, start in enumerate(bar):
             chunk = order[start:start + local_batch]
             x = normalize_batch(dev_images.batch(chunk), mean, std, cfg.channels_last)
+            if dynamic_batch:
+                mark_batch_dynamic(x)
             y = torch.as_tensor(targets[chunk], device=device)
             with autocast(device, cfg.amp):
                 logits = step_model(x)
@@ -357,7 +367,7 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
             seen += len(chunk)
         loss_sum, correct, seen = dist_mod.all_reduce_sum([loss_sum.item(), float(correct.item()), seen], ctx, device)
         val_loss, probs = _evaluate_split(step_model if not ctx.enabled else model, dev_images, targets, test_idx,
-                                          cfg, mean, std, ctx, device)
+                                          cfg, mean, std, ctx, device, dynamic_batch and not ctx.enabled)
         if not np.isfinite(probs).all():  # finite training loss, but the weights themselves overflowed
             raise NonFiniteLossError(f"fold {fold}: the model's outputs on its test images became non-finite after "
                                      f"epoch {epoch + 1}; lower --lr (now {cfg.lr}) or use --amp off")

@@ -14,6 +14,8 @@ and the casts around the FFTs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision.models.convnext import CNBlock
@@ -66,18 +68,24 @@ def compile_model(model: nn.Module, *, backend: str = "inductor", scope: str = "
 
     ``scope="blocks"`` compiles every :func:`repeated_blocks` module in place (``nn.Module.compile``: the
     state-dict keys do not change) and returns ``model`` itself; a model without such blocks is compiled whole.
-    ``scope="model"`` returns ``torch.compile(model)``. Shapes are static (``dynamic=False``): each image
-    size and batch size gets its own specialised kernels.
+    ``scope="model"`` returns ``torch.compile(model)``.
+
+    Blocks are compiled for static shapes (``dynamic=False``): every block kind runs the same code, and
+    torch's automatic dynamic shapes would otherwise merge the four stages' shapes into one generic graph.
+    A whole model keeps torch's default, so a batch dimension marked by :func:`mark_batch_dynamic` (the
+    training and evaluation loops do) is compiled once for every batch size, the last, smaller batch of an
+    epoch included, instead of once per size.
     Introduced in ``notebooks/04_train_cross_validation.ipynb``.
     """
     check_compile_settings(scope, mode)
-    options = {"backend": backend, "dynamic": False}
+    options: dict[str, Any] = {"backend": backend}
     if mode != "default":
         options["mode"] = mode
     blocks = repeated_blocks(model) if scope == "blocks" else []
     if not blocks:
         how = "whole model" if scope == "model" else "whole model (no repeated blocks to compile alone)"
         return torch.compile(model, **options), f"torch.compile ({backend}, mode {mode}): {how}"
+    options["dynamic"] = False
     dynamo_config = torch._dynamo.config
     limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # older torch
     setattr(dynamo_config, limit_name, max(getattr(dynamo_config, limit_name), RECOMPILE_LIMIT))
@@ -85,3 +93,11 @@ def compile_model(model: nn.Module, *, backend: str = "inductor", scope: str = "
         block.compile(**options)
     kinds = sorted({type(b).__name__ for b in blocks})
     return model, f"torch.compile ({backend}, mode {mode}): {len(blocks)} {'/'.join(kinds)} blocks, rest eager"
+
+
+def mark_batch_dynamic(x: torch.Tensor) -> torch.Tensor:
+    """Mark ``x``'s batch dimension as dynamic for a whole-model compile, so that a new batch size does not
+    recompile (a no-op outside ``torch.compile``); a batch of one stays static, as torch requires."""
+    if x.shape[0] > 1:
+        torch._dynamo.mark_dynamic(x, 0)
+    return x

@@ -110,44 +110,106 @@ class FrequencyBranch(nn.Module):
         conv_dtype = torch.float32
         if self.freq_autocast and torch.is_autocast_enabled(device_type):
             conv_dtype = torch.get_autocast_dtype(device_type)
-        with no_autocast:
-            # One copy casts to float32 and lays the planes out as cuFFT wants them (no copy inside rfft2).
-            spec = torch.fft.rfft2(x.to(torch.float32, memory_format=torch.contiguous_format), norm=self.fft_norm)
-            stacked = _stack_real_imag(spec, conv_dtype, channels_last)  # (B, 2C, H, W//2+1): [real | imag]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        stacked = _RealSpectrum.apply(x, self.fft_norm, conv_dtype, fmt)  # (B, 2C, H, W//2+1): [real | imag]
         if self.freq_autocast:
             z = self.convs(stacked)  # in autocast's dtype when autocast is on
         else:
             with no_autocast:
                 z = self.convs(stacked)
-        with no_autocast:
-            y = torch.fft.irfft2(_unstack_real_imag(z), s=(height, width), norm=self.fft_norm)
         # Back in the input's dtype and memory format, so the block's sum adds like-for-like tensors.
-        return y.to(x.dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return _SpatialFromSpectrum.apply(z, (height, width), self.fft_norm, x.dtype, fmt)
 
 
-def _stack_real_imag(spec: Tensor, dtype: torch.dtype, channels_last: bool) -> Tensor:
-    """``cat([spec.real, spec.imag], dim=1)`` as ``dtype`` in the wanted memory format, written by one copy.
+#: The norm whose scale factor is the adjoint's: the adjoint of an FFT scaled by 1/n is the inverse summed and
+#: scaled by 1/n, which is the inverse FFT with the swapped norm.
+_ADJOINT_NORM = {"backward": "forward", "forward": "backward", "ortho": "ortho"}
+
+
+def _half_spectrum_weights(width: int, columns: int, double: bool, device: torch.device) -> Tensor:
+    """Per-column weights of a half spectrum: 1 for the DC column (and the Nyquist one of an even width); the
+    columns that stand for a conjugate pair weigh 2 (``double``) or 1/2."""
+    k = torch.arange(columns, device=device)
+    paired = (k > 0) & (2 * k != width)
+    return torch.where(paired, torch.tensor(2.0 if double else 0.5, device=device), torch.tensor(1.0, device=device))
+
+
+class _RealSpectrum(torch.autograd.Function):
+    """``rfft2`` (float32) with real and imaginary parts stacked as channels, and a cheaper exact backward.
+
+    torch differentiates ``rfft2`` by zero-padding the gradient to the full spectrum and running a complex
+    ``c2c`` transform over it; the adjoint of a half-spectrum transform is also ``irfft2`` of the gradient with
+    its paired columns halved, which reads and writes half as much (tests/test_models.py checks both agree).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, norm: str, dtype: torch.dtype, fmt: torch.memory_format) -> Tensor:
+        ctx.norm, ctx.size, ctx.in_dtype, ctx.fmt = norm, tuple(x.shape[-2:]), x.dtype, fmt
+        # One copy casts to float32 and lays the planes out as cuFFT wants them (no copy inside rfft2).
+        spec = torch.fft.rfft2(x.to(torch.float32, memory_format=torch.contiguous_format), norm=norm)
+        return _stack_real_imag(spec, dtype, fmt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weights = _half_spectrum_weights(ctx.size[-1], grad.shape[-1], double=False, device=grad.device)
+        spec_grad = _unstack_real_imag(grad, weights)
+        x_grad = torch.fft.irfft2(spec_grad, s=ctx.size, norm=_ADJOINT_NORM[ctx.norm])
+        return x_grad.to(ctx.in_dtype, memory_format=ctx.fmt), None, None, None
+
+
+class _SpatialFromSpectrum(torch.autograd.Function):
+    """Inverse of :class:`_RealSpectrum`: stacked ``[real | imag]`` channels -> ``irfft2`` -> ``dtype``, ``fmt``."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, size: tuple[int, int], norm: str, dtype: torch.dtype,
+                fmt: torch.memory_format) -> Tensor:
+        ctx.norm, ctx.width, ctx.z_dtype, ctx.fmt = norm, size[-1], z.dtype, fmt
+        y = torch.fft.irfft2(_unstack_real_imag(z), s=size, norm=norm)
+        return y.to(dtype, memory_format=fmt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        spec = torch.fft.rfft2(grad.to(torch.float32, memory_format=torch.contiguous_format),
+                               norm=_ADJOINT_NORM[ctx.norm])
+        weights = _half_spectrum_weights(ctx.width, spec.shape[-1], double=True, device=grad.device)
+        return _stack_real_imag(spec, ctx.z_dtype, ctx.fmt, weights), None, None, None, None
+
+
+def _stack_real_imag(spec: Tensor, dtype: torch.dtype, fmt: torch.memory_format,
+                     column_weights: Tensor | None = None) -> Tensor:
+    """``cat([spec.real, spec.imag], dim=1)`` as ``dtype`` in memory format ``fmt``, written by one kernel
+    (which also multiplies each frequency column by ``column_weights``, if given).
 
     The eager ``cat`` -> autocast cast -> cuDNN layout change took three copies of the spectrum; here the
-    real/imaginary axis of ``view_as_real`` is moved beside the channels and one ``.to`` writes the result.
+    real/imaginary axis of ``view_as_real`` is moved beside the channels and written once.
     """
     b, c, h, w = spec.shape
     parts = torch.view_as_real(spec)  # (B, C, H, W', 2) float32 view, no copy
-    if channels_last:  # memory (B, H, W', 2, C) is (B, 2C, H, W') in channels-last
-        return _dense_copy(parts.permute(0, 2, 3, 4, 1), dtype).reshape(b, h, w, 2 * c).permute(0, 3, 1, 2)
-    return _dense_copy(parts.permute(0, 4, 1, 2, 3), dtype).reshape(b, 2 * c, h, w)
+    if fmt == torch.channels_last:  # memory (B, H, W', 2, C) is (B, 2C, H, W') in channels-last
+        out = _dense_copy(parts.permute(0, 2, 3, 4, 1), dtype, column_weights, (-1, 1, 1))
+        return out.reshape(b, h, w, 2 * c).permute(0, 3, 1, 2)
+    return _dense_copy(parts.permute(0, 4, 1, 2, 3), dtype, column_weights, (-1,)).reshape(b, 2 * c, h, w)
 
 
-def _unstack_real_imag(z: Tensor) -> Tensor:
-    """Inverse of :func:`_stack_real_imag`: ``(B, 2C, H, W')`` real -> ``(B, C, H, W')`` complex64, one copy."""
+def _unstack_real_imag(z: Tensor, column_weights: Tensor | None = None) -> Tensor:
+    """Inverse of :func:`_stack_real_imag`: ``(B, 2C, H, W')`` real -> ``(B, C, H, W')`` complex64, one kernel."""
     b, c2, h, w = z.shape
     parts = z.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 4, 1)  # (B, C, H, W', 2), a view in either format
-    return torch.view_as_complex(_dense_copy(parts, torch.float32))
+    return torch.view_as_complex(_dense_copy(parts, torch.float32, column_weights, (-1, 1)))
 
 
-def _dense_copy(t: Tensor, dtype: torch.dtype) -> Tensor:
-    # copy=True: without it ``.to`` may hand back a permuted view of the same dtype unchanged.
-    return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
+def _dense_copy(t: Tensor, dtype: torch.dtype, column_weights: Tensor | None = None,
+                weight_shape: tuple[int, ...] = (-1,)) -> Tensor:
+    """``t`` written contiguously as ``dtype``, times ``column_weights`` (viewed as ``weight_shape``) if given."""
+    if column_weights is None:
+        # copy=True: without it ``.to`` may hand back a permuted view of the same dtype unchanged.
+        return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    weights = column_weights.view(weight_shape)
+    if torch.compiler.is_compiling():  # traced graphs have no out= buffers; inductor fuses the two steps anyway
+        return (t * weights).to(dtype, memory_format=torch.contiguous_format, copy=True)
+    return torch.mul(t, weights, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
 
 class ConvFFTBlock(nn.Module):
