@@ -107,6 +107,8 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, make_args, match):
     (["cv", "--data", "d", "--lr", "abc"], "ussf cv: error: argument --lr: invalid float value: 'abc'"),
     (["cv", "--data", "d", "--manifest", "m.csv"], "ussf cv: error: argument --manifest: not allowed with argument --data"),
     (["cv", "--data", "d", "--amp", "fp8"], "ussf cv: error: argument --amp: invalid choice: 'fp8'"),
+    (["cv", "--data", "d", "--compile-mode", "reduce-overhead"],
+     "ussf cv: error: argument --compile-mode: invalid choice: 'reduce-overhead'"),
     (["audit", "--bogus", "d"], "ussf audit: error: unrecognized arguments: --bogus"),
     (["phantom", "--out", "x", "--n-per-class", "0"], "ussf phantom: error: argument --n-per-class"),
     (["sweep", "--notebook", "a", "--grid", "b", "--out", "c", "--jobs", "0"], "ussf sweep: error: argument --jobs"),

@@ -9,8 +9,8 @@ timed, not the data loading):
   the forward GMACs per image (:func:`ussf_lib.complexity.count_macs`) and the achieved GMAC/s
   (inference: GMACs × img/s; training: 3 × GMACs × img/s, the usual forward + backward ≈ 3 × forward rule);
 * the share of US-SFNet's training step spent in its FFTs: ``torch.profiler`` self time of every
-  ``aten::_fft_*`` operator (``_fft_r2c`` = rfft2, ``_fft_c2r`` = irfft2, and the ``_fft_c2c`` / ``_fft_r2c``
-  their backward passes run) over the self time of all operators in the profiled steps (CPU time on CPU,
+  ``aten::_fft_*`` operator (``_fft_r2c``: rfft2 and the backward of irfft2; ``_fft_c2r``: irfft2 and the
+  backward of rfft2) over the self time of all operators in the profiled steps (CPU time on CPU,
   device time on CUDA);
 * how US-SFNet's cost grows with the image size: training time per image relative to the smallest size, next
   to the ratio of MACs;
@@ -73,7 +73,7 @@ class BenchConfig:
     #: torch.compile every timed model (the warm-up steps include the compilation, which is not timed)
     compile: bool = False
     compile_backend: str = "inductor"  #: "aot_eager" only traces: a fast check of the path on CPU
-    compile_scope: str = "blocks"  #: see :func:`ussf_lib.models.compiling.compile_model`
+    compile_scope: str = "model"  #: see :func:`ussf_lib.models.compiling.compile_model`
     compile_mode: str = "default"
     top_ops: int = 8  #: operators listed by self time in the profile of ``fft_model``
     device: str = "auto"

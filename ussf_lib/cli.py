@@ -86,14 +86,14 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 #: ussf_lib.models.compiling.COMPILE_SCOPES / COMPILE_MODES, spelled out so that --help does not import torch.
 _COMPILE_SCOPES = ("blocks", "model")
-_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def _add_compile_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile-scope", choices=_COMPILE_SCOPES, default="blocks",
-                   help="with --compile: each repeated block compiled alone (fast to compile) or the whole model")
+    p.add_argument("--compile-scope", choices=_COMPILE_SCOPES, default="model",
+                   help="with --compile: the whole model (fastest steps) or each repeated block alone (compiles faster)")
     p.add_argument("--compile-mode", choices=_COMPILE_MODES, default="default",
-                   help="with --compile: torch.compile mode (reduce-overhead adds CUDA graphs)")
+                   help="with --compile: torch.compile mode (max-autotune-no-cudagraphs also times kernel choices)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

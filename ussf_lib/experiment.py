@@ -87,7 +87,7 @@ class CVConfig:
     channels_last: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
-    compile_scope: str = "blocks"
+    compile_scope: str = "model"
     compile_mode: str = "default"
     deterministic: bool = False
     progress: bool = True

@@ -63,9 +63,9 @@ class TrainConfig:
     compile: bool = False
     #: torch.compile backend; "inductor" generates kernels, "aot_eager" only traces (fast checks on CPU).
     compile_backend: str = "inductor"
-    #: "blocks": each Conv-FFT (or ResNet/DenseNet) block compiled alone; "model": one graph (models.compiling)
-    compile_scope: str = "blocks"
-    compile_mode: str = "default"  #: torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
+    #: "model": one graph; "blocks": each Conv-FFT (or baseline) block compiled alone (models.compiling)
+    compile_scope: str = "model"
+    compile_mode: str = "default"  #: torch.compile's mode: default or max-autotune-no-cudagraphs
     deterministic: bool = False
     progress: bool = True
 
