@@ -98,7 +98,12 @@ def compile_model(model: nn.Module, *, backend: str = "inductor", scope: str = "
 
 def mark_batch_dynamic(x: torch.Tensor) -> torch.Tensor:
     """Mark ``x``'s batch dimension as dynamic for a whole-model compile, so that a new batch size does not
-    recompile (a no-op outside ``torch.compile``); a batch of one stays static, as torch requires."""
+    recompile (a no-op outside ``torch.compile``); a batch of one stays static, as torch requires.
+
+    The mark is a hint (``maybe_mark_dynamic``): where the model's operators fix the batch size (CPU
+    convolution does at 16 images), torch compiles that size statically and recompiles for another one
+    instead of failing.
+    """
     if x.shape[0] > 1:
-        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
     return x
