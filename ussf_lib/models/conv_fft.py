@@ -103,7 +103,7 @@ class FrequencyBranch(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, channels, height, width = x.shape
+        height, width = x.shape[-2:]
         device_type = x.device.type
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         no_autocast = torch.autocast(device_type=device_type, enabled=False)
@@ -145,9 +145,10 @@ class _RealSpectrum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, norm: str, dtype: torch.dtype, fmt: torch.memory_format) -> Tensor:
         ctx.norm, ctx.size, ctx.in_dtype, ctx.fmt = norm, tuple(x.shape[-2:]), x.dtype, fmt
-        # One copy casts to float32 and lays the planes out as cuFFT wants them (no copy inside rfft2).
-        spec = torch.fft.rfft2(x.to(torch.float32, memory_format=torch.contiguous_format), norm=norm)
-        return _stack_real_imag(spec, dtype, fmt)
+        with torch.autocast(x.device.type, enabled=False):
+            # One copy casts to float32 and lays the planes out as cuFFT wants them (no copy inside rfft2).
+            spec = torch.fft.rfft2(x.to(torch.float32, memory_format=torch.contiguous_format), norm=norm)
+            return _stack_real_imag(spec, dtype, fmt)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -165,8 +166,9 @@ class _SpatialFromSpectrum(torch.autograd.Function):
     def forward(ctx, z: Tensor, size: tuple[int, int], norm: str, dtype: torch.dtype,
                 fmt: torch.memory_format) -> Tensor:
         ctx.norm, ctx.width, ctx.z_dtype, ctx.fmt = norm, size[-1], z.dtype, fmt
-        y = torch.fft.irfft2(_unstack_real_imag(z), s=size, norm=norm)
-        return y.to(dtype, memory_format=fmt)
+        with torch.autocast(z.device.type, enabled=False):
+            y = torch.fft.irfft2(_unstack_real_imag(z), s=size, norm=norm)
+            return y.to(dtype, memory_format=fmt)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
