@@ -203,8 +203,7 @@ def _stack_real_imag(spec: Tensor, dtype: torch.dtype, fmt: torch.memory_format,
 
 def _unstack_real_imag(z: Tensor, column_weights: Tensor | None = None) -> Tensor:
     """Inverse of :func:`_stack_real_imag`: ``(B, 2C, H, W')`` real -> ``(B, C, H, W')`` complex64, one kernel."""
-    b, c2, h, w = z.shape
-    parts = z.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 4, 1)  # (B, C, H, W', 2), a view in either format
+    parts = z.unflatten(1, (2, z.shape[1] // 2)).permute(0, 2, 3, 4, 1)  # (B, C, H, W', 2), a view in either format
     return torch.view_as_complex(_dense_copy(parts, torch.float32, column_weights, (-1, 1)))
 
 
