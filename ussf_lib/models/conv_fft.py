@@ -10,6 +10,7 @@ constructor argument here, with the default chosen and justified in :class:`Conv
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -134,10 +135,23 @@ _ADJOINT_NORM = {"backward": "forward", "forward": "backward", "ortho": "ortho"}
 
 def _half_spectrum_weights(width: int, columns: int, double: bool, device: torch.device) -> Tensor:
     """Per-column weights of a half spectrum: 1 for the DC column (and the Nyquist one of an even width); the
-    columns that stand for a conjugate pair weigh 2 (``double``) or 1/2."""
-    k = torch.arange(columns, device=device)
-    paired = (k > 0) & (2 * k != width)
-    return torch.where(paired, torch.tensor(2.0 if double else 0.5, device=device), torch.tensor(1.0, device=device))
+    columns that stand for a conjugate pair weigh 2 (``double``) or 1/2.
+
+    Cached in eager mode: every backward pass of every block asks for one of a few never-modified vectors, and
+    building one on a GPU costs a host-to-device copy in a step that is already launch-bound. A compiled graph
+    holds it as a constant (and dynamo warns about cached functions), so tracing builds it directly.
+    """
+    if torch.compiler.is_compiling():
+        return _build_half_spectrum_weights(width, columns, double, device)
+    return _cached_half_spectrum_weights(width, columns, double, device)
+
+
+def _build_half_spectrum_weights(width: int, columns: int, double: bool, device: torch.device) -> Tensor:
+    weights = [1.0 if k == 0 or 2 * k == width else (2.0 if double else 0.5) for k in range(columns)]
+    return torch.tensor(weights, device=device)
+
+
+_cached_half_spectrum_weights = functools.lru_cache(maxsize=64)(_build_half_spectrum_weights)
 
 
 class _RealSpectrum(torch.autograd.Function):
