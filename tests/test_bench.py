@@ -30,6 +30,12 @@ def _check(result: dict) -> None:
     assert 0 < len(top) <= 8 and all(t["ms"] > 0 for t in top)
     assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
     assert sum(t["ms"] for t in top) <= result["fft"]["profiled_op_ms_per_step"] + 1e-6
+    proto = result["protocol"]
+    assert proto["model"] == "us_sfnet_tiny" and proto["checkpoint_s"] > 0
+    assert 1.0 < proto["checkpoint_mb"] < 10.0  # 0.48 M float32 weights + Adam's two moments: about 6 MB
+    assert [(r["eval_every"], r["checkpoint_every"]) for r in proto["rows"]] == [(1, 1), (10, 10), (150, 150)]
+    minutes = [r["minutes"] for r in proto["rows"]]
+    assert minutes[0] > minutes[1] > minutes[2] > 0
 
 
 def test_run_bench_tiny_gives_every_figure():
@@ -38,7 +44,26 @@ def test_run_bench_tiny_gives_every_figure():
     json.dumps(result)  # JSON-ready
     text = format_bench(result)
     assert "us_sfnet_tiny" in text and "FFT share" in text and "Data pipeline" in text
+    assert "Paper protocol estimate (us_sfnet_tiny: 5 folds x 150 epochs on 3,392 images" in text
     assert "Where the step's time goes" in text and result["fft"]["top_ops_ms_per_step"][0]["op"] in text
+
+
+def test_protocol_estimate_counts_training_evaluations_and_checkpoints():
+    rows = bench.protocol_estimate(train_img_s=100.0, infer_img_s=1000.0, checkpoint_s=1.0, images=1000, folds=5,
+                                   epochs=10, intervals=((1, 1), (3, 10)))
+    # per fold: 800 training images every epoch (8 s), 200 test images per evaluation (0.2 s), 1 s per checkpoint
+    assert rows[0] == {"eval_every": 1, "checkpoint_every": 1, "evaluations": 10, "checkpoints": 10,
+                       "minutes": pytest.approx(5 * (80 + 2 + 10) / 60)}
+    assert rows[1] == {"eval_every": 3, "checkpoint_every": 10, "evaluations": 4, "checkpoints": 1,
+                       "minutes": pytest.approx(5 * (80 + 0.8 + 1) / 60)}  # epochs 3, 6, 9 and the last
+
+
+def test_checkpoint_iters_zero_skips_the_protocol_estimate():
+    result = run_bench(BenchConfig(device="cpu", checkpoint_iters=0, **{**TINY, "fft_model": None, "scale_model": None}),
+                       log=lambda _: None)
+    assert "protocol" not in result and "Paper protocol" not in format_bench(result)
+    with pytest.raises(UserError, match="checkpoint_iters=-1"):
+        BenchConfig(checkpoint_iters=-1)
 
 
 def test_compiled_models_are_timed_and_reported():

@@ -71,6 +71,19 @@ def test_history_has_one_row_per_epoch(run_dir):
     assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(history.columns)
 
 
+def test_eval_every_leaves_validation_gaps_in_history_and_a_whole_report(phantom_dir, tmp_path):
+    out = run_cv(_cfg(phantom_dir, tmp_path / "sparse", epochs=3, eval_every=2, checkpoint_every=2),
+                 log=lambda _: None)
+    for k in (0, 1):
+        history = pd.read_csv(out / "folds" / str(k) / "history.csv")
+        assert history["epoch"].tolist() == [1, 2, 3]
+        assert history["val_loss"].notna().tolist() == [False, True, True]  # epoch 2, and the last
+        assert torch.load(out / "folds" / str(k) / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    assert (out / "learning_curves.png").is_file() and (out / "summary.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert (config["eval_every"], config["checkpoint_every"]) == (2, 2)
+
+
 def test_report_is_rebuilt_from_predictions_alone(run_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)

@@ -117,6 +117,19 @@ def test_learning_curves_lines_per_fold(tmp_path):
         plot_learning_curves({0: _history(3).drop(columns="train_acc")})
 
 
+def test_learning_curves_skip_epochs_without_validation():
+    hist = _history(6)
+    hist.loc[hist["epoch"] % 3 != 0, ["val_loss", "val_acc"]] = np.nan  # as written by --eval-every 3
+    fig = plot_learning_curves({0: hist})
+    for ax, metric in zip(fig.axes, ("loss", "acc")):
+        train_line, val_line = ax.lines
+        assert list(train_line.get_xdata()) == [1, 2, 3, 4, 5, 6]
+        assert list(val_line.get_xdata()) == [3, 6]
+        np.testing.assert_allclose(val_line.get_ydata(), hist[f"val_{metric}"].dropna())
+        assert val_line.get_marker() == "o" and train_line.get_marker() in ("None", None, "")
+    plt.close(fig)
+
+
 def test_roc_legend_auc_matches_sklearn(tmp_path):
     rng = np.random.default_rng(0)
     y = np.tile([0, 1, 2], 20)

@@ -420,6 +420,7 @@ def test_resume_refuses_other_settings_and_works_from_another_folder(ref_run, tm
                          (["--epochs", "150"], "--epochs 150 (the run has 3)"),  # the flag's default, typed
                          (["--model=us_sfnet"], "--model us_sfnet (the run has us_sfnet_tiny)"),
                          (["--model", "resnet18"], "--model resnet18 (the run has us_sfnet_tiny)"),
+                         (["--eval-every", "2"], "--eval-every 2 (the run has 1)"),
                          (["--data", str(tmp_path)], f"--data {tmp_path} (the run has {config['data']})")):
         capsys.readouterr()
         assert main(["cv", "--resume", str(run), "--no-progress", *flags]) == 2
@@ -429,10 +430,13 @@ def test_resume_refuses_other_settings_and_works_from_another_folder(ref_run, tm
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    # from another folder, with a setting given again unchanged and one a resume may change (--device)
-    assert main(["cv", "--resume", "../run", "--no-progress", "--epochs", "3", "--device", "cpu"]) == 0
+    # from another folder, with a setting given again unchanged and two a resume may change
+    assert main(["cv", "--resume", "../run", "--no-progress", "--epochs", "3", "--device", "cpu",
+                 "--checkpoint-every", "2"]) == 0
     assert (run / "folds" / "1" / "predictions.csv").is_file() and list(elsewhere.iterdir()) == []
-    assert json.loads((run / "config.json").read_text())["out"] == str(run)  # absolute, though typed relative
+    resumed = json.loads((run / "config.json").read_text())
+    assert resumed["out"] == str(run)  # absolute, though typed relative
+    assert (resumed["device"], resumed["checkpoint_every"], resumed["eval_every"]) == ("cpu", 2, 1)
 
 
 def test_resume_refuses_data_that_changed(tmp_path, capsys):

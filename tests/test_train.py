@@ -56,6 +56,35 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     np.testing.assert_array_equal(full.probs, resumed.probs)
 
 
+def test_eval_every_and_checkpoint_every_skip_work_without_changing_training(tmp_path, monkeypatch):
+    import ussf_lib.train as train_mod
+
+    x, y = _toy()
+    saved_epochs: list[int] = []
+    real_save = train_mod.atomic_save
+    monkeypatch.setattr(train_mod, "atomic_save", lambda obj, path: (saved_epochs.append(obj["epoch"]),
+                                                                      real_save(obj, path)))
+    run = lambda d, **every: train_fold(_net(), x, y, np.arange(48), np.arange(48, 64),
+                                        TrainConfig(epochs=5, batch_size=16, lr=0.01, progress=False, **every),
+                                        MEAN, STD, torch.device("cpu"), fold_dir=d, log=lambda _: None)
+    every_epoch = run(tmp_path / "every")
+    assert saved_epochs == [1, 2, 3, 4, 5]
+    saved_epochs.clear()
+    sparse = run(tmp_path / "sparse", eval_every=3, checkpoint_every=2)
+    assert saved_epochs == [2, 4, 5]  # the last epoch is always saved
+    evaluated = sparse.history.dropna(subset=["val_loss", "val_acc"])["epoch"].tolist()
+    assert evaluated == [3, 5]  # ... and always evaluated
+    pd.testing.assert_frame_equal(every_epoch.history[["epoch", "train_loss", "train_acc"]],
+                                  sparse.history[["epoch", "train_loss", "train_acc"]])
+    pd.testing.assert_frame_equal(every_epoch.history.loc[[2, 4], ["val_loss", "val_acc"]],
+                                  sparse.history.loc[[2, 4], ["val_loss", "val_acc"]])
+    np.testing.assert_array_equal(every_epoch.probs, sparse.probs)
+    with pytest.raises(UserError, match="--eval-every 0"):
+        TrainConfig(eval_every=0)
+    with pytest.raises(UserError, match="--checkpoint-every 0"):
+        TrainConfig(checkpoint_every=0)
+
+
 def test_non_finite_loss_names_epoch_and_batch(tmp_path):
     x, y = _toy()
     net = _net()

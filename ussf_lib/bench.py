@@ -18,7 +18,12 @@ timed, not the data loading):
   and normalized on the device (:func:`ussf_lib.data.normalize_batch`), against the model's training images/s
   (target: at least 20 × US-SFNet's training throughput, so the input never starves the model);
 * peak memory: ``torch.cuda.max_memory_allocated`` per model on CUDA; on CPU the process's peak resident set
-  (``resource.getrusage``), which only grows, so a model's figure includes the models measured before it.
+  (``resource.getrusage``), which only grows, so a model's figure includes the models measured before it;
+* the time to write the reference model's training checkpoint (weights and Adam's moments, written as
+  :func:`~ussf_lib.train.train_fold` writes it, into the system's temporary folder), and from it and the
+  measured steps an estimate of the paper's protocol (5 folds x 150 epochs on its 3,392 images) for a few
+  ``--eval-every`` / ``--checkpoint-every`` settings. The estimate counts only the measured steps and writes:
+  compilation, smaller last batches and per-epoch bookkeeping come on top.
 
 ``--quick`` is the CPU-sized preset (two models, small batches, three timed steps): minutes on 2 cores. Timings on
 a shared machine are noisy; compare figures only within one run.
@@ -31,8 +36,10 @@ import math
 import platform
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -43,13 +50,17 @@ from torch import nn
 from ussf_lib.complexity import count_macs, count_parameters
 from ussf_lib.data import normalize_batch
 from ussf_lib.errors import UserError
-from ussf_lib.meta import PAPER_MEAN, PAPER_STD
+from ussf_lib.meta import PAPER_DATASET, PAPER_MEAN, PAPER_PROTOCOL, PAPER_STD
 from ussf_lib.models import build_model, check_image_size
 from ussf_lib.models.compiling import check_compile_settings, compile_model
-from ussf_lib.train import AMP_DTYPES, DeviceImages, autocast, make_optimizer, select_device
+from ussf_lib.train import AMP_DTYPES, DeviceImages, atomic_save, autocast, make_optimizer, select_device
 
 #: Pipeline throughput wanted, as a multiple of US-SFNet's training throughput (docs/performance.md).
 PIPELINE_TARGET_RATIO = 20.0
+
+#: (eval_every, checkpoint_every) settings of the protocol estimate: every epoch (the defaults of ``ussf cv``),
+#: every 10th, and the last epoch only.
+PROTOCOL_INTERVALS: tuple[tuple[int, int], ...] = ((1, 1), (10, 10), (int(PAPER_PROTOCOL["epochs"]),) * 2)
 
 
 @dataclass
@@ -68,6 +79,7 @@ class BenchConfig:
     profile_iters: int = 2
     pipeline_images: int = 1024
     pipeline_iters: int = 50
+    checkpoint_iters: int = 3  #: timed checkpoint writes; 0 skips them and the protocol estimate
     amp: str = "off"
     channels_last: bool = False
     #: torch.compile every timed model (the warm-up steps include the compilation, which is not timed)
@@ -91,8 +103,9 @@ class BenchConfig:
         for name in ("batch_size", "iters", "profile_iters", "pipeline_images", "pipeline_iters", "image_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"bench: {name}={getattr(self, name)} must be at least 1")
-        if self.warmup < 0:
-            raise UserError(f"bench: warmup={self.warmup} must be 0 or more")
+        for name in ("warmup", "checkpoint_iters"):
+            if int(getattr(self, name)) < 0:
+                raise UserError(f"bench: {name}={getattr(self, name)} must be 0 or more")
         for name in self.models:
             check_image_size(name, self.image_size)
         if self.scale_model:
@@ -104,7 +117,7 @@ class BenchConfig:
 
 #: ``ussf bench --quick``: the CPU-sized preset (measured at about 2-3 minutes on 2 cores, docs/performance.md).
 QUICK: dict[str, Any] = dict(models=("us_sfnet", "densenet121"), batch_size=8, warmup=2, iters=3, scale_batch=4,
-                             profile_iters=1, pipeline_images=256, pipeline_iters=10)
+                             profile_iters=1, pipeline_images=256, pipeline_iters=10, checkpoint_iters=1)
 
 
 def _sync(device: torch.device) -> None:
@@ -298,6 +311,46 @@ def pipeline_throughput(cfg: BenchConfig, device: torch.device) -> float:
     return batch / sec
 
 
+def checkpoint_write(name: str, cfg: BenchConfig, device: torch.device) -> dict[str, float]:
+    """Median seconds and megabytes of one training checkpoint of ``name``: weights and Adam's moments from the
+    device, written by :func:`~ussf_lib.train.atomic_save` into a temporary folder (deleted afterwards)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(name, cfg.num_classes, image_size=cfg.image_size).to(device)
+    optimizer = make_optimizer(model, 1e-3, (0.9, 0.999), 1e-4, device)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # creates Adam's moments, which every checkpoint of a training run carries
+    with tempfile.TemporaryDirectory(prefix="ussf_bench_") as folder:
+        path = Path(folder) / "checkpoint.pt"
+
+        def write() -> None:
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+
+        seconds = _timed(write, min(cfg.warmup, 1), cfg.checkpoint_iters, device)
+        megabytes = path.stat().st_size / 1e6
+    del model, optimizer
+    return {"seconds": seconds, "mb": megabytes}
+
+
+def protocol_estimate(train_img_s: float, infer_img_s: float, checkpoint_s: float,
+                      images: int = int(PAPER_DATASET["images"]),  # type: ignore[call-overload]
+                      folds: int = int(PAPER_PROTOCOL["folds"]), epochs: int = int(PAPER_PROTOCOL["epochs"]),
+                      intervals: Sequence[tuple[int, int]] = PROTOCOL_INTERVALS) -> list[dict[str, Any]]:
+    """Minutes of a ``folds`` x ``epochs`` cross-validation on ``images`` images at the measured rates, per
+    ``(eval_every, checkpoint_every)``: training on (k-1)/k of the images every epoch, evaluation of the other
+    1/k every ``eval_every`` epochs and a checkpoint every ``checkpoint_every`` epochs (both also after the last).
+    """
+    test = images / folds
+    train = images - test
+    rows = []
+    for eval_every, checkpoint_every in intervals:
+        evals, writes = math.ceil(epochs / eval_every), math.ceil(epochs / checkpoint_every)
+        seconds = folds * (epochs * train / train_img_s + evals * test / infer_img_s + writes * checkpoint_s)
+        rows.append({"eval_every": eval_every, "checkpoint_every": checkpoint_every, "evaluations": evals,
+                     "checkpoints": writes, "minutes": seconds / 60})
+    return rows
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -354,6 +407,14 @@ def run_bench(cfg: BenchConfig | None = None, log: Callable[[str], None] = print
     result["pipeline_reference_model"] = ref
     result["pipeline_ratio"] = result["pipeline_img_s"] / result["models"][ref]["train_img_s"]
     result["pipeline_target_ratio"] = PIPELINE_TARGET_RATIO
+    if cfg.checkpoint_iters:
+        log(f"bench: writing {ref}'s checkpoint ...")
+        ckpt = checkpoint_write(ref, cfg, device)
+        m = result["models"][ref]
+        result["protocol"] = {"model": ref, "checkpoint_s": ckpt["seconds"], "checkpoint_mb": ckpt["mb"],
+                              "images": int(PAPER_DATASET["images"]),  # type: ignore[call-overload]
+                              "folds": int(PAPER_PROTOCOL["folds"]), "epochs": int(PAPER_PROTOCOL["epochs"]),
+                              "rows": protocol_estimate(m["train_img_s"], m["infer_img_s"], ckpt["seconds"])}
     result["peak_mem_mb"] = peak_memory_mb(device)
     result["peak_mem_kind"] = ("torch.cuda.max_memory_allocated (per model: since that model started)"
                                if device.type == "cuda" else "process peak RSS (resource.getrusage ru_maxrss)")
@@ -394,6 +455,15 @@ def format_bench(result: dict[str, Any]) -> str:
                   "MAC ratio": f"{r['mac_ratio']:.2f}"} for r in result["scaling"]]
         parts += ["", f"## Cost growth with image size ({cfg['scale_model']}, batch {result['scaling'][0]['batch_size']})",
                   "", pd.DataFrame(srows).to_markdown(index=False)]
+    if "protocol" in result:
+        proto = result["protocol"]
+        prows = [{"--eval-every": r["eval_every"], "--checkpoint-every": r["checkpoint_every"],
+                  "minutes": f"{r['minutes']:,.1f}"} for r in proto["rows"]]
+        parts += ["", f"## Paper protocol estimate ({proto['model']}: {proto['folds']} folds x {proto['epochs']} epochs "
+                  f"on {proto['images']:,} images, at the rates above; compilation not included)", "",
+                  pd.DataFrame(prows).to_markdown(index=False), "",
+                  f"One checkpoint (weights + Adam's moments, {proto['checkpoint_mb']:.0f} MB) takes "
+                  f"{proto['checkpoint_s']:.2f} s to write to the temporary folder."]
     ok = "meets" if result["pipeline_ratio"] >= result["pipeline_target_ratio"] else "below"
     parts += ["", f"Data pipeline: {result['pipeline_img_s']:.0f} img/s = {result['pipeline_ratio']:.1f} × "
               f"{result['pipeline_reference_model']} training ({ok} the {result['pipeline_target_ratio']:.0f}× target)",
@@ -410,4 +480,5 @@ def bench_config_from(quick: bool = False, **overrides: Any) -> BenchConfig:
 
 __all__: Sequence[str] = ["BenchConfig", "QUICK", "PIPELINE_TARGET_RATIO", "run_bench", "format_bench",
                           "bench_config_from", "bench_model", "fft_share", "size_scaling", "pipeline_throughput",
-                          "train_step_fn", "infer_step_fn", "peak_memory_mb", "machine_info"]
+                          "train_step_fn", "infer_step_fn", "peak_memory_mb", "machine_info", "checkpoint_write",
+                          "protocol_estimate", "PROTOCOL_INTERVALS"]

@@ -119,6 +119,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
     p.add_argument("--weights", dest="weights_path", metavar="FILE", help="local state-dict file to start from (nothing is downloaded)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--eval-every", type=_positive_int, default=1, metavar="N",
+                   help="evaluate on the test fold every N epochs and after the last")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="N",
+                   help="write the resumable checkpoint every N epochs and after the last")
 
 
 def add_cv_args(p: argparse.ArgumentParser) -> None:
@@ -261,7 +265,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 #: CVConfig settings that `ussf cv` and `ussf compare` take from flags of the same name.
 _CV_FLAG_SETTINGS = ("data", "manifest", "group_col", "classes", "weights_path", "folds", "image_size",
                      "normalization", "splits", "cache_dir", "device", "epochs", "batch_size", "lr", "weight_decay",
-                     "seed", "amp", "channels_last", "compile", "compile_scope", "compile_mode", "deterministic", "progress", "skip_bad",
+                     "seed", "amp", "channels_last", "compile", "compile_scope", "compile_mode", "deterministic", "progress", "eval_every", "checkpoint_every", "skip_bad",
                      "dedup_folds", "dup_threshold", "hash_size")
 
 
@@ -277,12 +281,12 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     if args.resume:
         cfg = load_config(args.resume)
-        _refuse_changed_settings(args, cfg)
+        typed = _typed_settings(args)
+        _refuse_changed_settings(args, cfg, typed)
         cfg.out, cfg.progress = absolute_path(args.resume), args.progress
-        if args.device != "auto":
-            cfg.device = args.device
-        if args.cache_dir:
-            cfg.cache_dir = absolute_path(args.cache_dir)
+        for name in sorted(_RESUME_FREE_FLAGS & typed):  # where it runs, not what it computes: the new value wins
+            value = getattr(args, name)
+            setattr(cfg, name, absolute_path(value) if name == "cache_dir" else value)
         run_cv(cfg, resume=True)
         return 0
     if args.data is None and args.manifest is None:
@@ -292,26 +296,29 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Flags a resumed run may change: where it runs and what it prints, not what it computes.
-_RESUME_FREE_FLAGS = {"device", "progress", "cache_dir"}
+#: Flags a resumed run may change: where it runs, what it prints and how often it saves, not what it computes.
+_RESUME_FREE_FLAGS = {"device", "progress", "cache_dir", "checkpoint_every"}
 
 
-def _refuse_changed_settings(args: argparse.Namespace, saved: CVConfig) -> None:
-    """``--resume RUN`` continues with RUN's own settings: a flag given with another value is refused, not ignored."""
-    from ussf_lib.experiment import PATH_SETTINGS, absolute_path
-
-    # Which flags were typed: argparse leaves a setting that already has a value alone unless its flag is given.
+def _typed_settings(args: argparse.Namespace) -> set[str]:
+    """The settings among the `ussf cv` flags that were given on the command line (not left at their defaults)."""
+    # argparse leaves a setting that already has a value alone unless its flag is given.
     unset = object()
     names = (*_CV_FLAG_SETTINGS, "model", "out")
     typed = argparse.Namespace(**{name: unset for name in names})
     cv_flags = OneLineErrorParser(prog="ussf cv")
     add_cv_args(cv_flags)
     cv_flags.parse_known_args(list(args.argv)[1:], typed)
+    return {name for name in names if getattr(typed, name) is not unset}
+
+
+def _refuse_changed_settings(args: argparse.Namespace, saved: CVConfig, typed: set[str]) -> None:
+    """``--resume RUN`` continues with RUN's own settings: a flag given with another value is refused, not ignored."""
+    from ussf_lib.experiment import PATH_SETTINGS, absolute_path
+
     changed = []
-    for name in names:
+    for name in sorted(typed - _RESUME_FREE_FLAGS):
         given = getattr(args, name)
-        if name in _RESUME_FREE_FLAGS or getattr(typed, name) is unset:
-            continue  # not given on the command line
         if name in PATH_SETTINGS:
             given = absolute_path(given)
         if name == "out" and given == absolute_path(args.resume):

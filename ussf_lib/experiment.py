@@ -91,6 +91,8 @@ class CVConfig:
     compile_mode: str = "default"
     deterministic: bool = False
     progress: bool = True
+    eval_every: int = 1
+    checkpoint_every: int = 1
     skip_bad: bool = False
     dedup_folds: bool = True
     dup_threshold: int = THRESHOLD
@@ -125,7 +127,7 @@ class CVConfig:
 
 
 # Settings that may differ when a run is resumed without changing its results.
-_RESUME_FREE = {"progress", "device", "cache_dir", "out"}
+_RESUME_FREE = {"progress", "device", "cache_dir", "out", "checkpoint_every"}
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -136,7 +136,8 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
     """Loss and accuracy per epoch, one colour per fold: solid = train, dashed = validation.
 
     Each history has columns ``epoch``, ``train_loss``, ``train_acc`` and optionally ``val_loss``,
-    ``val_acc``; each panel gets one line per fold and series present.
+    ``val_acc``; each panel gets one line per fold and series present. Epochs without a validation figure
+    (``--eval-every N``) are left out of the validation line, which then marks its points.
     """
     if not histories:
         raise UserError("no training histories to plot; pass {fold: history DataFrame}")
@@ -152,8 +153,10 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
             ax.plot(hist["epoch"], hist[f"train_{metric}"], color=color, linestyle="-",
                     label=f"fold {fold} train")
             if f"val_{metric}" in hist.columns:
-                ax.plot(hist["epoch"], hist[f"val_{metric}"], color=color, linestyle="--",
-                        label=f"fold {fold} val")
+                # A run made with --eval-every N has validation figures on some epochs only.
+                val = hist[["epoch", f"val_{metric}"]].dropna()
+                ax.plot(val["epoch"], val[f"val_{metric}"], color=color, linestyle="--",
+                        marker="o" if len(val) < len(hist) else None, markersize=3, label=f"fold {fold} val")
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):

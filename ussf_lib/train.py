@@ -4,8 +4,8 @@
 images and a :class:`TrainConfig`, and returns the per-epoch history and the test images' class
 probabilities. Batches are gathered from the uint8 cache and normalized on the training device, so no image
 is decoded inside the loop. A checkpoint (model, optimizer, GradScaler and RNG states, epoch, fold, and what the
-caller adds: the run's config) is written atomically after every epoch, so an interrupted fold resumes where it
-stopped. The learning rate is constant, as in the paper (section 2.4 names no schedule), so there is no
+caller adds: the run's config) is written atomically after every epoch (or every ``checkpoint_every`` epochs, and
+always after the last), so an interrupted fold resumes from its last checkpoint with the same results. The learning rate is constant, as in the paper (section 2.4 names no schedule), so there is no
 scheduler state to keep. Introduced in
 ``notebooks/04_train_cross_validation.ipynb``.
 """
@@ -68,9 +68,15 @@ class TrainConfig:
     compile_mode: str = "default"  #: torch.compile's mode: default or max-autotune-no-cudagraphs
     deterministic: bool = False
     progress: bool = True
+    #: Evaluate on the test fold after every this many epochs, and always after the last one. Skipped epochs
+    #: have no val_loss / val_acc in the history; the fold's predictions always come from the last epoch.
+    eval_every: int = 1
+    #: Write the checkpoint after every this many epochs, and always after the last one. US-SFNet's checkpoint
+    #: (weights and Adam's moments) is 274 MB, whose writing costs about as much as a GPU training epoch.
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "eval_every", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -210,7 +216,8 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weig
                             fused=True if device.type == "cuda" else None)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: an interruption leaves the old file or the new, whole."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -266,10 +273,11 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
                device: torch.device | None = None, fold_dir: str | Path | None = None, fold: int = 0,
                checkpoint_extra: dict[str, Any] | None = None,
                log: Callable[[str], None] = print, dist_ctx: DistContext | None = None) -> FoldResult:
-    """Train ``model`` on ``train_idx`` with Adam and cross-entropy, evaluating on ``test_idx`` every epoch.
+    """Train ``model`` on ``train_idx`` with Adam and cross-entropy, evaluating on ``test_idx`` every
+    ``cfg.eval_every`` epochs and after the last.
 
-    With ``fold_dir`` a checkpoint ``checkpoint.pt`` is written there after every epoch (temporary file, then
-    rename) and, if one is already there, training resumes from it. Returns the history and the last epoch's
+    With ``fold_dir`` a checkpoint ``checkpoint.pt`` is written there every ``cfg.checkpoint_every`` epochs and
+    after the last (temporary file, then rename) and, if one is already there, training resumes from it. Returns the history and the last epoch's
     test probabilities.
 
     With ``dist_ctx`` of a torchrun launch (:mod:`ussf_lib.distributed`) every process calls this with the same
@@ -351,7 +359,7 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
                 loss = loss_fn(logits.float(), y)
             if dist_mod.any_nonfinite(loss, ctx):
                 if ckpt_path is not None and ctx.is_main:
-                    _atomic_save({"model": model.state_dict(), "epoch": epoch, "batch": b},
+                    atomic_save({"model": model.state_dict(), "epoch": epoch, "batch": b},
                                  ckpt_path.with_name("debug_nonfinite.pt"))
                 raise NonFiniteLossError(
                     f"fold {fold}: loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}; "
@@ -366,21 +374,25 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(chunk)
         loss_sum, correct, seen = dist_mod.all_reduce_sum([loss_sum.item(), float(correct.item()), seen], ctx, device)
-        val_loss, probs = _evaluate_split(step_model if not ctx.enabled else model, dev_images, targets, test_idx,
-                                          cfg, mean, std, ctx, device, dynamic_batch and not ctx.enabled)
-        if not np.isfinite(probs).all():  # finite training loss, but the weights themselves overflowed
-            raise NonFiniteLossError(f"fold {fold}: the model's outputs on its test images became non-finite after "
-                                     f"epoch {epoch + 1}; lower --lr (now {cfg.lr}) or use --amp off")
-        val_acc = float((probs.argmax(1) == targets[test_idx]).mean()) if len(test_idx) else math.nan
+        last_epoch = epoch + 1 == cfg.epochs
+        val_loss = val_acc = math.nan
+        if last_epoch or (epoch + 1) % cfg.eval_every == 0:
+            val_loss, probs = _evaluate_split(step_model if not ctx.enabled else model, dev_images, targets,
+                                              test_idx, cfg, mean, std, ctx, device, dynamic_batch and not ctx.enabled)
+            if not np.isfinite(probs).all():  # finite training loss, but the weights themselves overflowed
+                raise NonFiniteLossError(f"fold {fold}: the model's outputs on its test images became non-finite "
+                                         f"after epoch {epoch + 1}; lower --lr (now {cfg.lr}) or use --amp off")
+            val_acc = float((probs.argmax(1) == targets[test_idx]).mean()) if len(test_idx) else math.nan
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0}
         history.append(row)
-        log(f"fold {fold} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} "
-            f"| val loss {val_loss:.4f} acc {val_acc:.3f} ({row['seconds']:.1f}s)")
-        if ckpt_path is not None and ctx.is_main:
+        val_text = "" if math.isnan(val_loss) else f" | val loss {val_loss:.4f} acc {val_acc:.3f}"
+        log(f"fold {fold} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
+            f"{val_text} ({row['seconds']:.1f}s)")
+        if ckpt_path is not None and ctx.is_main and (last_epoch or (epoch + 1) % cfg.checkpoint_every == 0):
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scaler": scaler.state_dict(), "shuffle_rng": shuffle_gen.get_state(),
                           "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "fold": fold,
                           "history": history, **(checkpoint_extra or {})}, ckpt_path)
