@@ -57,12 +57,12 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
 
 
 def test_eval_every_and_checkpoint_every_skip_work_without_changing_training(tmp_path, monkeypatch):
-    import ussf_lib.train as train_mod
+    import ussf_lib.checkpoints as checkpoints_mod
 
     x, y = _toy()
     saved_epochs: list[int] = []
-    real_save = train_mod.atomic_save
-    monkeypatch.setattr(train_mod, "atomic_save", lambda obj, path: (saved_epochs.append(obj["epoch"]),
+    real_save = checkpoints_mod.atomic_save
+    monkeypatch.setattr(checkpoints_mod, "atomic_save", lambda obj, path: (saved_epochs.append(obj["epoch"]),
                                                                       real_save(obj, path)))
     run = lambda d, **every: train_fold(_net(), x, y, np.arange(48), np.arange(48, 64),
                                         TrainConfig(epochs=5, batch_size=16, lr=0.01, progress=False, **every),

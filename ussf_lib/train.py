@@ -5,8 +5,9 @@ images and a :class:`TrainConfig`, and returns the per-epoch history and the tes
 probabilities. Batches are gathered from the uint8 cache and normalized on the training device, so no image
 is decoded inside the loop. A checkpoint (model, optimizer, GradScaler and RNG states, epoch, fold, and what the
 caller adds: the run's config) is written atomically after every epoch (or every ``checkpoint_every`` epochs, and
-always after the last), so an interrupted fold resumes from its last checkpoint with the same results. The learning rate is constant, as in the paper (section 2.4 names no schedule), so there is no
-scheduler state to keep. Introduced in
+always after the last), in the background while the next epoch trains (:mod:`ussf_lib.checkpoints`), so an
+interrupted fold resumes from its last checkpoint with the same results. The learning rate is constant, as in
+the paper (section 2.4 names no schedule), so there is no scheduler state to keep. Introduced in
 ``notebooks/04_train_cross_validation.ipynb``.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
 import warnings
@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ussf_lib import distributed as dist_mod
+from ussf_lib.checkpoints import CheckpointWriter, atomic_save
 from ussf_lib.data import normalize_batch
 from ussf_lib.distributed import DistContext
 from ussf_lib.errors import UserError
@@ -216,13 +217,6 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weig
                             fused=True if device.type == "cuda" else None)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: an interruption leaves the old file or the new, whole."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def evaluate(model: nn.Module, images: DeviceImages, targets: np.ndarray, idx: np.ndarray, batch_size: int,
              mean: Sequence[float], std: Sequence[float], amp: str = "off",
              channels_last: bool = False, dynamic_batch: bool = False) -> tuple[float, np.ndarray]:
@@ -334,68 +328,71 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
     # Under DDP each process takes its share of every global batch.
     local_batch = math.ceil(cfg.batch_size / ctx.world)
     probs = np.zeros((len(test_idx), 0))
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        if ctx.enabled:
-            order = dist_mod.epoch_order(train_idx, ctx, cfg.seed * 1000 + fold, epoch)
-        else:
-            order = train_idx[torch.randperm(len(train_idx), generator=shuffle_gen).numpy()]
-        # Sums stay on the device: the only wait for the GPU per step is the non-finite check.
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        batches = range(0, len(order), local_batch)
-        bar = tqdm(batches, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not (cfg.progress and ctx.is_main), mininterval=1.0)
-        for b, start in enumerate(bar):
-            chunk = order[start:start + local_batch]
-            x = normalize_batch(dev_images.batch(chunk), mean, std, cfg.channels_last)
-            if dynamic_batch:
-                mark_batch_dynamic(x)
-            y = torch.as_tensor(targets[chunk], device=device)
-            with autocast(device, cfg.amp):
-                logits = step_model(x)
-                loss = loss_fn(logits.float(), y)
-            if dist_mod.any_nonfinite(loss, ctx):
-                if ckpt_path is not None and ctx.is_main:
-                    atomic_save({"model": model.state_dict(), "epoch": epoch, "batch": b},
-                                 ckpt_path.with_name("debug_nonfinite.pt"))
-                raise NonFiniteLossError(
-                    f"fold {fold}: loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}; "
-                    f"lower --lr (now {cfg.lr}) or use --amp off"
-                    + (f" (model state saved to {ckpt_path.with_name('debug_nonfinite.pt')})" if ckpt_path else "")
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach().double() * len(chunk)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(chunk)
-        loss_sum, correct, seen = dist_mod.all_reduce_sum([loss_sum.item(), float(correct.item()), seen], ctx, device)
-        last_epoch = epoch + 1 == cfg.epochs
-        val_loss = val_acc = math.nan
-        if last_epoch or (epoch + 1) % cfg.eval_every == 0:
-            val_loss, probs = _evaluate_split(step_model if not ctx.enabled else model, dev_images, targets,
-                                              test_idx, cfg, mean, std, ctx, device, dynamic_batch and not ctx.enabled)
-            if not np.isfinite(probs).all():  # finite training loss, but the weights themselves overflowed
-                raise NonFiniteLossError(f"fold {fold}: the model's outputs on its test images became non-finite "
-                                         f"after epoch {epoch + 1}; lower --lr (now {cfg.lr}) or use --amp off")
-            val_acc = float((probs.argmax(1) == targets[test_idx]).mean()) if len(test_idx) else math.nan
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-               "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
-               "seconds": time.perf_counter() - t0}
-        history.append(row)
-        val_text = "" if math.isnan(val_loss) else f" | val loss {val_loss:.4f} acc {val_acc:.3f}"
-        log(f"fold {fold} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
-            f"{val_text} ({row['seconds']:.1f}s)")
-        if ckpt_path is not None and ctx.is_main and (last_epoch or (epoch + 1) % cfg.checkpoint_every == 0):
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scaler": scaler.state_dict(), "shuffle_rng": shuffle_gen.get_state(),
-                          "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "fold": fold,
-                          "history": history, **(checkpoint_extra or {})}, ckpt_path)
+    # The checkpoint is written while the next epoch trains; leaving the block waits for the last write.
+    with CheckpointWriter(background=True) as writer:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            t0 = time.perf_counter()
+            if ctx.enabled:
+                order = dist_mod.epoch_order(train_idx, ctx, cfg.seed * 1000 + fold, epoch)
+            else:
+                order = train_idx[torch.randperm(len(train_idx), generator=shuffle_gen).numpy()]
+            # Sums stay on the device: the only wait for the GPU per step is the non-finite check.
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
+            batches = range(0, len(order), local_batch)
+            bar = tqdm(batches, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                       disable=not (cfg.progress and ctx.is_main), mininterval=1.0)
+            for b, start in enumerate(bar):
+                chunk = order[start:start + local_batch]
+                x = normalize_batch(dev_images.batch(chunk), mean, std, cfg.channels_last)
+                if dynamic_batch:
+                    mark_batch_dynamic(x)
+                y = torch.as_tensor(targets[chunk], device=device)
+                with autocast(device, cfg.amp):
+                    logits = step_model(x)
+                    loss = loss_fn(logits.float(), y)
+                if dist_mod.any_nonfinite(loss, ctx):
+                    if ckpt_path is not None and ctx.is_main:
+                        atomic_save({"model": model.state_dict(), "epoch": epoch, "batch": b},
+                                     ckpt_path.with_name("debug_nonfinite.pt"))
+                    raise NonFiniteLossError(
+                        f"fold {fold}: loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}; "
+                        f"lower --lr (now {cfg.lr}) or use --amp off"
+                        + (f" (model state saved to {ckpt_path.with_name('debug_nonfinite.pt')})" if ckpt_path else "")
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += loss.detach().double() * len(chunk)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(chunk)
+            loss_sum, correct, seen = dist_mod.all_reduce_sum([loss_sum.item(), float(correct.item()), seen], ctx, device)
+            last_epoch = epoch + 1 == cfg.epochs
+            val_loss = val_acc = math.nan
+            if last_epoch or (epoch + 1) % cfg.eval_every == 0:
+                eval_model = step_model if not ctx.enabled else model
+                val_loss, probs = _evaluate_split(eval_model, dev_images, targets, test_idx, cfg, mean, std, ctx,
+                                                  device, dynamic_batch and not ctx.enabled)
+                if not np.isfinite(probs).all():  # finite training loss, but the weights themselves overflowed
+                    raise NonFiniteLossError(f"fold {fold}: the model's outputs on its test images became non-finite "
+                                             f"after epoch {epoch + 1}; lower --lr (now {cfg.lr}) or use --amp off")
+                val_acc = float((probs.argmax(1) == targets[test_idx]).mean()) if len(test_idx) else math.nan
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                   "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                   "seconds": time.perf_counter() - t0}
+            history.append(row)
+            val_text = "" if math.isnan(val_loss) else f" | val loss {val_loss:.4f} acc {val_acc:.3f}"
+            log(f"fold {fold} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
+                f"acc {row['train_acc']:.3f}{val_text} ({row['seconds']:.1f}s)")
+            if ckpt_path is not None and ctx.is_main and (last_epoch or (epoch + 1) % cfg.checkpoint_every == 0):
+                ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+                writer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scaler": scaler.state_dict(), "shuffle_rng": shuffle_gen.get_state(),
+                              "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "fold": fold,
+                              "history": history, **(checkpoint_extra or {})}, ckpt_path)
     if probs.shape[1] == 0:  # resumed after the last epoch: recompute the test probabilities
         _, probs = _evaluate_split(model, dev_images, targets, test_idx, cfg, mean, std, ctx, device)
     dist_mod.barrier(ctx)
