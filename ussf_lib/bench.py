@@ -48,13 +48,13 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ussf_lib.checkpoints import atomic_save, host_snapshot
 from ussf_lib.complexity import count_macs, count_parameters
 from ussf_lib.data import normalize_batch
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_DATASET, PAPER_MEAN, PAPER_PROTOCOL, PAPER_STD
 from ussf_lib.models import build_model, check_image_size
 from ussf_lib.models.compiling import check_compile_settings, compile_model
-from ussf_lib.checkpoints import atomic_save, host_snapshot
 from ussf_lib.train import AMP_DTYPES, DeviceImages, autocast, make_optimizer, select_device
 
 #: Pipeline throughput wanted, as a multiple of US-SFNet's training throughput (docs/performance.md).

@@ -1,8 +1,9 @@
 """Writing training checkpoints: whole or not at all, and without holding up training.
 
 A fold's checkpoint (weights, Adam's moments, RNG states, history; 274 MB for US-SFNet) is written after
-every epoch by default. Written in the training loop, that write costs about as much as a GPU training epoch
-(docs/performance.md), so :class:`CheckpointWriter` takes a snapshot of the state on the host (the only part
+every epoch by default. Written in the training loop, that write stops training for a sizeable part of a GPU
+epoch (0.3-0.8 s on the 2-core CI machine's disk, against about 1.8 s for a compiled H100 training epoch of the
+paper's protocol; docs/performance.md), so :class:`CheckpointWriter` takes a snapshot of the state on the host (the only part
 training waits for) and writes it in a background thread while the next epoch trains. torch's own
 asynchronous saving (``torch.distributed.checkpoint.async_save``) writes a folder of shards, not the single
 ``checkpoint.pt`` that ``ussf predict`` and ``--resume`` read, so a thread of our own does it here.

@@ -265,8 +265,9 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 #: CVConfig settings that `ussf cv` and `ussf compare` take from flags of the same name.
 _CV_FLAG_SETTINGS = ("data", "manifest", "group_col", "classes", "weights_path", "folds", "image_size",
                      "normalization", "splits", "cache_dir", "device", "epochs", "batch_size", "lr", "weight_decay",
-                     "seed", "amp", "channels_last", "compile", "compile_scope", "compile_mode", "deterministic", "progress", "eval_every", "checkpoint_every", "skip_bad",
-                     "dedup_folds", "dup_threshold", "hash_size")
+                     "seed", "amp", "channels_last", "compile", "compile_scope", "compile_mode", "deterministic",
+                     "progress", "eval_every", "checkpoint_every", "skip_bad", "dedup_folds", "dup_threshold",
+                     "hash_size")
 
 
 def cv_config_from_args(args: argparse.Namespace, **settings: Any) -> CVConfig:

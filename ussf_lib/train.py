@@ -73,7 +73,8 @@ class TrainConfig:
     #: have no val_loss / val_acc in the history; the fold's predictions always come from the last epoch.
     eval_every: int = 1
     #: Write the checkpoint after every this many epochs, and always after the last one. US-SFNet's checkpoint
-    #: (weights and Adam's moments) is 274 MB, whose writing costs about as much as a GPU training epoch.
+    #: (weights and Adam's moments) is 274 MB; it is written in the background, but each one still costs a copy
+    #: to the host and disk bandwidth.
     checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
