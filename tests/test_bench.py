@@ -30,7 +30,11 @@ def _check(result: dict) -> None:
     assert 0 < len(top) <= 8 and all(t["ms"] > 0 for t in top)
     assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
     assert sum(t["ms"] for t in top) <= result["fft"]["profiled_op_ms_per_step"] + 1e-6
+    loop = result["loop"]
+    assert loop["model"] == "us_sfnet_tiny" and loop["loop_images"] == 8 * 2 and loop["loop_img_s"] > 0
+    assert loop["ratio_to_step"] == pytest.approx(loop["loop_img_s"] / m["train_img_s"])
     proto = result["protocol"]
+    assert proto["train_rate"] == "loop"
     assert proto["model"] == "us_sfnet_tiny" and proto["checkpoint_s"] > 0 and proto["snapshot_s"] > 0
     assert 1.0 < proto["checkpoint_mb"] < 10.0  # 0.48 M float32 weights + Adam's two moments: about 6 MB
     assert [(r["eval_every"], r["checkpoint_every"]) for r in proto["rows"]] == [(1, 1), (10, 10), (150, 150)]
@@ -70,6 +74,28 @@ def test_checkpoint_iters_zero_skips_the_protocol_estimate():
     assert "protocol" not in result and "Paper protocol" not in format_bench(result)
     with pytest.raises(UserError, match="checkpoint_iters=-1"):
         BenchConfig(checkpoint_iters=-1)
+
+
+def test_training_loop_figure_uses_train_fold_and_can_be_skipped(monkeypatch):
+    seen = {}
+    real = bench.train_fold
+
+    def spy(model, images, targets, train_idx, test_idx, cfg, *args, **kwargs):
+        seen.update(images=images.shape, train=len(train_idx), test=len(test_idx), epochs=cfg.epochs,
+                    amp=cfg.amp, channels_last=cfg.channels_last)
+        return real(model, images, targets, train_idx, test_idx, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "train_fold", spy)
+    tiny = {**TINY, "fft_model": None, "scale_model": None, "checkpoint_iters": 0}
+    result = run_bench(BenchConfig(device="cpu", loop_batches=3, loop_epochs=2, amp="bf16", channels_last=True,
+                                   **tiny), log=lambda _: None)
+    assert seen == {"images": (4 * 2, 32, 32, 3), "train": 3 * 2, "test": 2, "epochs": 2, "amp": "bf16",
+                    "channels_last": True}
+    assert "Training loop (train_fold, 6 cached images an epoch)" in format_bench(result)
+    skipped = run_bench(BenchConfig(device="cpu", loop_batches=0, **tiny), log=lambda _: None)
+    assert "loop" not in skipped
+    with pytest.raises(UserError, match="loop_epochs=1 must be at least 2"):
+        BenchConfig(loop_epochs=1)
 
 
 def test_compiled_models_are_timed_and_reported():

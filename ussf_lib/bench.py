@@ -19,10 +19,12 @@ timed, not the data loading):
   (target: at least 20 × US-SFNet's training throughput, so the input never starves the model);
 * peak memory: ``torch.cuda.max_memory_allocated`` per model on CUDA; on CPU the process's peak resident set
   (``resource.getrusage``), which only grows, so a model's figure includes the models measured before it;
+* the training loop itself (:func:`~ussf_lib.train.train_fold` on synthetic cached images, its evaluation not
+  counted) against the bare training step: what gathering, normalizing and the loop's per-step work cost;
 * the time to write the reference model's training checkpoint (weights and Adam's moments, written as
   :func:`~ussf_lib.train.train_fold` writes it, into the system's temporary folder) and the time of the host
   copy that training waits for while the write goes on in the background, and from them and the
-  measured steps an estimate of the paper's protocol (5 folds x 150 epochs on its 3,392 images) for a few
+  measured loop an estimate of the paper's protocol (5 folds x 150 epochs on its 3,392 images) for a few
   ``--eval-every`` / ``--checkpoint-every`` settings. The estimate counts only the measured steps and writes:
   compilation, smaller last batches and per-epoch bookkeeping come on top.
 
@@ -55,7 +57,7 @@ from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_DATASET, PAPER_MEAN, PAPER_PROTOCOL, PAPER_STD
 from ussf_lib.models import build_model, check_image_size
 from ussf_lib.models.compiling import check_compile_settings, compile_model
-from ussf_lib.train import AMP_DTYPES, DeviceImages, autocast, make_optimizer, select_device
+from ussf_lib.train import AMP_DTYPES, DeviceImages, TrainConfig, autocast, make_optimizer, select_device, train_fold
 
 #: Pipeline throughput wanted, as a multiple of US-SFNet's training throughput (docs/performance.md).
 PIPELINE_TARGET_RATIO = 20.0
@@ -82,6 +84,10 @@ class BenchConfig:
     pipeline_images: int = 1024
     pipeline_iters: int = 50
     checkpoint_iters: int = 3  #: timed checkpoint writes; 0 skips them and the protocol estimate
+    #: The training loop measured whole: ``loop_epochs`` epochs of ``train_fold`` over ``loop_batches`` batches
+    #: (the first epoch is warm-up); 0 skips it.
+    loop_batches: int = 8
+    loop_epochs: int = 3
     amp: str = "off"
     channels_last: bool = False
     #: torch.compile every timed model (the warm-up steps include the compilation, which is not timed)
@@ -105,11 +111,13 @@ class BenchConfig:
         for name in ("batch_size", "iters", "profile_iters", "pipeline_images", "pipeline_iters", "image_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"bench: {name}={getattr(self, name)} must be at least 1")
-        for name in ("warmup", "checkpoint_iters"):
+        for name in ("warmup", "checkpoint_iters", "loop_batches"):
             if int(getattr(self, name)) < 0:
                 raise UserError(f"bench: {name}={getattr(self, name)} must be 0 or more")
         for name in self.models:
             check_image_size(name, self.image_size)
+        if self.loop_batches and self.loop_epochs < 2:
+            raise UserError(f"bench: loop_epochs={self.loop_epochs} must be at least 2 (the first is warm-up)")
         if self.scale_model:
             for size in self.scale_sizes:
                 check_image_size(self.scale_model, size)
@@ -119,7 +127,8 @@ class BenchConfig:
 
 #: ``ussf bench --quick``: the CPU-sized preset (measured at about 2-3 minutes on 2 cores, docs/performance.md).
 QUICK: dict[str, Any] = dict(models=("us_sfnet", "densenet121"), batch_size=8, warmup=2, iters=3, scale_batch=4,
-                             profile_iters=1, pipeline_images=256, pipeline_iters=10, checkpoint_iters=1)
+                             profile_iters=1, pipeline_images=256, pipeline_iters=10, checkpoint_iters=1,
+                             loop_batches=2, loop_epochs=2)
 
 
 def _sync(device: torch.device) -> None:
@@ -313,6 +322,27 @@ def pipeline_throughput(cfg: BenchConfig, device: torch.device) -> float:
     return batch / sec
 
 
+def loop_throughput(name: str, cfg: BenchConfig, device: torch.device) -> dict[str, float]:
+    """Training images/s of :func:`~ussf_lib.train.train_fold` itself on synthetic cached images: batches gathered
+    and normalized on the device, the per-step checks, the loss bookkeeping; the median of the epochs after
+    the first (``train_seconds`` of its history, so the evaluation of the test images is not counted)."""
+    rng = np.random.default_rng(cfg.seed)
+    n_train = cfg.loop_batches * cfg.batch_size
+    images = rng.integers(0, 256, size=(n_train + cfg.batch_size, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    targets = np.arange(len(images)) % cfg.num_classes
+    torch.manual_seed(cfg.seed)
+    model = build_model(name, cfg.num_classes, image_size=cfg.image_size)
+    train_cfg = TrainConfig(epochs=cfg.loop_epochs, batch_size=cfg.batch_size, amp=cfg.amp,
+                            channels_last=cfg.channels_last, compile=cfg.compile, compile_backend=cfg.compile_backend,
+                            compile_scope=cfg.compile_scope, compile_mode=cfg.compile_mode, seed=cfg.seed,
+                            progress=False)
+    result = train_fold(model, images, targets, np.arange(n_train), np.arange(n_train, len(images)), train_cfg,
+                        PAPER_MEAN, PAPER_STD, device=device, log=lambda _: None)
+    seconds = float(np.median(result.history["train_seconds"].iloc[1:]))
+    del model
+    return {"loop_img_s": n_train / seconds, "loop_epoch_train_s": seconds, "loop_images": n_train}
+
+
 def checkpoint_write(name: str, cfg: BenchConfig, device: torch.device) -> dict[str, float]:
     """Median seconds to write one training checkpoint of ``name`` (weights and Adam's moments, from the device,
     by :func:`~ussf_lib.checkpoints.atomic_save` into a temporary folder, deleted afterwards), the median seconds of
@@ -419,6 +449,12 @@ def run_bench(cfg: BenchConfig | None = None, log: Callable[[str], None] = print
     result["pipeline_reference_model"] = ref
     result["pipeline_ratio"] = result["pipeline_img_s"] / result["models"][ref]["train_img_s"]
     result["pipeline_target_ratio"] = PIPELINE_TARGET_RATIO
+    train_rate = result["models"][ref]["train_img_s"]
+    if cfg.loop_batches:
+        log(f"bench: {ref}'s training loop, {cfg.loop_epochs} epochs of {cfg.loop_batches} batches ...")
+        result["loop"] = {"model": ref, **loop_throughput(ref, cfg, device)}
+        result["loop"]["ratio_to_step"] = result["loop"]["loop_img_s"] / train_rate
+        train_rate = result["loop"]["loop_img_s"]
     if cfg.checkpoint_iters:
         log(f"bench: writing {ref}'s checkpoint ...")
         ckpt = checkpoint_write(ref, cfg, device)
@@ -427,7 +463,8 @@ def run_bench(cfg: BenchConfig | None = None, log: Callable[[str], None] = print
                               "checkpoint_mb": ckpt["mb"],
                               "images": int(PAPER_DATASET["images"]),  # type: ignore[call-overload]
                               "folds": int(PAPER_PROTOCOL["folds"]), "epochs": int(PAPER_PROTOCOL["epochs"]),
-                              "rows": protocol_estimate(m["train_img_s"], m["infer_img_s"], ckpt["seconds"],
+                              "train_rate": "loop" if "loop" in result else "step",
+                              "rows": protocol_estimate(train_rate, m["infer_img_s"], ckpt["seconds"],
                                                         ckpt["snapshot_seconds"])}
     result["peak_mem_mb"] = peak_memory_mb(device)
     result["peak_mem_kind"] = ("torch.cuda.max_memory_allocated (per model: since that model started)"
@@ -469,12 +506,17 @@ def format_bench(result: dict[str, Any]) -> str:
                   "MAC ratio": f"{r['mac_ratio']:.2f}"} for r in result["scaling"]]
         parts += ["", f"## Cost growth with image size ({cfg['scale_model']}, batch {result['scaling'][0]['batch_size']})",
                   "", pd.DataFrame(srows).to_markdown(index=False)]
+    if "loop" in result:
+        loop = result["loop"]
+        parts += ["", f"Training loop (train_fold, {loop['loop_images']} cached images an epoch): "
+                  f"{loop['loop_img_s']:.1f} img/s = {loop['ratio_to_step']:.2f} × {loop['model']}'s training step alone"]
     if "protocol" in result:
         proto = result["protocol"]
         prows = [{"--eval-every": r["eval_every"], "--checkpoint-every": r["checkpoint_every"],
                   "minutes": f"{r['minutes']:,.1f}"} for r in proto["rows"]]
+        rate = "the training loop's" if proto.get("train_rate") == "loop" else "the training step's"
         parts += ["", f"## Paper protocol estimate ({proto['model']}: {proto['folds']} folds x {proto['epochs']} epochs "
-                  f"on {proto['images']:,} images, at the rates above; compilation not included)", "",
+                  f"on {proto['images']:,} images at {rate} and inference rates above; compilation not included)", "",
                   pd.DataFrame(prows).to_markdown(index=False), "",
                   f"One checkpoint (weights + Adam's moments, {proto['checkpoint_mb']:.0f} MB) takes "
                   f"{proto['checkpoint_s']:.2f} s to write to the temporary folder; training waits "
@@ -496,4 +538,4 @@ def bench_config_from(quick: bool = False, **overrides: Any) -> BenchConfig:
 __all__: Sequence[str] = ["BenchConfig", "QUICK", "PIPELINE_TARGET_RATIO", "run_bench", "format_bench",
                           "bench_config_from", "bench_model", "fft_share", "size_scaling", "pipeline_throughput",
                           "train_step_fn", "infer_step_fn", "peak_memory_mb", "machine_info", "checkpoint_write",
-                          "protocol_estimate", "PROTOCOL_INTERVALS"]
+                          "protocol_estimate", "PROTOCOL_INTERVALS", "loop_throughput"]

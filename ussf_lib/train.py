@@ -187,7 +187,9 @@ class DeviceImages:
                 self.on_device = True
         self.images = host
 
-    def batch(self, idx: np.ndarray) -> torch.Tensor:
+    def batch(self, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The images at ``idx``, on the training device. With the cache on the GPU, pass ``idx`` as a tensor
+        already there: a host array costs a copy that waits for every kernel queued before it."""
         if self.on_device:
             return self.images[torch.as_tensor(idx, device=self.device)]
         batch = self.images[torch.as_tensor(idx)]
@@ -230,13 +232,17 @@ def evaluate(model: nn.Module, images: DeviceImages, targets: np.ndarray, idx: n
     device = images.device
     losses, probs = [], []
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    # Indices, labels and constants go to the device once, not once per batch (see DeviceImages.batch).
+    idx_dev = torch.tensor(idx, dtype=torch.int64, device=device)
+    y_all = torch.as_tensor(np.asarray(targets)[idx], device=device)
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
     with torch.inference_mode():
         for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            x = normalize_batch(images.batch(chunk), mean, std, channels_last)
+            chunk = idx_dev[start:start + batch_size] if images.on_device else idx[start:start + batch_size]
+            x = normalize_batch(images.batch(chunk), mean_t, std_t, channels_last)
             if dynamic_batch:
                 mark_batch_dynamic(x)
-            y = torch.as_tensor(targets[chunk], device=device)
+            y = y_all[start:start + batch_size]
             with autocast(device, amp):
                 logits = model(x)
             logits = logits.float()
@@ -326,6 +332,10 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
                                         mode=cfg.compile_mode)
         log(f"fold {fold}: {how}")
     dynamic_batch = step_model is not wrapped  # a whole-model compile: one graph for every batch size
+    # On the device once per fold, and the batch order once per epoch: a copy from host memory waits for every
+    # kernel queued before it, so copies made per step would keep the host from queueing the next step early.
+    targets_dev = torch.tensor(targets, dtype=torch.int64, device=device)
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
     # Under DDP each process takes its share of every global batch.
     local_batch = math.ceil(cfg.batch_size / ctx.world)
     probs = np.zeros((len(test_idx), 0))
@@ -345,12 +355,14 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
             batches = range(0, len(order), local_batch)
             bar = tqdm(batches, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                        disable=not (cfg.progress and ctx.is_main), mininterval=1.0)
+            order_dev = torch.as_tensor(order, device=device)
             for b, start in enumerate(bar):
-                chunk = order[start:start + local_batch]
-                x = normalize_batch(dev_images.batch(chunk), mean, std, cfg.channels_last)
+                chunk = order_dev[start:start + local_batch]
+                gather = chunk if dev_images.on_device else order[start:start + local_batch]
+                x = normalize_batch(dev_images.batch(gather), mean_t, std_t, cfg.channels_last)
                 if dynamic_batch:
                     mark_batch_dynamic(x)
-                y = torch.as_tensor(targets[chunk], device=device)
+                y = targets_dev[chunk]
                 with autocast(device, cfg.amp):
                     logits = step_model(x)
                     loss = loss_fn(logits.float(), y)
@@ -371,6 +383,7 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(chunk)
             loss_sum, correct, seen = dist_mod.all_reduce_sum([loss_sum.item(), float(correct.item()), seen], ctx, device)
+            train_seconds = time.perf_counter() - t0  # .item() above waited for the epoch's last step
             last_epoch = epoch + 1 == cfg.epochs
             val_loss = val_acc = math.nan
             if last_epoch or (epoch + 1) % cfg.eval_every == 0:
@@ -383,7 +396,7 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
                 val_acc = float((probs.argmax(1) == targets[test_idx]).mean()) if len(test_idx) else math.nan
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - t0}
+                   "seconds": time.perf_counter() - t0, "train_seconds": train_seconds}
             history.append(row)
             val_text = "" if math.isnan(val_loss) else f" | val loss {val_loss:.4f} acc {val_acc:.3f}"
             log(f"fold {fold} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
