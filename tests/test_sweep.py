@@ -76,7 +76,7 @@ def test_cli_sweep_reports_a_bad_grid_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sweep_two_models_two_seeds_then_skip_when_called_again(tmp_path):
-    grid = {"MODEL": ["us_sfnet_tiny", "us_sfnet"], "SEED": [0, 1], "fixed": FIXED}
+    grid = {"MODEL": ["us_sfnet_tiny", "us_sfnet"], "SEED": [0, 1], "fixed": {**FIXED, "AMP": "bf16"}}
     out = tmp_path / "sweep"
     first = run_sweep(NOTEBOOK, grid, out, jobs=2, log=lambda line: None)
     assert first.failed == {} and len(first.ran) == 4 and first.skipped == []
@@ -92,6 +92,8 @@ def test_sweep_two_models_two_seeds_then_skip_when_called_again(tmp_path):
     for name in results["run"]:
         assert (out / name / "04_train_cross_validation.ipynb").is_file()
         assert json.loads((out / name / "metrics.json").read_text())["parameters"]["IMAGE_SIZE"] == 16
+        config = json.loads((out / name / "run" / "config.json").read_text())
+        assert (config["amp"], config["image_size"], config["eval_every"]) == ("bf16", 16, 1)  # reached the run
     summary = (out / "summary.md").read_text()
     assert "| us_sfnet_tiny |" in summary and "| us_sfnet " in summary and "0,1" in summary
     assert len(pd.read_csv(out / "summary.csv")) == 2  # mean over seeds per model
@@ -102,7 +104,7 @@ def test_sweep_two_models_two_seeds_then_skip_when_called_again(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.ipynb")} == stamps  # nothing re-executed
     assert len(pd.read_csv(out / "results.csv")) == 4
 
-    changed = {**grid, "fixed": {**FIXED, "BATCH_SIZE": 16}}
+    changed = {**grid, "fixed": {**grid["fixed"], "BATCH_SIZE": 16}}
     with pytest.raises(UserError, match="BATCH_SIZE=32 but the grid now gives BATCH_SIZE=16"):
         run_sweep(NOTEBOOK, changed, out, log=lambda line: None)
 
@@ -125,6 +127,10 @@ def test_values_a_run_would_refuse_are_refused_before_any_run(tmp_path):
         run_sweep(NOTEBOOK, {"MODEL": ["us_sfnet_tiny", "no_such_model"], "fixed": FIXED}, tmp_path / "s")
     with pytest.raises(UserError, match=r"run FOLDS=1: FOLDS=1 must be at least 2"):
         run_sweep(NOTEBOOK, {"FOLDS": [2, 1], "fixed": {"EPOCHS": 1}}, tmp_path / "s")
+    with pytest.raises(UserError, match=r"run AMP=fp8: AMP='fp8'; use one of 'off', 'bf16', 'fp16'"):
+        run_sweep(NOTEBOOK, {"AMP": ["bf16", "fp8"], "fixed": FIXED}, tmp_path / "s")
+    with pytest.raises(UserError, match=r"run EVAL_EVERY=0: EVAL_EVERY=0 must be at least 1"):
+        run_sweep(NOTEBOOK, {"EVAL_EVERY": [0], "fixed": FIXED}, tmp_path / "s")
     assert not (tmp_path / "s").exists()
 
 

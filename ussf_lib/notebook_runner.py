@@ -67,13 +67,13 @@ def check_values(values: Mapping[str, Any], where: str) -> None:
     """Refuse, before a kernel starts, the values a notebook's first cells would refuse (``where`` names it).
 
     ``values`` are a notebook's parameters with its defaults filled in: ``MODEL`` / ``MODELS`` must be registry
-    names that take ``IMAGE_SIZE``, ``FOLDS`` at least 2, ``EPOCHS``, ``BATCH_SIZE`` and ``N_PER_CLASS`` at
-    least 1, ``SEED`` a valid seed, and a notebook that trains on the built-in phantom needs as many synthetic
+    names that take ``IMAGE_SIZE``, ``FOLDS`` at least 2, ``EPOCHS``, ``BATCH_SIZE``, ``N_PER_CLASS`` and
+    ``EVAL_EVERY`` at least 1, ``AMP`` one of off, bf16, fp16, ``SEED`` a valid seed, and a notebook that trains on the built-in phantom needs as many synthetic
     patients per class as ``FOLDS``.
     """
     from ussf_lib.models.registry import check_image_size
     from ussf_lib.phantom import min_images_per_class, patients_per_class
-    from ussf_lib.train import check_seed
+    from ussf_lib.train import AMP_DTYPES, check_seed
 
     size = values.get("IMAGE_SIZE", 224)
     models = [values["MODEL"]] if "MODEL" in values else []
@@ -85,7 +85,9 @@ def check_values(values: Mapping[str, Any], where: str) -> None:
             check_seed(values["SEED"])
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    for key, least in (("FOLDS", 2), ("EPOCHS", 1), ("BATCH_SIZE", 1), ("N_PER_CLASS", 1)):
+    if "AMP" in values and values["AMP"] not in AMP_DTYPES:
+        raise UserError(f"{where}: AMP={values['AMP']!r}; use one of {', '.join(map(repr, AMP_DTYPES))}")
+    for key, least in (("FOLDS", 2), ("EPOCHS", 1), ("BATCH_SIZE", 1), ("N_PER_CLASS", 1), ("EVAL_EVERY", 1)):
         if key in values and values[key] < least:
             raise UserError(f"{where}: {key}={values[key]} must be at least {least}")
     trains_on_phantom = models and not values.get("DATA") and not values.get("MANIFEST") and not values.get("RUN_DIR")
