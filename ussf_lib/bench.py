@@ -52,7 +52,7 @@ from torch import nn
 
 from ussf_lib.checkpoints import atomic_save, host_snapshot
 from ussf_lib.complexity import count_macs, count_parameters
-from ussf_lib.data import normalize_batch
+from ussf_lib.data import normalization_on, normalize_batch
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_DATASET, PAPER_MEAN, PAPER_PROTOCOL, PAPER_STD
 from ussf_lib.models import build_model, check_image_size
@@ -315,7 +315,7 @@ def pipeline_throughput(cfg: BenchConfig, device: torch.device) -> float:
     index_device = device if cache.on_device else torch.device("cpu")
     orders = [torch.as_tensor(rng.permutation(cfg.pipeline_images)[:batch], device=index_device)
               for _ in range(cfg.pipeline_iters + cfg.warmup)]
-    mean, std = (torch.tensor(v, dtype=torch.float32, device=device) for v in (PAPER_MEAN, PAPER_STD))
+    mean, std = normalization_on(device, PAPER_MEAN, PAPER_STD)
     it = iter(orders)
 
     def step() -> None:

@@ -285,7 +285,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
         typed = _typed_settings(args)
         _refuse_changed_settings(args, cfg, typed)
         cfg.out, cfg.progress = absolute_path(args.resume), args.progress
-        for name in sorted(_RESUME_FREE_FLAGS & typed):  # where it runs, not what it computes: the new value wins
+        for name in sorted(_resume_free_flags() & typed):  # where it runs, not what it computes: the new value wins
             value = getattr(args, name)
             setattr(cfg, name, absolute_path(value) if name == "cache_dir" else value)
         run_cv(cfg, resume=True)
@@ -297,8 +297,11 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Flags a resumed run may change: where it runs, what it prints and how often it saves, not what it computes.
-_RESUME_FREE_FLAGS = {"device", "progress", "cache_dir", "checkpoint_every"}
+def _resume_free_flags() -> set[str]:
+    """Settings whose flags a resumed run may change (the run folder itself is ``--resume``'s, not ``--out``'s)."""
+    from ussf_lib.experiment import RESUME_FREE_SETTINGS
+
+    return set(RESUME_FREE_SETTINGS) - {"out"}
 
 
 def _typed_settings(args: argparse.Namespace) -> set[str]:
@@ -318,7 +321,7 @@ def _refuse_changed_settings(args: argparse.Namespace, saved: CVConfig, typed: s
     from ussf_lib.experiment import PATH_SETTINGS, absolute_path
 
     changed = []
-    for name in sorted(typed - _RESUME_FREE_FLAGS):
+    for name in sorted(typed - _resume_free_flags()):
         given = getattr(args, name)
         if name in PATH_SETTINGS:
             given = absolute_path(given)

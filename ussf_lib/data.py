@@ -488,14 +488,20 @@ def normalize_batch(batch: torch.Tensor, mean: Sequence[float] | torch.Tensor, s
                     channels_last: bool = False) -> torch.Tensor:
     """uint8 NHWC batch (already on the training device) -> float32 NCHW, scaled to [0, 1] then standardized.
 
-    ``mean`` and ``std`` may be float32 tensors already on the device, which saves two host-to-device copies
-    per batch in a training loop.
+    ``mean`` and ``std`` may be float32 tensors already on the device (:func:`normalization_on`), which saves
+    two host-to-device copies per batch in a training loop.
     """
     x = batch.permute(0, 3, 1, 2).float().div_(255.0)
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = (x - mean_t) / std_t
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def normalization_on(device: torch.device, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as float32 tensors on ``device``, made once for every :func:`normalize_batch` of a loop."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device),
+            torch.tensor(std, dtype=torch.float32, device=device))
 
 
 def resolve_normalization(name_or_values: str | Iterable[Sequence[float]]) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -126,8 +126,9 @@ class CVConfig:
         return cls(**d)
 
 
-# Settings that may differ when a run is resumed without changing its results.
-_RESUME_FREE = {"progress", "device", "cache_dir", "out", "checkpoint_every"}
+#: Settings that may differ when a run is resumed without changing its results: where it runs, what it prints
+#: and how often it saves.
+RESUME_FREE_SETTINGS = frozenset({"progress", "device", "cache_dir", "out", "checkpoint_every"})
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -154,7 +155,7 @@ def _check_out(cfg: CVConfig, resume: bool) -> Path:
         # A run made before paths were stored absolute holds them as typed, relative to where it started.
         previous.update({k: absolute_path(previous[k]) for k in PATH_SETTINGS if previous.get(k)})
         current = cfg.to_dict()
-        changed = sorted(k for k in previous if k not in _RESUME_FREE and previous.get(k) != current.get(k))
+        changed = sorted(k for k in previous if k not in RESUME_FREE_SETTINGS and previous.get(k) != current.get(k))
         if changed:
             raise UserError(f"{out}: settings {changed} differ from the run being resumed; resume with the same settings")
     return out

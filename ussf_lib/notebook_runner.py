@@ -68,8 +68,8 @@ def check_values(values: Mapping[str, Any], where: str) -> None:
 
     ``values`` are a notebook's parameters with its defaults filled in: ``MODEL`` / ``MODELS`` must be registry
     names that take ``IMAGE_SIZE``, ``FOLDS`` at least 2, ``EPOCHS``, ``BATCH_SIZE``, ``N_PER_CLASS`` and
-    ``EVAL_EVERY`` at least 1, ``AMP`` one of off, bf16, fp16, ``SEED`` a valid seed, and a notebook that trains on the built-in phantom needs as many synthetic
-    patients per class as ``FOLDS``.
+    ``EVAL_EVERY`` at least 1, ``AMP`` one of off, bf16, fp16, ``SEED`` a valid seed, and a notebook that trains
+    on the built-in phantom needs as many synthetic patients per class as ``FOLDS``.
     """
     from ussf_lib.models.registry import check_image_size
     from ussf_lib.phantom import min_images_per_class, patients_per_class

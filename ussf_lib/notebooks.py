@@ -141,7 +141,7 @@ def resume_or_replace(cfg: Any, log: Callable[[str], None] = print) -> bool:
     """
     import shutil
 
-    from ussf_lib.experiment import _RESUME_FREE
+    from ussf_lib.experiment import RESUME_FREE_SETTINGS
 
     run_dir = Path(cfg.out)
     config = run_dir / "config.json"
@@ -149,7 +149,7 @@ def resume_or_replace(cfg: Any, log: Callable[[str], None] = print) -> bool:
         return False
     previous, current = json.loads(config.read_text()), cfg.to_dict()
     changed = sorted(k for k in set(previous) | set(current)
-                     if k not in _RESUME_FREE and previous.get(k) != current.get(k))
+                     if k not in RESUME_FREE_SETTINGS and previous.get(k) != current.get(k))
     if not changed:
         return True
     log(f"{run_dir}: settings changed ({', '.join(changed)}); replacing the previous run")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ussf_lib import distributed as dist_mod
 from ussf_lib.checkpoints import CheckpointWriter, atomic_save
-from ussf_lib.data import normalize_batch
+from ussf_lib.data import normalization_on, normalize_batch
 from ussf_lib.distributed import DistContext
 from ussf_lib.errors import UserError
 from ussf_lib.meta import PAPER_PROTOCOL
@@ -235,7 +235,7 @@ def evaluate(model: nn.Module, images: DeviceImages, targets: np.ndarray, idx: n
     # Indices, labels and constants go to the device once, not once per batch (see DeviceImages.batch).
     idx_dev = torch.tensor(idx, dtype=torch.int64, device=device)
     y_all = torch.as_tensor(np.asarray(targets)[idx], device=device)
-    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
+    mean_t, std_t = normalization_on(device, mean, std)
     with torch.inference_mode():
         for start in range(0, len(idx), batch_size):
             chunk = idx_dev[start:start + batch_size] if images.on_device else idx[start:start + batch_size]
@@ -278,8 +278,8 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
     ``cfg.eval_every`` epochs and after the last.
 
     With ``fold_dir`` a checkpoint ``checkpoint.pt`` is written there every ``cfg.checkpoint_every`` epochs and
-    after the last (temporary file, then rename) and, if one is already there, training resumes from it. Returns the history and the last epoch's
-    test probabilities.
+    after the last (temporary file, then rename) and, if one is already there, training resumes from it.
+    Returns the history and the last epoch's test probabilities.
 
     With ``dist_ctx`` of a torchrun launch (:mod:`ussf_lib.distributed`) every process calls this with the same
     arguments: the model is wrapped in ``DistributedDataParallel``, each global batch of ``cfg.batch_size`` is
@@ -335,7 +335,7 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
     # On the device once per fold, and the batch order once per epoch: a copy from host memory waits for every
     # kernel queued before it, so copies made per step would keep the host from queueing the next step early.
     targets_dev = torch.tensor(targets, dtype=torch.int64, device=device)
-    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
+    mean_t, std_t = normalization_on(device, mean, std)
     # Under DDP each process takes its share of every global batch.
     local_batch = math.ceil(cfg.batch_size / ctx.world)
     probs = np.zeros((len(test_idx), 0))
