@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from ussf_lib.phantom import (
     MASK_LABELS,
     NODE_MASK_VALUES,
     PHANTOM_CLASSES,
+    PHANTOM_MARKER,
     generate_phantom,
+    is_phantom_folder,
     min_images_per_class,
     patient_sizes,
     patients_per_class,
@@ -217,9 +220,38 @@ def test_refuses_a_folder_with_other_data_and_leaves_it_alone(tmp_path):
     assert str(out) in message and "\n" not in message and "--out" in message
     assert [p.name for p in out.rglob("*")] == ["benign", "scan.png"]
     (out / "manifest.csv").write_text("path,label\nbenign/scan.png,benign\n")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="not a phantom"):
         generate_phantom(out, n_per_class=2, image_size=16)
     assert (out / "benign" / "scan.png").read_bytes() == b"not really a png"
+
+
+@pytest.mark.parametrize("name", ["scan.png", "benign_p000_00.png"])
+def test_a_users_manifest_in_the_phantoms_own_layout_is_not_taken_for_a_phantom(tmp_path, name):
+    # path,label,patient is also the manifest users are told to write for --group-col patient, and a file named
+    # as the phantom names its images may still be the user's.
+    out = tmp_path / "mydata"
+    (out / "benign").mkdir(parents=True)
+    (out / "benign" / name).write_bytes(b"a user's scan")
+    (out / "manifest.csv").write_text(f"path,label,patient\nbenign/{name},benign,p1\n")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert not is_phantom_folder(out)
+    with pytest.raises(UserError, match=f"{PHANTOM_MARKER}.*choose a new or empty --out"):
+        generate_phantom(out, n_per_class=2, image_size=16)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert (out / "benign" / name).read_bytes() == b"a user's scan"
+
+
+def test_a_phantom_whose_manifest_was_edited_is_no_longer_replaced(tmp_path):
+    out = tmp_path / "ph"
+    manifest = generate_phantom(out, n_per_class=9, image_size=16, classes=("normal",))
+    assert is_phantom_folder(out)
+    (out / "normal" / "mine.png").write_bytes(b"a user's scan")
+    manifest.write_text(manifest.read_text() + "normal/mine.png,normal,p9\n")
+    assert not is_phantom_folder(out)
+    with pytest.raises(UserError, match="not a phantom"):
+        generate_phantom(out, n_per_class=9, image_size=16, classes=("normal",))
+    assert (out / "normal" / "mine.png").read_bytes() == b"a user's scan"
+    assert len(list(out.rglob("*.png"))) == 10
 
 
 def test_regenerating_over_a_previous_phantom_replaces_it(tmp_path):
@@ -230,6 +262,9 @@ def test_regenerating_over_a_previous_phantom_replaces_it(tmp_path):
     assert len(rows) == 9
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(r["path"] for r in rows)
     assert not (out / "metastatic").exists()
+    marker = json.loads((out / PHANTOM_MARKER).read_text())
+    assert marker["n_per_class"] == 9 and marker["classes"] == ["normal"]
+    assert marker["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
 
 
 def test_rejects_bad_arguments(tmp_path):

@@ -40,8 +40,11 @@ has one node; its images are new views of it (new speckle, slightly different pl
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +72,7 @@ __all__ = [
     "min_images_per_class",
     "generate_phantom",
     "is_phantom_folder",
+    "PHANTOM_MARKER",
 ]
 
 #: The phantom's classes: the paper's four, in the paper's order.
@@ -564,21 +568,36 @@ def min_images_per_class(folds: int, images_per_patient: tuple[int, int] = PHANT
     return n
 
 
+#: Written beside the manifest by :func:`generate_phantom`. A manifest alone proves nothing: ``path,label,patient``
+#: is also the layout users are told to give their own data, and regenerating deletes the listed images.
+PHANTOM_MARKER = ".ussf-phantom.json"
+
+#: The only file names the phantom writes: ``<class>/<class>_p<patient>_<view>.png``.
+_PHANTOM_IMAGE = re.compile(r"(?P<label>[a-z]+)/(?P=label)_p\d+_\d+\.png")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def is_phantom_folder(out: str | Path) -> bool:
-    """True if ``out`` holds a manifest.csv whose header is the phantom's (``path,label,patient``)."""
-    manifest = Path(out) / "manifest.csv"
-    if not manifest.is_file():
+    """True if ``out`` is a phantom written by :func:`generate_phantom` and left as written: its marker file
+    names the generator and the SHA-256 of the ``manifest.csv`` beside it."""
+    out = Path(out)
+    manifest, marker = out / "manifest.csv", out / PHANTOM_MARKER
+    if not (manifest.is_file() and marker.is_file()):
         return False
     try:
-        with manifest.open(newline="") as fh:
-            header = next(csv.reader(fh), [])
-    except (OSError, UnicodeDecodeError):
+        stamp = json.loads(marker.read_text(encoding="utf-8"))
+        return (isinstance(stamp, dict) and stamp.get("generator") == "ussf_lib.phantom"
+                and stamp.get("manifest_sha256") == _sha256(manifest))
+    except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return [h.strip() for h in header] == ["path", "label", "patient"]
 
 
 def _clear_previous(out: Path) -> None:
-    """Delete the images a previous phantom listed in its manifest (nothing else), then empty class folders."""
+    """Delete the images a previous phantom listed in its manifest, if named as the phantom names them (nothing
+    else), then the class folders left empty, the manifest and the marker."""
     manifest = out / "manifest.csv"
     root = out.resolve()
     dirs: set[Path] = set()
@@ -586,13 +605,15 @@ def _clear_previous(out: Path) -> None:
         for row in csv.DictReader(fh):
             rel = (row.get("path") or "").strip()
             target = (out / rel).resolve()
-            if rel and target.suffix.lower() == ".png" and root in target.parents and target.is_file():
+            if (_PHANTOM_IMAGE.fullmatch(rel) and root in target.parents and target.is_file()
+                    and target.relative_to(root).as_posix() == rel):
                 target.unlink()
                 dirs.add(target.parent)
     for d in sorted(dirs, reverse=True):
         if d != root and not any(d.iterdir()):
             d.rmdir()
     manifest.unlink()
+    (out / PHANTOM_MARKER).unlink()
 
 
 def _patient_rng(seed: int, label: str, index: int) -> np.random.Generator:
@@ -610,8 +631,8 @@ def generate_phantom(out: str | Path, n_per_class: int = 250, image_size: int = 
     ``path`` is relative to OUT with forward slashes. Returns the manifest path. Deterministic by ``seed``
     (same seed, same bytes). Each synthetic patient contributes ``images_per_patient`` views of one node, so
     cross-validation must group by patient. Patient ids are unique across classes (``normal_p003``).
-    An existing OUT must be empty or a previous phantom (whose listed images are replaced); anything else
-    raises :class:`UserError`.
+    An existing OUT must be empty or a previous phantom, recognized by its :data:`PHANTOM_MARKER` file and
+    unchanged manifest (its listed images are replaced); anything else raises :class:`UserError`.
     """
     out = Path(out)
     classes = tuple(classes)
@@ -632,8 +653,8 @@ def generate_phantom(out: str | Path, n_per_class: int = 250, image_size: int = 
         raise UserError(f"{out} is a file, not a folder; choose another --out for the phantom")
     if out.is_dir() and any(out.iterdir()):
         if not is_phantom_folder(out):
-            raise UserError(f"{out} is not empty and holds no phantom manifest.csv; choose a new or empty --out "
-                            "folder (the phantom never writes into other data)")
+            raise UserError(f"{out} is not empty and is not a phantom left as ussf wrote it ({PHANTOM_MARKER} and its "
+                            "manifest.csv); choose a new or empty --out folder (the phantom never writes into other data)")
         _clear_previous(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -667,6 +688,9 @@ def generate_phantom(out: str | Path, n_per_class: int = 250, image_size: int = 
     writer.writerows(rows)
     manifest = out / "manifest.csv"
     manifest.write_text(buf.getvalue(), encoding="utf-8")
+    marker = {"generator": "ussf_lib.phantom", "manifest_sha256": _sha256(manifest), "n_per_class": int(n_per_class),
+              "image_size": int(image_size), "seed": int(seed), "classes": list(classes)}
+    (out / PHANTOM_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
     return manifest
 
 
