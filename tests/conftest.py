@@ -22,9 +22,23 @@ def require_shared(path: Path) -> Path:
     if path.exists():
         return path
     reason = f"{path} not found: ../shared (the read-only project material) is not beside this clone"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}, but CI=true and CI always has it")
+    if on_ci():
+        pytest.fail(f"{reason}, but CI={os.environ['CI']} and CI always has it")
     pytest.skip(reason)
+
+
+def on_ci() -> bool:
+    """CI services set ``CI`` to ``true`` (GitHub, GitLab) or ``1``; an unset, empty or false-like value is not CI."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for this test (bit-identical results whatever the machine), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -176,6 +176,24 @@ def test_audit_command_prints_and_writes_only_to_out(dup_tree, tmp_path, capsys)
     assert _snapshot(dup_tree) == {k: v for k, v in before.items() if k.startswith(f"{dup_tree}/")}
 
 
+def test_audit_command_refuses_or_skips_unreadable_files(dup_tree, tmp_path, capsys):
+    (dup_tree / "a" / "broken.png").write_bytes(b"not a png")
+    before = _snapshot(dup_tree)
+    assert main(["audit", str(dup_tree), "--out", str(tmp_path / "report"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "1 unreadable image(s)" in err and "broken.png" in err and "--skip-bad" in err and "\n" not in err
+    assert not (tmp_path / "report").exists()
+    assert main(["audit", str(dup_tree), "--out", str(tmp_path / "report"), "--skip-bad", "--no-progress"]) == 0
+    capsys.readouterr()
+    skipped = pd.read_csv(tmp_path / "report" / "skipped.csv")
+    assert skipped["path"].tolist() == ["a/broken.png"] and skipped["reason"].str.len().gt(0).all()
+    table = pd.read_csv(tmp_path / "report" / "audit_clusters.csv")
+    assert "a/broken.png" not in set(table["path"])
+    summary = json.loads((tmp_path / "report" / "audit_summary.json").read_text())
+    assert [s["path"] for s in summary["skipped"]] == ["a/broken.png"]
+    assert _snapshot(dup_tree) == before
+
+
 def test_audit_command_with_manifest(dup_tree, tmp_path, capsys):
     paths = sorted(p.relative_to(dup_tree).as_posix() for p in dup_tree.rglob("*.*"))
     pd.DataFrame({"path": paths, "label": [p.split("/")[0] for p in paths]}).to_csv(dup_tree / "m.csv", index=False)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -37,7 +39,10 @@ def cli_run(phantom_dir, tmp_path_factory):
 def test_cv_command_writes_the_documented_outputs(cli_run):
     summary = json.loads((cli_run / "summary.json").read_text())
     for m in ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc"):
-        assert 0 <= summary[m]["mean"] <= 1 and summary[m]["std"] is not None
+        per_fold = [f[m] for f in summary["per_fold"]]
+        assert len(per_fold) == 2 and 0 <= summary[m]["mean"] <= 1
+        assert summary[m]["mean"] == pytest.approx(np.mean(per_fold))
+        assert summary[m]["std"] == pytest.approx(np.std(per_fold, ddof=1))
     assert list(pd.read_csv(cli_run / "splits.csv").columns) == ["path", "label", "group", "fold"]
     per_class = pd.read_csv(cli_run / "per_class.csv")
     assert per_class["class"].tolist() == ["benign", "metastatic", "normal", "primary"]  # folder mode: sorted
@@ -54,10 +59,27 @@ def test_predict_command_prints_probabilities(cli_run, phantom_dir, capsys):
     assert len(rows) == 3 and all(abs(sum(map(float, r[2:])) - 1) < 1e-4 for r in rows)
 
 
-def test_report_command(cli_run, capsys):
-    (cli_run / "summary.json").unlink()
-    assert main(["report", str(cli_run)]) == 0
-    assert (cli_run / "summary.json").is_file() and "report rebuilt" in capsys.readouterr().out
+def test_predict_reproduces_the_folds_own_predictions(cli_run, phantom_dir, capsys):
+    # Same checkpoint, same test images: predict must resize and normalize exactly as the fold's evaluation did.
+    fold = pd.read_csv(cli_run / "folds" / "0" / "predictions.csv").head(8)
+    capsys.readouterr()
+    paths = [str(phantom_dir / p) for p in fold["path"]]
+    assert main(["predict", "--checkpoint", str(cli_run / "folds" / "0" / "checkpoint.pt"), *paths]) == 0
+    printed = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    probs = [c for c in fold.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(printed[probs].to_numpy(), fold[probs].to_numpy(), atol=1e-4)
+    assert printed["pred"].tolist() == fold["pred"].tolist()
+    assert printed["pred"].tolist() == [p.removeprefix("prob_") for p in printed[probs].idxmax(axis=1)]
+
+
+def test_report_command(cli_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    written = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()
+    assert main(["report", str(run)]) == 0
+    assert "report rebuilt" in capsys.readouterr().out
+    assert json.loads((run / "summary.json").read_text()) == written
 
 
 def test_report_refuses_an_unfinished_run(cli_run, tmp_path, capsys):
@@ -85,17 +107,33 @@ def _few_images(tmp_path):
     return ["--data", str(tmp_path / "few")]
 
 
+def _users_folder(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    return tmp_path / "notes"
+
+
+def _users_file(tmp_path):
+    (tmp_path / "results.txt").write_text("mine")
+    return tmp_path / "results.txt"
+
+
 @pytest.mark.parametrize("make_args,match", [
     (lambda t: ["--data", str(t / "missing")], "no such folder"),
     (lambda t: (t / "empty").mkdir() or ["--data", str(t / "empty")], "no images found"),
     (_one_class, "only one class"),
     (_few_images, "class 'b' has 2 images, fewer than --folds 5"),
-    (lambda t: _few_images(t) + ["--model", "nope"], "nope"),
+    (lambda t: _few_images(t) + ["--model", "nope"], "unknown model 'nope'; choose one of: us_sfnet"),
+    (lambda t: _few_images(t) + ["--folds", "2", "--out", str(_users_folder(t))],
+     "folder exists and is not a ussf run folder; choose a new --out"),
+    (lambda t: _few_images(t) + ["--folds", "2", "--out", str(_users_file(t))], "is a file, not a folder; choose a new --out"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, capsys, make_args, match):
     args = make_args(tmp_path)
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
     before = _snapshot(tmp_path)
-    code = main(["cv", *args, "--epochs", "1", "--image-size", "16", "--out", str(tmp_path / "out"), "--no-progress"])
+    code = main(["cv", *args, "--epochs", "1", "--image-size", "16", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and match in err and "Traceback" not in err

@@ -114,6 +114,26 @@ def test_read_image_converts_modes_to_rgb(tmp_path, mode):
         assert arr.min() == 0 and arr.max() >= 250
 
 
+# Pixel values after conversion: alpha composited over black, CMYK by Pillow's (255-c)(255-k)/255 rule.
+@pytest.mark.parametrize("mode, fill, grey", [
+    ("L", 128, 128), ("RGB", (128, 128, 128), 128), ("1", 1, 255),
+    ("RGBA", (128, 128, 128, 128), 64), ("RGBA", (200, 200, 200, 255), 200),
+    ("LA", (128, 255), 128), ("LA", (128, 0), 0), ("CMYK", (128, 128, 128, 128), 63),
+])
+def test_read_image_conversion_values(tmp_path, mode, fill, grey):
+    path = tmp_path / ("c.tiff" if mode == "CMYK" else "x.png")
+    Image.new(mode, (20, 12), fill).save(path)
+    arr = data.read_image(path, 16)
+    assert (arr == grey).all(), np.unique(arr)
+
+
+def test_read_image_palette_uses_the_palette(tmp_path):
+    img = Image.new("P", (20, 12), 3)
+    img.putpalette([0, 0, 0] * 3 + [10, 20, 30] + [0, 0, 0] * 252)
+    img.save(tmp_path / "p.png")
+    assert (data.read_image(tmp_path / "p.png", 8) == np.array([10, 20, 30], dtype=np.uint8)).all()
+
+
 def test_read_image_one_pixel(tmp_path):
     arr = data.read_image(_save(tmp_path / "dot.png", "L", size=(1, 1), value=200), 8)
     assert arr.shape == (8, 8, 3) and (arr == 200).all()
@@ -158,6 +178,17 @@ def test_decode_cache_roundtrip_and_nothing_written_in_data(tree, tmp_path):
     assert _snapshot(tree) == before
     with pytest.raises(UserError, match="inside the data folder"):
         data.decode_images(index, 12, cache_dir=tree / "cache", progress=False)
+
+
+def test_decode_cache_is_not_reused_after_an_image_changes(tree, tmp_path):
+    index = data.index_folder(tree)
+    first = np.array(data.decode_images(index, 12, cache_dir=tmp_path / "cache", progress=False))
+    changed = index.frame["path"].iloc[0]
+    _save(Path(changed), value=250, size=(30, 30))  # new pixels, new size and mtime
+    again = data.decode_images(data.index_folder(tree), 12, cache_dir=tmp_path / "cache", progress=False)
+    assert (again[0] == 250).all() and not (first[0] == 250).all()
+    np.testing.assert_array_equal(again[1:], first[1:])
+    assert len(list((tmp_path / "cache").glob("images_*.npy"))) == 2
 
 
 def test_fingerprint_changes_with_content(tree):

@@ -43,6 +43,34 @@ def test_reported_tables_hold_the_papers_figures(paper_dir):
         assert re.search(rf"{cls.title()}\s+(?:\|\s+)?{row}", text), cls
 
 
+#: ``92.89%(+0.42)``: the OCR writes the ``±`` as ``+``, ``£``, ``%``, ``*`` or drops it.
+_PAIR = r"(\d{1,3}\.\d{2})%\(\D?(\d{1,2}\.\d{2})\)"
+
+
+def test_table1_means_and_stds_row_by_row(paper_dir):
+    text = _paper_text(paper_dir)
+    region = text[text.index("Table 1."):text.index("Table 2.")]
+    # The OCR prints the first five rows beside their names and the last eight after the names, in row order.
+    pairs = [(float(m), float(s)) for m, s in re.findall(_PAIR, region)]
+    t1 = paper_table1()
+    assert pairs == list(zip(t1["accuracy_mean"], t1["accuracy_std"]))
+
+
+def test_table2_means_and_stds_row_by_row(paper_dir):
+    text = _paper_text(paper_dir)
+    region = text[text.index("Model Type Precision"):text.index("COCULISON")]
+    rows = []
+    for line in region.splitlines():
+        cls = re.search(r"(Benign|Normal|Primary|Metastatic)", line)
+        pairs = re.findall(_PAIR, line)
+        if cls and pairs:
+            assert len(pairs) == 3, line
+            rows.append([cls.group(1).lower()] + [float(v) for pair in pairs for v in pair])
+    t2 = paper_table2()
+    columns = ["class"] + [f"{m}_{s}" for m in PAPER_TABLE2_METRICS for s in ("mean", "std")]
+    assert rows == t2[columns].values.tolist()
+
+
 def test_metric_lists_are_shared_not_copied():
     assert compare_tables.TABLE1_METRICS is METRIC_NAMES and compare_tables.TABLE2_METRICS is TABLE2_METRICS
     assert metrics.PER_CLASS_METRICS is PER_CLASS_METRICS

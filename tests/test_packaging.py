@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import tomllib
 
+import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, require_shared
 
 
 def _pyproject_deps() -> set[str]:
@@ -52,3 +53,13 @@ def test_jupyterlab_is_in_the_environment_the_readme_opens():
     version = subprocess.run([sys.executable, "-m", "jupyterlab", "--version"], capture_output=True, text=True,
                              timeout=120)
     assert version.returncode == 0 and version.stdout.strip()[0].isdigit(), version.stderr
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", "fail"), ("1", "fail"), ("TRUE", "fail"), ("", "skip"),
+                                         ("false", "skip"), ("0", "skip")])
+def test_missing_shared_material_skips_for_users_and_fails_on_ci(tmp_path, monkeypatch, ci, outcome):
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(expected, match="not beside this clone"):
+        require_shared(tmp_path / "absent")
+    assert require_shared(tmp_path) == tmp_path

@@ -292,8 +292,7 @@ class TinyCNN(torch.nn.Module):
         return self.head(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
 
 
-def test_a_tiny_cnn_learns_the_phantom_in_one_epoch_but_not_perfectly(tmp_path):
-    torch.set_num_threads(1)
+def test_a_tiny_cnn_learns_the_phantom_in_one_epoch_but_not_perfectly(tmp_path, one_thread):
     torch.manual_seed(0)
     manifest = generate_phantom(tmp_path / "ph", n_per_class=100, image_size=32, seed=0)
     rows = read_manifest(manifest)

@@ -242,4 +242,7 @@ def write_audit(result: AuditResult, out: str | Path) -> list[Path]:
     summary = dict(result.summary, root=str(result.index.root), source=result.index.source,
                    skipped=result.skipped.to_dict(orient="records"))
     written[1].write_text(json.dumps(summary, indent=2))
+    if len(result.skipped):
+        written.append(out / "skipped.csv")
+        result.skipped.to_csv(written[-1], index=False)
     return written
