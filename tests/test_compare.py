@@ -73,14 +73,37 @@ def test_every_model_ran_on_the_shared_folds(comparison):
         assert json.loads((comparison / m / "config.json").read_text())["splits"] == str((comparison / "splits.csv").resolve())
 
 
-def test_rerun_skips_finished_models(comparison, phantom_dir, capsys):
-    before = {m: (comparison / m / "summary.json").stat().st_mtime_ns for m in MODELS}
+
+def test_the_papers_figures_stay_out_of_tables_for_other_classes(comparison, tmp_path):
+    # A BUSI-like task: 'benign' there is a breast lesion, not the paper's benign lymph node.
+    other = tmp_path / "busi_like"
+    shutil.copytree(comparison, other)
+    rename = {"primary": "malignant", "metastatic": "cyst"}
+    for m in MODELS:
+        per_class = pd.read_csv(other / m / "per_class.csv")
+        per_class["class"] = per_class["class"].replace(rename)
+        per_class.to_csv(other / m / "per_class.csv", index=False)
+        summary = json.loads((other / m / "summary.json").read_text())
+        summary["classes"] = [rename.get(c, c) for c in summary["classes"]]
+        (other / m / "summary.json").write_text(json.dumps(summary))
+    tables = write_comparison(other)
+    assert tables["table1"].filter(like="paper_").isna().all().all()
+    assert tables["table2"].filter(like="paper_").isna().all().all()
+    for name in ("table1.md", "table2.md"):
+        text = (other / name).read_text()
+        assert "paper" not in text.split("\n\n", 2)[2], name  # no paper column and no note about one
+    assert "90.59" in (comparison / "table1.md").read_text()  # the paper's own classes keep them
+
+def test_rerun_skips_finished_models(comparison, phantom_dir, tmp_path, capsys):
+    again = tmp_path / "cmp"  # a copy: the rerun rewrites the tables, which other tests read
+    shutil.copytree(comparison, again)
+    before = {m: (again / m / "summary.json").stat().st_mtime_ns for m in MODELS}
     capsys.readouterr()
     assert main(["compare", "--manifest", str(phantom_dir / "manifest.csv"), "--group-col", "patient",
-                 "--models", ",".join(MODELS), *ARGS, "--out", str(comparison)]) == 0
+                 "--models", ",".join(MODELS), *ARGS, "--out", str(again)]) == 0
     out = capsys.readouterr().out
     assert out.count("already finished, skipped") == 2
-    assert {m: (comparison / m / "summary.json").stat().st_mtime_ns for m in MODELS} == before
+    assert {m: (again / m / "summary.json").stat().st_mtime_ns for m in MODELS} == before
 
 
 def test_interrupted_comparison_continues_where_it_stopped(comparison, phantom_dir, tmp_path):

@@ -59,6 +59,42 @@ def test_splits_from_other_data_are_refused(phantom_dir, tmp_path):
         cv.load_splits(tmp_path / "s.csv", index)
 
 
+def _dup_first(t: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([t, t.iloc[:1]])
+
+
+def _relabel_first(t: pd.DataFrame) -> pd.DataFrame:
+    t = t.copy()
+    t.loc[t.index[0], "label"] = "normal" if t["label"].iloc[0] != "normal" else "benign"
+    return t
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.drop(columns="fold"), r"missing column\(s\) \['fold'\]"),
+    (_dup_first, "more than once"),
+    (_relabel_first, "labels differ from the data's labels"),
+    (lambda t: t.assign(fold=t["fold"].astype(float) + 0.5), "whole numbers 0..K-1"),
+    (lambda t: t.assign(fold=-1), "whole numbers 0..K-1"),
+    (lambda t: t.assign(fold="x"), "whole numbers 0..K-1"),
+])
+def test_damaged_splits_files_are_refused_by_name(phantom_dir, tmp_path, edit, match):
+    index = index_manifest(phantom_dir / "manifest.csv", group_col="patient")
+    table = edit(cv.splits_frame(index, cv.folds_for_index(index, 2, seed=0)))
+    table.to_csv(tmp_path / "s.csv", index=False)
+    with pytest.raises(UserError, match=match) as err:
+        cv.load_splits(tmp_path / "s.csv", index)
+    assert str(tmp_path / "s.csv") in str(err.value)
+
+
+def test_split_composition_refuses_empty_folds_and_warns_about_untested_classes():
+    labels = ["a", "a", "a", "b", "b", "b"]
+    with pytest.raises(UserError, match="fold 2 tests no image"):
+        cv.check_split_composition(labels, [0, 1, 0, 1, 0, 1], 3, "s.csv")
+    # fold 1 tests no 'b', which is allowed but makes b's AUC and sensitivity undefined there
+    notes = cv.check_split_composition(labels, [0, 1, 2, 0, 2, 0], 3, "s.csv")
+    assert len(notes) == 1 and notes[0].startswith("warning: fold 1 of s.csv tests no 'b' image")
+
+
 @pytest.mark.busi
 def test_busi_folds_cover_every_image_once(busi_root):
     index = index_folder(busi_root)

@@ -142,8 +142,14 @@ def test_saved_splits_are_reused(run_dir, phantom_dir, tmp_path):
     assert pd.read_csv(out / "splits.csv")["fold"].tolist() == pd.read_csv(run_dir / "splits.csv")["fold"].tolist()
 
 
+def test_splits_with_another_fold_count_are_refused_before_any_work(run_dir, phantom_dir, tmp_path):
+    with pytest.raises(UserError, match=r"splits.csv: has 2 folds but --folds is 3; make them agree"):
+        run_cv(_cfg(phantom_dir, tmp_path / "x", folds=3, splits=str(run_dir / "splits.csv")), log=lambda _: None)
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_settings_fail_before_any_work(phantom_dir, tmp_path):
-    with pytest.raises(UserError, match="unknown model|not a registered|no_such_model"):
+    with pytest.raises(UserError, match="unknown model 'no_such_model'"):
         run_cv(_cfg(phantom_dir, tmp_path / "x", model="no_such_model"), log=lambda _: None)
     assert not (tmp_path / "x").exists()
     with pytest.raises(UserError, match="fewer than --folds 9"):

@@ -88,21 +88,29 @@ def _train_seconds(run_dir: Path) -> float:
     return total
 
 
+def _papers_task(classes) -> bool:
+    """Whether a run's classes are the paper's four lymph-node classes: only then do its figures sit beside ours
+    (a "benign" breast lesion is not a "benign" lymph node)."""
+    return set(classes) == set(PAPER_CLASSES)
+
+
 def table1(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame:
-    """Table 1 layout: one row per finished model; ``<metric>_mean``/``_std`` in % and the paper's accuracy."""
+    """Table 1 layout: one row per finished model; ``<metric>_mean``/``_std`` in %, and the paper's accuracy for
+    runs on the paper's four classes (NaN for other data, as in :func:`table2`)."""
     out = Path(out)
     reported = paper_table1().set_index("model")
     rows = []
     for name in _finished_runs(out, models):
         summary = json.loads((out / name / "summary.json").read_text())
+        same_task = _papers_task(summary.get("classes", []))
         cfg = _run_settings(out / name)
         row: dict = {"model": name, "n_folds": summary.get("n_folds"), "epochs": cfg.get("epochs"),
                      "image_size": cfg.get("image_size")}
         for m in TABLE1_METRICS:
             stats = summary.get(m) or {}
             row[f"{m}_mean"], row[f"{m}_std"] = _pct(stats.get("mean")), _pct(stats.get("std"))
-        row["paper_accuracy_mean"] = reported["accuracy_mean"].get(name, math.nan)
-        row["paper_accuracy_std"] = reported["accuracy_std"].get(name, math.nan)
+        row["paper_accuracy_mean"] = reported["accuracy_mean"].get(name, math.nan) if same_task else math.nan
+        row["paper_accuracy_std"] = reported["accuracy_std"].get(name, math.nan) if same_task else math.nan
         row["train_seconds"] = round(_train_seconds(out / name), 1)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -120,7 +128,7 @@ def table2(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame
     rows = []
     for name in _finished_runs(out, models):
         per_class = pd.read_csv(out / name / "per_class.csv", dtype={"class": str})
-        same_task = set(per_class["class"]) == set(PAPER_CLASSES)
+        same_task = _papers_task(per_class["class"])
         for _, r in per_class.iterrows():
             row: dict = {"model": name, "class": r["class"]}
             for m in TABLE2_METRICS:
@@ -213,13 +221,16 @@ PAPER_NOTE = ("The paper's figures are those it reports for its private cervical
 
 
 def table1_markdown(t1: pd.DataFrame) -> str:
-    """:func:`table1` as a markdown table: ``mean ± std`` per metric, the paper's accuracy, training time."""
+    """:func:`table1` as a markdown table: ``mean ± std`` per metric, the paper's accuracy (only when some row
+    has it), training time."""
     rows = []
+    has_paper = t1["paper_accuracy_mean"].notna().any()
     for _, r in t1.iterrows():
         row = {"model": r["model"]}
         for m in TABLE1_METRICS:
             row[m] = _fmt(r[f"{m}_mean"], r[f"{m}_std"])
-        row["paper accuracy"] = _fmt(r["paper_accuracy_mean"], r["paper_accuracy_std"])
+        if has_paper:
+            row["paper accuracy"] = _fmt(r["paper_accuracy_mean"], r["paper_accuracy_std"])
         row["train time (s)"] = f"{r['train_seconds']:.0f}"
         rows.append(row)
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
@@ -299,14 +310,17 @@ def write_comparison(out: str | Path, models: Sequence[str] | None = None, log: 
         log(f"not finished yet, left out: {[m for m in models if m not in names]}")
     t1, t2, paired = table1(out, names), table2(out, names), paired_table(out, names)
     settings = _settings_line(out, names)
+    # The note explains the paper's columns, so it goes only where they are (runs on the paper's classes).
+    note1 = " " + PAPER_NOTE if t1["paper_accuracy_mean"].notna().any() else ""
+    note2 = "\n\n" + PAPER_NOTE if t2.filter(like="paper_").notna().any().any() else ""
     t1.to_csv(out / "table1.csv", index=False)
     (out / "table1.md").write_text(
         "# Table 1 layout: macro metrics per model (mean ± std over folds, %)\n\n" + settings + "\n\n"
-        + table1_markdown(t1) + "\n\n" + majority_line(out, names) + " " + PAPER_NOTE + "\n")
+        + table1_markdown(t1) + "\n\n" + majority_line(out, names) + note1 + "\n")
     t2.to_csv(out / "table2.csv", index=False)
     (out / "table2.md").write_text(
         "# Table 2 layout: one-vs-rest metrics per model and class (mean ± std over folds, %)\n\n" + settings
-        + "\n\n" + table2_markdown(t2) + "\n\n" + PAPER_NOTE + "\n")
+        + "\n\n" + table2_markdown(t2) + note2 + "\n")
     paired.to_csv(out / "paired.csv", index=False)
     (out / "paired.md").write_text(
         f"# Paired comparison with {reference_model(names)} on identical folds\n\n" + settings + "\n\n"
