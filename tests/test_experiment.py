@@ -113,6 +113,13 @@ def test_table2_beside_paper_only_for_the_papers_classes(run_dir, tmp_path):
     renamed.to_csv(other / "per_class.csv")
     table = table2_beside_paper(other)
     assert list(table.columns) == ["precision", "sensitivity", "specificity", "f1"]
+    baseline = tmp_path / "baseline"  # the paper's classes, but another model: US-SFNet's figures do not belong
+    shutil.copytree(run_dir, baseline)
+    config = json.loads((baseline / "config.json").read_text())
+    (baseline / "config.json").write_text(json.dumps({**config, "model": "densenet121"}))
+    assert list(table2_beside_paper(baseline).columns) == ["precision", "sensitivity", "specificity", "f1"]
+    write_report(baseline)
+    assert "paper US-SFNet (%)" not in pd.read_csv(baseline / "results.csv").columns
 
 
 def test_same_seed_gives_identical_summary(run_dir, phantom_dir, tmp_path):

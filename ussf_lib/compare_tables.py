@@ -4,7 +4,7 @@
 (``summary.json``, ``per_class.csv``, ``history.csv``, ``splits.csv``), so the tables can be rebuilt at any time
 without a model (``ussf compare --tables-only``)::
 
-    OUT/table1.csv/.md        Table 1 layout: accuracy and macro precision, sensitivity, specificity, F1, AUC
+    OUT/table1.csv/.md        Table 1 layout: overall accuracy and macro precision, sensitivity, specificity, F1, AUC
                               (mean ± std over folds, %) per model, the paper's reported accuracy beside it
     OUT/table2.csv/.md        Table 2 layout: one-vs-rest precision, sensitivity, specificity, F1 per model and class
     OUT/per_class_bars.png    Table 2 as grouped bars
@@ -315,7 +315,7 @@ def write_comparison(out: str | Path, models: Sequence[str] | None = None, log: 
     note2 = "\n\n" + PAPER_NOTE if t2.filter(like="paper_").notna().any().any() else ""
     t1.to_csv(out / "table1.csv", index=False)
     (out / "table1.md").write_text(
-        "# Table 1 layout: macro metrics per model (mean ± std over folds, %)\n\n" + settings + "\n\n"
+        "# Table 1 layout: accuracy and macro metrics per model (mean ± std over folds, %)\n\n" + settings + "\n\n"
         + table1_markdown(t1) + "\n\n" + majority_line(out, names) + note1 + "\n")
     t2.to_csv(out / "table2.csv", index=False)
     (out / "table2.md").write_text(

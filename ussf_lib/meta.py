@@ -11,7 +11,8 @@ from importlib import resources
 
 import pandas as pd
 
-#: The paper's four classes, in the order of its tables.
+#: The paper's four classes, in the order its section 2.1 lists them. (Its Table 2 lists benign first;
+#: ``tables/reported_table2.csv`` keeps the table's order.)
 PAPER_CLASSES: tuple[str, ...] = ("normal", "benign", "primary", "metastatic")
 
 #: Per-channel mean and std the paper normalizes with (section 2.4), on images scaled to [0, 1].
@@ -41,7 +42,8 @@ PAPER_PROTOCOL: dict[str, float | int | tuple[float, float]] = {
     "weight_decay": 1e-4,
 }
 
-#: The paper's private dataset (section 2.1; class counts reported by the same authors).
+#: The paper's private dataset. Patients, images, format and size are the paper's (section 2.1); the class counts
+#: are not in the paper: they come from the same authors' other reports, as transcribed in ../shared/paper/README.md.
 PAPER_DATASET: dict[str, object] = {
     "patients": 480,
     "images": 3392,
@@ -51,7 +53,9 @@ PAPER_DATASET: dict[str, object] = {
     "class_counts": {"normal": 1217, "benign": 601, "primary": 236, "metastatic": 1338},
 }
 
-#: Headline metrics, in the run folder's summary.json and in Table 1 (macro averages over classes).
+#: Headline metrics in the run folder's summary.json and the Table 1 layout: overall accuracy, then macro averages
+#: over classes (one-vs-rest) of the others. The paper's Table 1 reports accuracy only; its abstract adds precision,
+#: sensitivity and specificity (the means of its Table 2); it reports no F1 or AUC figures.
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
 
 #: One-vs-rest metrics computed per class, in per_class.csv.
@@ -68,7 +72,12 @@ PAPER_MODEL = "us_sfnet"
 
 
 def paper_table1() -> pd.DataFrame:
-    """Table 1 of the paper: 5-fold accuracy (%) mean and std per model, keyed by registry name."""
+    """Table 1 of the paper: 5-fold accuracy (%) mean and std per model, keyed by registry name.
+
+    As transcribed. The paper's text has one inconsistency with it: the accuracy gain it quotes over "ViT-Base"
+    (17.3 points) is US-SFNet's over the ``vit_l_16`` row (92.89 - 75.59), not over ``vit_b_16`` (15.62), so the
+    two ViT rows may be swapped in the paper. Introduced in ``notebooks/06_compare_baselines.ipynb``.
+    """
     with resources.files("ussf_lib").joinpath("tables/reported_table1.csv").open() as fh:
         return pd.read_csv(fh)
 

@@ -2,8 +2,9 @@
 
 Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``. This module never touches a model: it takes
 integer labels and class probabilities (or a predictions table with ``label`` and ``prob_<class>`` columns)
-and computes what the paper reports -- accuracy and macro one-vs-rest precision, sensitivity, specificity,
-F1 and AUC (Table 1), per-class one-vs-rest metrics (Table 2), each as mean ± std over the k folds.
+and computes overall accuracy (the paper's Table 1), macro averages of one-vs-rest precision, sensitivity and
+specificity (the paper's abstract; the means of its Table 2), plus macro F1 and AUC (which the paper does not
+report), per-class one-vs-rest metrics (its Table 2), each as mean ± std over the k folds.
 
 The work is done by scikit-learn (``confusion_matrix``, ``precision_recall_fscore_support``,
 ``roc_auc_score``), always with ``labels=range(n_classes)`` so that a fold lacking a class keeps its columns.

@@ -47,10 +47,21 @@ def load_histories(run_dir: str | Path) -> dict[int, pd.DataFrame]:
     return {int(f.parent.name): pd.read_csv(f) for f in files}
 
 
+def beside_the_paper(model: str | None, classes) -> bool:
+    """Whether a single run's tables show the paper's US-SFNet figures: for a US-SFNet run (``us_sfnet`` or a
+    smaller variant such as ``us_sfnet_tiny``; the columns are labelled as the paper's model) on the paper's four
+    lymph-node classes. A baseline's run gets none (the columns would be another model's), nor does other data
+    (a "benign" breast lesion is not a "benign" lymph node). Comparisons (:mod:`ussf_lib.compare_tables`) match
+    each model to its own row of the paper's tables instead.
+    """
+    return bool(model) and str(model).startswith(PAPER_MODEL) and set(classes) == set(PAPER_CLASSES)
+
+
 def results_table(summary: dict, model: str | None = None) -> pd.DataFrame:
-    """The headline table: one row per metric with mean, std and ``mean ± std`` in percent."""
+    """The headline table: one row per metric with mean, std and ``mean ± std`` in percent, and the paper's
+    abstract figures beside it where :func:`beside_the_paper`."""
     rows = []
-    headline = paper_headline()  # beside a US-SFNet run on the paper's 4 classes
+    headline = paper_headline()
     for name in METRIC_NAMES:
         stats = summary.get(name) or {}
         mean, std = stats.get("mean"), stats.get("std")
@@ -58,7 +69,7 @@ def results_table(summary: dict, model: str | None = None) -> pd.DataFrame:
                "mean_pct": None if mean is None else round(100 * mean, 2),
                "std_pct": None if std is None else round(100 * std, 2),
                "mean ± std (%)": "n/a" if mean is None else format_mean_std(mean, std if std is not None else float("nan"))}
-        if model and model.startswith("us_sfnet") and set(summary.get("classes", [])) == set(PAPER_CLASSES):
+        if beside_the_paper(model, summary.get("classes", [])):
             row["paper US-SFNet (%)"] = headline.get(name)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -68,17 +79,18 @@ def table2_beside_paper(run_dir: str | Path) -> pd.DataFrame:
     """The run's ``per_class.csv`` in the layout of the paper's Table 2, as ``mean ± std`` (%) strings.
 
     One row per class (the run's order) with precision, sensitivity, specificity and F1, and the paper's
-    US-SFNet figures beside them (``paper US-SFNet <metric>``) when the run's classes are the paper's four
-    lymph-node classes; other data get no paper columns (a "benign" breast lesion is not a "benign" lymph node),
-    as in :func:`ussf_lib.compare_tables.table2`. Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+    US-SFNet figures beside them (``paper US-SFNet <metric>``) where :func:`beside_the_paper` (a US-SFNet run on
+    the paper's four classes). Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
     """
     run_dir = Path(run_dir)
     classes = run_classes(run_dir)
+    config_file = run_dir / "config.json"
+    model = json.loads(config_file.read_text()).get("model") if config_file.is_file() else None
     per_class = pd.read_csv(run_dir / "per_class.csv", dtype={"class": str}).set_index("class")
     table = pd.DataFrame(index=pd.Index(classes, name="class"))
     for m in TABLE2_METRICS:
         table[m] = [format_mean_std(per_class.at[c, f"{m}_mean"], per_class.at[c, f"{m}_std"]) for c in classes]
-    if set(classes) == set(PAPER_CLASSES):
+    if beside_the_paper(model, classes):
         paper = paper_table2().set_index("model").loc[PAPER_MODEL].set_index("class")
         for m in PAPER_TABLE2_METRICS:
             table[f"paper US-SFNet {m}"] = [

@@ -6,8 +6,9 @@ probabilities. Batches are gathered from the uint8 cache and normalized on the t
 is decoded inside the loop. A checkpoint (model, optimizer, GradScaler and RNG states, epoch, fold, and what the
 caller adds: the run's config) is written atomically after every epoch (or every ``checkpoint_every`` epochs, and
 always after the last), in the background while the next epoch trains (:mod:`ussf_lib.checkpoints`), so an
-interrupted fold resumes from its last checkpoint with the same results. The learning rate is constant, as in
-the paper (section 2.4 names no schedule), so there is no scheduler state to keep. Introduced in
+interrupted fold resumes from its last checkpoint with the same results. The learning rate is constant: section 2.4
+gives an "initial learning rate" of 0.001 but names no schedule, so none is guessed (and there is no scheduler
+state to keep). Introduced in
 ``notebooks/04_train_cross_validation.ipynb``.
 """
 

@@ -55,7 +55,8 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
        for name, (head, minimum, multiple) in BASELINES.items()},
 }
 
-#: Registered names, US-SFNet first, then the baselines in the paper's Table 1 order.
+#: Registered names: US-SFNet and its CPU-sized variant, then the baselines by family, in the order of
+#: :data:`ussf_lib.models.baselines.BASELINES`.
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_REGISTRY)
 
 

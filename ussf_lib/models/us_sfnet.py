@@ -57,8 +57,8 @@ class USSFNet(nn.Module):
       ``norm_layer`` also sets the norm of the stem and of the transitions (BN after the point-wise conv).
     * ``drop_block_p`` [0.1] and ``drop_block_size`` [7]: DropBlock's own ImageNet setting (keep
       probability 0.9, block 7; Ghiasi et al., 2018), with a constant rate (no schedule). The block shrinks
-      to the largest odd size that fits the feature map (28x28 and 14x14 at 224 px keep 7; 4x4 and 2x2 at
-      32 px use 3 and 1), so small images work. ``drop_block_p=0`` turns it off.
+      to the largest odd size that fits the feature map (after stages 2 and 3: 56x56 and 28x28 at 224 px
+      keep 7; 8x8 and 4x4 at 32 px use 7 and 3), so small images work. ``drop_block_p=0`` turns it off.
     * ``head_norm`` [False] and ``head_dropout`` [0.0]: "a typical classification head" is read as ResNet's
       global average pooling followed by one linear layer; ``head_norm=True`` adds a LayerNorm before it
       (ConvNeXt's head) and ``head_dropout`` a dropout.
