@@ -180,3 +180,22 @@ def test_help_states_the_quick_presets_own_numbers(capsys):
     assert f"(default 3; --quick {bench.QUICK['warmup']})" in text
     assert f"(default 64; --quick {bench.QUICK['batch_size']})" in text
     assert BenchConfig().iters == 10 and BenchConfig().warmup == 3 and BenchConfig().batch_size == 64
+
+
+def test_cli_flags_reach_the_bench_settings(monkeypatch, capsys):
+    seen = []
+
+    def fake_run_bench(cfg, log):  # the settings are the subject here, not the measuring
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    argv = ["bench", "--device", "cpu", "--models", "us_sfnet_tiny,densenet121", "--image-size", "48",
+            "--batch-size", "6", "--iters", "4", "--warmup", "2", "--compile", "--compile-scope", "blocks",
+            "--amp", "bf16", "--channels-last"]
+    assert main(argv) == 130  # Ctrl-C: one line, exit 130, no traceback
+    assert capsys.readouterr().err.strip() == "ussf bench: interrupted"
+    (cfg,) = seen
+    assert cfg.models == ("us_sfnet_tiny", "densenet121") and cfg.image_size == 48 and cfg.batch_size == 6
+    assert cfg.iters == 4 and cfg.warmup == 2 and cfg.compile and cfg.compile_scope == "blocks"
+    assert cfg.amp == "bf16" and cfg.channels_last and cfg.device == "cpu"

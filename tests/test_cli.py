@@ -237,3 +237,21 @@ def test_cv_end_to_end_on_busi(busi_root, tmp_path):
     pred = pd.concat(pd.read_csv(p) for p in out.glob("folds/*/predictions.csv"))
     assert len(pred) == 780 and pred["path"].str.contains(" ").all()
     assert _snapshot(busi_root) == before
+
+
+def test_models_command_lists_the_registry(capsys):
+    from ussf_lib.models import list_models
+
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names == list_models() and names[:2] == ["us_sfnet", "us_sfnet_tiny"] and len(names) == 14
+
+
+def test_compare_tables_only_needs_the_comparison_folder(tmp_path, capsys):
+    assert main(["compare", "--tables-only"]) == 2
+    assert capsys.readouterr().err.strip() == ("ussf compare: error: --tables-only needs --out DIR, "
+                                               "the comparison folder to rebuild")
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", "--tables-only", "--out", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no finished model run" in err and "\n" not in err and not list((tmp_path / "empty").iterdir())

@@ -120,6 +120,13 @@ def test_a_failing_run_is_reported_and_left_out(tmp_path):
     assert "only one class" in result.failed["SEED=0"]
     assert result.results.empty and "finished runs: 0 of 1" in (out / "summary.md").read_text()
     assert json.loads((out / "SEED=0" / "sweep.json").read_text())["status"] != "ok"
+    # From the command line a sweep with a failed run exits 1 (not 0: scripts must notice; not 2: the grid was fine)
+    from ussf_lib.cli import main
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"SEED": [1], "fixed": {**FIXED, "DATA": str(one_class)}}))
+    assert main(["sweep", "--notebook", str(NOTEBOOK), "--grid", str(grid), "--out", str(tmp_path / "cli")]) == 1
+    assert json.loads((tmp_path / "cli" / "SEED=1" / "sweep.json").read_text())["status"] != "ok"
 
 
 def test_values_a_run_would_refuse_are_refused_before_any_run(tmp_path):

@@ -113,9 +113,15 @@ def test_config_validation_messages():
 def test_bf16_autocast_and_channels_last_run_on_cpu():
     x, y = _toy(32)
     cfg = TrainConfig(epochs=1, batch_size=16, amp="bf16", channels_last=True, progress=False)
-    res = train_fold(_net(), x, y, np.arange(16), np.arange(16, 32), cfg, MEAN, STD, torch.device("cpu"),
+    net = _net()
+    seen = []  # what the first convolution receives and returns, in training and in evaluation
+    net[0].register_forward_hook(lambda mod, inp, out: seen.append(
+        (inp[0].is_contiguous(memory_format=torch.channels_last), out.dtype, mod.weight.dtype)))
+    res = train_fold(net, x, y, np.arange(16), np.arange(16, 32), cfg, MEAN, STD, torch.device("cpu"),
                      log=lambda _: None)
     assert np.isfinite(res.history["train_loss"]).all() and res.probs.dtype == np.float64
+    # Inputs in channels-last, convolutions computed in bfloat16 by autocast, weights kept in float32.
+    assert seen and set(seen) == {(True, torch.bfloat16, torch.float32)}
 
 
 def test_device_selection():
