@@ -7,10 +7,13 @@ The structure tests read the .ipynb files only. ``executed`` runs every notebook
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import nbformat
 import pytest
@@ -77,6 +80,49 @@ def literal_parameters(nb) -> dict:
     return values
 
 
+def code_trees(nb) -> list[ast.Module]:
+    """Every code cell parsed, with its ``%`` magic and ``!`` shell lines blanked out."""
+    return [ast.parse("\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in c.source.splitlines()))
+            for c in nb.cells if c.cell_type == "code"]
+
+
+def library_objects_used(nb) -> list:
+    """The ussf_lib objects a notebook imports by name or reaches as ``module.name`` through an imported module."""
+    modules: dict[str, ModuleType] = {}  # a name the notebook binds -> the ussf_lib module it stands for
+    used = []
+
+    def module_of(node: ast.expr) -> ModuleType | None:
+        if isinstance(node, ast.Name):
+            return modules.get(node.id)
+        if isinstance(node, ast.Attribute) and (outer := module_of(node.value)) is not None:
+            inner = getattr(outer, node.attr, None)
+            return inner if isinstance(inner, ModuleType) else None
+        return None
+
+    def bind(name: str, obj) -> None:
+        if isinstance(obj, ModuleType):
+            modules[name] = obj
+        else:
+            used.append(obj)
+
+    for tree in code_trees(nb):
+        for node in ast.walk(tree):  # breadth first: top-level imports bind names before any use is reached
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ussf_lib":
+                module = importlib.import_module(node.module)
+                for alias in node.names:  # as Python does: an attribute of the module, else its submodule
+                    bind(alias.asname or alias.name, getattr(module, alias.name) if hasattr(module, alias.name)
+                         else importlib.import_module(f"{node.module}.{alias.name}"))
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "ussf_lib":  # binds the module, or without "as" the package
+                        module = importlib.import_module(alias.name)
+                        bind(alias.asname or "ussf_lib", module if alias.asname else sys.modules["ussf_lib"])
+            elif isinstance(node, ast.Attribute) and (module := module_of(node.value)) is not None:
+                used.append(getattr(module, node.attr))
+    return [obj for obj in used if (inspect.isfunction(obj) or inspect.isclass(obj))
+            and obj.__module__.split(".")[0] == "ussf_lib"]
+
+
 def logic_lines(source: str) -> int:
     return sum(1 for line in source.splitlines() if line.strip() and not line.strip().startswith("#"))
 
@@ -123,6 +169,21 @@ def test_notebook_is_committed_clean(stem):
             assert cell["outputs"] == [], "outputs are saved in the notebook: clear them"
             assert cell["execution_count"] is None, "execution counts are saved in the notebook: clear them"
         assert "widgets" not in cell.get("metadata", {})
+
+
+def test_library_names_used_by_notebooks_name_the_notebook_that_introduces_them():
+    """d2l's habit: each function or class a notebook uses says, in its own docstring (not its module's), which
+    notebook introduces it, i.e. the first that uses it."""
+    first: dict[str, tuple[object, str]] = {}  # qualified name -> (object, the notebook that first uses it)
+    for stem in ALL:
+        for obj in library_objects_used(read(stem)):
+            first.setdefault(f"{obj.__module__}.{obj.__qualname__}", (obj, f"{stem}.ipynb"))
+    missing = [f"{name}: its docstring should say 'Introduced in ``notebooks/{notebook}``.'"
+               for name, (obj, notebook) in sorted(first.items())
+               # only its own docstring: getdoc never reads the module's, and would read a base class's
+               if f"notebooks/{notebook}" not in ((inspect.getdoc(obj) if obj.__doc__ else None) or "")]
+    assert first, "no notebook uses a function or class of ussf_lib"
+    assert not missing, "\n".join(["docstrings not naming the notebook that introduces them:", *missing])
 
 
 @pytest.mark.parametrize("stem", ALL)

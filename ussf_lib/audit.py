@@ -234,7 +234,10 @@ def audit_index(index: ImageIndex, hash_size: int = HASH_SIZE, threshold: int = 
 
 
 def write_audit(result: AuditResult, out: str | Path) -> list[Path]:
-    """Write ``audit_clusters.csv`` and ``audit_summary.json`` (and ``skipped.csv`` when files were left out)."""
+    """Write ``audit_clusters.csv`` and ``audit_summary.json`` (and ``skipped.csv`` when files were left out).
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     out = result.index.check_outside(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "audit_clusters.csv", out / "audit_summary.json"]

@@ -38,7 +38,10 @@ _FREE_SETTINGS = {"out", "model", "progress", "device", "cache_dir", "splits"}
 
 
 def parse_models(models: str | Sequence[str]) -> list[str]:
-    """A model list from ``"a,b,c"`` or a sequence; empty, duplicated or unknown names are a :class:`UserError`."""
+    """A model list from ``"a,b,c"`` or a sequence; empty, duplicated or unknown names are a :class:`UserError`.
+
+    Introduced in ``notebooks/06_compare_baselines.ipynb``.
+    """
     names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m and m.strip()]
     if not names:
         raise UserError("no models to compare; pass --models us_sfnet,densenet121,...")
@@ -79,7 +82,7 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
     ``auto``, which in the worker is its device; progress bars are off there). The folds are still made here first.
     A model that stops with a :class:`UserError` does not stop the others: the tables are written for those that
     finished and the failures are raised as one :class:`UserError` at the end. Without ``devices`` the models run
-    one after the other in this process.
+    one after the other in this process. Introduced in ``notebooks/06_compare_baselines.ipynb``.
     """
     names = parse_models(models)
     placed = parse_devices(devices) if devices is not None else None

@@ -222,7 +222,7 @@ PAPER_NOTE = ("The paper's figures are those it reports for its private cervical
 
 def table1_markdown(t1: pd.DataFrame) -> str:
     """:func:`table1` as a markdown table: ``mean ± std`` per metric, the paper's accuracy (only when some row
-    has it), training time."""
+    has it), training time. Introduced in ``notebooks/06_compare_baselines.ipynb``."""
     rows = []
     has_paper = t1["paper_accuracy_mean"].notna().any()
     for _, r in t1.iterrows():
@@ -237,7 +237,10 @@ def table1_markdown(t1: pd.DataFrame) -> str:
 
 
 def table2_markdown(t2: pd.DataFrame) -> str:
-    """:func:`table2` as a markdown table; the paper's columns appear only when some row has a paper figure."""
+    """:func:`table2` as a markdown table; the paper's columns appear only when some row has a paper figure.
+
+    Introduced in ``notebooks/06_compare_baselines.ipynb``.
+    """
     rows = []
     has_paper = t2[[c for c in t2.columns if c.startswith("paper_")]].notna().any().any()
     for _, r in t2.iterrows():
@@ -253,7 +256,10 @@ def table2_markdown(t2: pd.DataFrame) -> str:
 
 
 def paired_markdown(paired: pd.DataFrame) -> str:
-    """:func:`paired_table` as a markdown table, one row per model and metric (read with :data:`PAIRED_NOTE`)."""
+    """:func:`paired_table` as a markdown table, one row per model and metric (read with :data:`PAIRED_NOTE`).
+
+    Introduced in ``notebooks/06_compare_baselines.ipynb``.
+    """
     if paired.empty:
         return "(only one model: nothing to pair)"
     rows = []
@@ -283,7 +289,9 @@ PAIRED_NOTE = (
 
 
 def per_class_long(t2: pd.DataFrame, include_paper: bool = True) -> pd.DataFrame:
-    """Table 2 in the long layout :func:`~ussf_lib.plots.plot_per_class_bars` reads; the paper's rows as ``<model> (paper)``."""
+    """Table 2 in the long layout :func:`~ussf_lib.plots.plot_per_class_bars` reads; the paper's rows as
+    ``<model> (paper)``. Introduced in ``notebooks/06_compare_baselines.ipynb``.
+    """
     cols = ["model", "class", *[f"{m}_{s}" for m in TABLE2_METRICS for s in ("mean", "std")]]
     frames = [t2[cols]]
     if include_paper:
@@ -303,6 +311,7 @@ def write_comparison(out: str | Path, models: Sequence[str] | None = None, log: 
 
     ``models`` defaults to those in ``out/compare.json`` (else every ``out/*/summary.json``); unfinished models are
     left out. Returns ``{"table1", "table2", "paired"}`` DataFrames.
+    Introduced in ``notebooks/06_compare_baselines.ipynb``.
     """
     out = Path(out)
     names = _finished_runs(out, models)

@@ -23,7 +23,10 @@ aten = torch.ops.aten
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of parameter elements (only those with ``requires_grad`` unless ``trainable_only=False``)."""
+    """Number of parameter elements (only those with ``requires_grad`` unless ``trainable_only=False``).
+
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
+    """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -76,6 +79,7 @@ def mac_breakdown(model: nn.Module, image_size: int | tuple[int, int], in_chans:
     """MACs of one forward pass on a ``(1, in_chans, H, W)`` input, per aten operator (e.g. ``"convolution"``,
     ``"_fft_r2c"``). The model runs once in eval mode (its mode is restored), with autograd on so that
     ``nn.MultiheadAttention`` takes its counted path rather than the fused inference kernel.
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
     """
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     param = next(model.parameters(), None)
@@ -93,5 +97,8 @@ def mac_breakdown(model: nn.Module, image_size: int | tuple[int, int], in_chans:
 
 
 def count_macs(model: nn.Module, image_size: int | tuple[int, int], in_chans: int = 3) -> int:
-    """Multiply-accumulates of one forward pass of a single image (FFT included, see the module docstring)."""
+    """Multiply-accumulates of one forward pass of a single image (FFT included, see the module docstring).
+
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
+    """
     return sum(mac_breakdown(model, image_size, in_chans).values())

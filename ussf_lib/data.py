@@ -489,7 +489,7 @@ def normalize_batch(batch: torch.Tensor, mean: Sequence[float] | torch.Tensor, s
     """uint8 NHWC batch (already on the training device) -> float32 NCHW, scaled to [0, 1] then standardized.
 
     ``mean`` and ``std`` may be float32 tensors already on the device (:func:`normalization_on`), which saves
-    two host-to-device copies per batch in a training loop.
+    two host-to-device copies per batch in a training loop. Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
     """
     x = batch.permute(0, 3, 1, 2).float().div_(255.0)
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -60,7 +60,7 @@ class CVConfig:
 
     ``skip_bad`` leaves unreadable images out (listed in ``skipped.csv``) instead of stopping;
     ``dedup_folds`` keeps exact and near-duplicate images (phash distance <= ``dup_threshold`` of
-    ``hash_size**2`` bits) inside one fold.
+    ``hash_size**2`` bits) inside one fold. Introduced in ``notebooks/04_train_cross_validation.ipynb``.
     """
 
     out: str = "runs/cv"

@@ -24,6 +24,7 @@ def class_table(index: ImageIndex) -> pd.DataFrame:
     """Images per class with their share and the imbalance ratio (largest class / this class).
 
     With patient groups (a manifest with a group column) the number of patients per class is added.
+    Introduced in ``notebooks/01_explore_data.ipynb``.
     """
     counts = index.class_counts()
     table = pd.DataFrame({"class": counts.index, "images": counts.to_numpy()})
@@ -36,7 +37,10 @@ def class_table(index: ImageIndex) -> pd.DataFrame:
 
 
 def image_properties(index: ImageIndex) -> pd.DataFrame:
-    """Width, height, mode and format of every file, read from the headers (no pixel is decoded)."""
+    """Width, height, mode and format of every file, read from the headers (no pixel is decoded).
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     rows = []
     for path, relpath, label in zip(index.frame["path"], index.frame["relpath"], index.frame["label"]):
         try:
@@ -48,7 +52,10 @@ def image_properties(index: ImageIndex) -> pd.DataFrame:
 
 
 def size_mode_table(properties: pd.DataFrame, classes: Sequence[str] | None = None) -> pd.DataFrame:
-    """How many images share each (width, height, mode), with a count per class (in ``classes`` order) and in total."""
+    """How many images share each (width, height, mode), with a count per class (in ``classes`` order) and in total.
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     table = (properties.groupby(["width", "height", "mode", "label"]).size().unstack("label", fill_value=0)
              .reset_index())
     table.columns.name = None
@@ -71,6 +78,7 @@ def intensity_histograms(images: np.ndarray, labels: Sequence[int], classes: Seq
     """Per class, the density of grayscale pixel values (0-255, channels averaged) in ``bins`` equal bins.
 
     Returns a long table ``class, bin_left, bin_right, density`` (each class's densities integrate to 1).
+    Introduced in ``notebooks/01_explore_data.ipynb``.
     """
     gray = _gray_uint8(images)
     labels = np.asarray(labels)
@@ -86,7 +94,10 @@ def intensity_histograms(images: np.ndarray, labels: Sequence[int], classes: Seq
 
 
 def intensity_summary(images: np.ndarray, labels: Sequence[int], classes: Sequence[str]) -> pd.DataFrame:
-    """Per class: mean, std and the 5th / 50th / 95th percentiles of grayscale pixel values (0-255)."""
+    """Per class: mean, std and the 5th / 50th / 95th percentiles of grayscale pixel values (0-255).
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     gray = _gray_uint8(images)
     labels = np.asarray(labels)
     rows = []
@@ -100,7 +111,10 @@ def intensity_summary(images: np.ndarray, labels: Sequence[int], classes: Sequen
 
 
 def images_per_patient(index: ImageIndex) -> pd.DataFrame:
-    """One row per group (patient): ``group, label, images``. Without a group column every image is its own group."""
+    """One row per group (patient): ``group, label, images``. Without a group column every image is its own group.
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     table = index.frame.groupby(["group", "label"]).size().rename("images").reset_index()
     labels_per_group = table.groupby("group")["label"].transform("nunique")
     table["mixed_labels"] = labels_per_group > 1
@@ -108,7 +122,10 @@ def images_per_patient(index: ImageIndex) -> pd.DataFrame:
 
 
 def patient_summary(per_patient: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
-    """Per class: patients, images, and the min / median / max images per patient."""
+    """Per class: patients, images, and the min / median / max images per patient.
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     rows = []
     for name in classes:
         sizes = per_patient.loc[per_patient["label"] == name, "images"]
@@ -120,7 +137,10 @@ def patient_summary(per_patient: pd.DataFrame, classes: Sequence[str]) -> pd.Dat
 
 
 def fold_check(index: ImageIndex, folds: int) -> str:
-    """One line saying whether ``folds``-fold (patient-grouped, when groups are known) cross-validation is possible."""
+    """One line saying whether ``folds``-fold (patient-grouped, when groups are known) cross-validation is possible.
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     from ussf_lib.cv import check_fold_feasible
 
     groups = index.frame["group"].to_numpy() if index.has_groups else None
@@ -138,7 +158,10 @@ def fold_check(index: ImageIndex, folds: int) -> str:
 
 
 def plot_class_counts(table: pd.DataFrame, out: str | Path | None = None) -> Figure:
-    """Bar chart of :func:`class_table` (images per class, with the imbalance ratio on each bar)."""
+    """Bar chart of :func:`class_table` (images per class, with the imbalance ratio on each bar).
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar(table["class"].astype(str), table["images"], color="tab:blue")
     for bar, ratio in zip(bars, table["imbalance"]):
@@ -163,7 +186,10 @@ def sample_indices(labels: Sequence[int], n_classes: int, per_class: int, seed: 
 
 def plot_sample_grid(images: np.ndarray, labels: Sequence[int], classes: Sequence[str], per_class: int = 4,
                      seed: int = 0, out: str | Path | None = None) -> Figure:
-    """A grid of random images: one row per class, ``per_class`` columns (seeded choice)."""
+    """A grid of random images: one row per class, ``per_class`` columns (seeded choice).
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     picks = sample_indices(labels, len(classes), per_class, seed)
     fig, axes = plt.subplots(len(classes), per_class, figsize=(1.8 * per_class, 1.9 * len(classes)), squeeze=False)
     for row, (name, idx) in enumerate(zip(classes, picks)):
@@ -180,7 +206,10 @@ def plot_sample_grid(images: np.ndarray, labels: Sequence[int], classes: Sequenc
 
 
 def plot_intensity_histograms(table: pd.DataFrame, out: str | Path | None = None) -> Figure:
-    """Step plot of :func:`intensity_histograms`, one line per class."""
+    """Step plot of :func:`intensity_histograms`, one line per class.
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, rows in table.groupby("class", sort=False):
         ax.step(rows["bin_left"], rows["density"], where="post", label=str(name))
@@ -193,7 +222,10 @@ def plot_intensity_histograms(table: pd.DataFrame, out: str | Path | None = None
 
 
 def plot_images_per_patient(per_patient: pd.DataFrame, out: str | Path | None = None) -> Figure:
-    """Histogram of images per patient, one colour per class (stacked)."""
+    """Histogram of images per patient, one colour per class (stacked).
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     fig, ax = plt.subplots(figsize=(6, 3.5))
     groups = [(str(name), rows["images"].to_numpy()) for name, rows in per_patient.groupby("label", sort=False)]
     top = int(per_patient["images"].max()) if len(per_patient) else 1

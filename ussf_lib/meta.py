@@ -83,7 +83,10 @@ def paper_table1() -> pd.DataFrame:
 
 
 def paper_table2() -> pd.DataFrame:
-    """Table 2 of the paper: one-vs-rest precision, sensitivity, specificity (%) per class and model."""
+    """Table 2 of the paper: one-vs-rest precision, sensitivity, specificity (%) per class and model.
+
+    Introduced in ``notebooks/06_compare_baselines.ipynb``.
+    """
     with resources.files("ussf_lib").joinpath("tables/reported_table2.csv").open() as fh:
         return pd.read_csv(fh)
 

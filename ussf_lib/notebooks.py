@@ -45,7 +45,10 @@ def notebooks_dir() -> Path:
 
 
 def resolve_path(path: str | os.PathLike | None) -> Path | None:
-    """``None`` for an empty value; a relative path is taken from the repository root (:func:`repo_root`)."""
+    """``None`` for an empty value; a relative path is taken from the repository root (:func:`repo_root`).
+
+    Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+    """
     if path is None or str(path).strip() == "":
         return None
     p = Path(str(path)).expanduser()
@@ -53,7 +56,10 @@ def resolve_path(path: str | os.PathLike | None) -> Path | None:
 
 
 def resolve_out_dir(out_dir: str | os.PathLike) -> Path:
-    """A notebook's ``OUT_DIR``, resolved like :func:`resolve_path` and created."""
+    """A notebook's ``OUT_DIR``, resolved like :func:`resolve_path` and created.
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     out = resolve_path(out_dir)
     if out is None:
         raise UserError("OUT_DIR is empty; give the folder the notebook writes its figures and tables into")
@@ -78,7 +84,7 @@ def prepare_data(data: str = "", manifest: str = "", group_col: str = "", out_di
                  n_per_class: int = 16, image_size: int = 32, seed: int = 0) -> NotebookData:
     """Index the notebook's data: a class-folder tree (``data``), a CSV manifest (``manifest`` + ``group_col``) or,
     when both are empty, the built-in phantom generated into ``OUT_DIR/phantom`` (reused while its settings
-    ``n_per_class``, ``image_size`` and ``seed`` stay the same).
+    ``n_per_class``, ``image_size`` and ``seed`` stay the same). Introduced in ``notebooks/01_explore_data.ipynb``.
     """
     from ussf_lib.data import load_index
     from ussf_lib.meta import PAPER_CLASSES
@@ -116,7 +122,8 @@ def phantom_manifest(folder: str | os.PathLike, n_per_class: int, image_size: in
 def example_image(data: str = "", manifest: str = "", image_size: int = 32, seed: int = 0,
                   label: str = "metastatic") -> tuple[np.ndarray, str]:
     """One RGB uint8 image ``(image_size, image_size, 3)`` and its description: a phantom node of class ``label``
-    when ``data`` and ``manifest`` are empty, else the first image of class ``label`` (or of the first class)."""
+    when ``data`` and ``manifest`` are empty, else the first image of class ``label`` (or of the first class).
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``."""
     from ussf_lib.data import load_index, read_image
 
     data_path, manifest_path = resolve_path(data), resolve_path(manifest)
@@ -138,6 +145,7 @@ def resume_or_replace(cfg: Any, log: Callable[[str], None] = print) -> bool:
     A notebook re-runs with new parameters all the time, and its run folder (``OUT_DIR/run``) belongs to it: a
     run there with the same settings is resumed (finished folds are skipped), one with other settings is
     deleted and trained again. A folder that is not a ussf run (no ``config.json``) is left to ``run_cv``'s error.
+    Introduced in ``notebooks/04_train_cross_validation.ipynb``.
     """
     import shutil
 

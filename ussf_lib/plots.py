@@ -85,7 +85,7 @@ def plot_confusion(
 
     Counts are annotated as integers; with ``normalize=True`` each row is divided by its sum (the per-class
     sensitivity sits on the diagonal) and annotated with two decimals; a class with no samples shows zeros.
-    Draws on ``ax`` when given, else on a new figure.
+    Draws on ``ax`` when given, else on a new figure. Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
     """
     classes = [str(c) for c in classes]
     arr = _check_cm(cm, classes)
@@ -115,7 +115,10 @@ def plot_confusion(
 def plot_confusion_pair(
     cm: np.ndarray, classes: Sequence[str], title: str | None = None, out: PathLike | None = None
 ) -> Figure:
-    """Counts and row-normalised confusion matrices side by side; ``title`` goes above both."""
+    """Counts and row-normalised confusion matrices side by side; ``title`` goes above both.
+
+    Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+    """
     classes = [str(c) for c in classes]
     _check_cm(cm, classes)
     size = max(4.0, 0.9 * len(classes) + 2.0)
@@ -138,6 +141,7 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
     Each history has columns ``epoch``, ``train_loss``, ``train_acc`` and optionally ``val_loss``,
     ``val_acc``; each panel gets one line per fold and series present. Epochs without a validation figure
     (``--eval-every N``) are left out of the validation line, which then marks its points.
+    Introduced in ``notebooks/04_train_cross_validation.ipynb``.
     """
     if not histories:
         raise UserError("no training histories to plot; pass {fold: history DataFrame}")
@@ -172,6 +176,7 @@ def plot_roc(pred: pd.DataFrame, classes: Sequence[str], out: PathLike | None = 
 
     All rows are pooled (e.g. the out-of-fold predictions of every fold). The legend gives each class's AUC
     (three decimals); a class with no positives or no negatives has no curve and is listed as ``AUC n/a``.
+    Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
     """
     classes = [str(c) for c in classes]
     y_true, probs = _frame_to_arrays(pred, classes)
@@ -207,6 +212,7 @@ def plot_per_class_bars(
     metric in ``metric_cols``; ``<metric>_std`` (optional) becomes error bars. Values are plotted as given
     (fractions or percent; do not mix). Class and hue order follow first appearance in the table. A metric
     missing for some rows (NaN, e.g. F1 absent from the paper's table) leaves those bars out.
+    Introduced in ``notebooks/06_compare_baselines.ipynb``.
     """
     if not isinstance(table, pd.DataFrame) or table.empty:
         raise UserError("per-class table is empty; pass rows of model, class, <metric>_mean")

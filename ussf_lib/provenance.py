@@ -76,7 +76,10 @@ def environment_info(device: torch.device | str, data_fingerprint: str | None = 
 
 
 def environment_line(device: torch.device | str | None = None) -> str:
-    """One printable line for a notebook's imports cell: versions and device."""
+    """One printable line for a notebook's imports cell: versions and device.
+
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
     from ussf_lib.train import select_device
 
     device = torch.device(device) if device is not None else select_device()

@@ -1,7 +1,8 @@
 """Rebuild a run folder's tables and figures from its ``predictions.csv`` and ``history.csv`` files alone.
 
 Nothing here needs a model, so a table or a plot can be regenerated (``ussf report RUN``) without retraining.
-Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+Introduced in ``notebooks/04_train_cross_validation.ipynb`` (learning curves) and
+``notebooks/05_evaluate_confusion_matrices.ipynb`` (predictions and tables).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from ussf_lib.metrics import fold_confusions, format_mean_std, summarize_predict
 
 
 def run_classes(run_dir: str | Path) -> list[str]:
-    """The run's class order, from its ``classes.json`` (columns ``prob_<class>`` follow it)."""
+    """The run's class order, from its ``classes.json`` (columns ``prob_<class>`` follow it).
+
+    Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+    """
     path = Path(run_dir) / "classes.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: no classes.json; pass a run folder written by `ussf cv`")
@@ -30,7 +34,10 @@ def run_classes(run_dir: str | Path) -> list[str]:
 
 
 def load_predictions(run_dir: str | Path) -> pd.DataFrame:
-    """All folds' out-of-fold predictions of a run, concatenated (columns path,label,fold,pred,prob_<class>...)."""
+    """All folds' out-of-fold predictions of a run, concatenated (columns path,label,fold,pred,prob_<class>...).
+
+    Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
+    """
     files = sorted(Path(run_dir).glob("folds/*/predictions.csv"), key=lambda p: int(p.parent.name))
     if not files:
         raise UserError(f"{run_dir}: no folds/*/predictions.csv yet; train first with `ussf cv`")

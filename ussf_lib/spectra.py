@@ -32,7 +32,7 @@ def to_gray(images: np.ndarray) -> np.ndarray:
     """Grayscale float64 image(s): ``(H, W)``, ``(H, W, C)`` with C in {3, 4}, ``(N, H, W)`` or ``(N, H, W, C)``.
 
     uint8 values are scaled to [0, 1]; colour channels (the first three) are averaged. Returns ``(H, W)`` for one
-    image and ``(N, H, W)`` for a stack.
+    image and ``(N, H, W)`` for a stack. Introduced in ``notebooks/02_image_spectra.ipynb``.
     """
     arr = np.asarray(images)
     scale = 255.0 if arr.dtype == np.uint8 else 1.0
@@ -73,7 +73,10 @@ def log_magnitude_spectrum(image: np.ndarray) -> np.ndarray:
 
 
 def class_mean_log_spectra(images: np.ndarray, labels: Sequence[int], classes: Sequence[str]) -> dict[str, np.ndarray]:
-    """Mean centred log-magnitude spectrum of each class (``images`` grayscale ``(N, H, W)``, ``labels`` indices)."""
+    """Mean centred log-magnitude spectrum of each class (``images`` grayscale ``(N, H, W)``, ``labels`` indices).
+
+    Introduced in ``notebooks/02_image_spectra.ipynb``.
+    """
     images, labels = _check_stack(images, labels)
     out = {}
     for k, name in enumerate(classes):
@@ -109,6 +112,7 @@ def radial_spectra(groups: Mapping[str, np.ndarray], confidence: float = 0.95) -
     Each image's radial profile is taken in log10 (power spans decades); the band is ``mean ± t * sd / sqrt(N)``
     with Student's t at ``confidence`` and ``N - 1`` degrees of freedom (no band for a single image).
     Returns a long table ``group, frequency, mean, lower, upper, n``.
+    Introduced in ``notebooks/02_image_spectra.ipynb``.
     """
     from scipy import stats
 
@@ -139,7 +143,10 @@ def radial_spectra(groups: Mapping[str, np.ndarray], confidence: float = 0.95) -
 
 def radial_spectra_by_class(images: np.ndarray, labels: Sequence[int], classes: Sequence[str],
                             confidence: float = 0.95) -> pd.DataFrame:
-    """:func:`radial_spectra` with one group per class (classes without images are left out)."""
+    """:func:`radial_spectra` with one group per class (classes without images are left out).
+
+    Introduced in ``notebooks/02_image_spectra.ipynb``.
+    """
     images, labels = _check_stack(images, labels)
     groups = {str(c): images[labels == k] for k, c in enumerate(classes) if np.any(labels == k)}
     return radial_spectra(groups, confidence)
@@ -157,6 +164,7 @@ def split_frequencies(image: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.
 
     Both are computed from the spectrum (``ifft2(F * mask)`` and ``ifft2(F * ~mask)``), so ``low + high`` equals
     the image up to rounding. The mask is symmetric under ``f -> -f``, so both parts are real.
+    Introduced in ``notebooks/02_image_spectra.ipynb``.
     """
     img = _check_image(image)
     spectrum = np.fft.fft2(img)
@@ -171,6 +179,7 @@ def swap_magnitude_phase(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.n
 
     The spectra of real images are Hermitian, and so is ``|A| exp(i angle(B))``: the results are real images whose
     Fourier magnitudes are exactly those of ``a`` and ``b`` (Oppenheim & Lim, 1981: the phase carries the edges).
+    Introduced in ``notebooks/02_image_spectra.ipynb``.
     """
     a, b = _check_image(a, "a"), _check_image(b, "b")
     if a.shape != b.shape:
@@ -190,7 +199,10 @@ def high_frequency_fraction(image: np.ndarray, cutoff: float) -> float:
 
 def high_frequency_table(images: np.ndarray, labels: Sequence[int], classes: Sequence[str],
                          cutoff: float) -> pd.DataFrame:
-    """Per class: mean and std (ddof=1) of :func:`high_frequency_fraction` over its images, and their number."""
+    """Per class: mean and std (ddof=1) of :func:`high_frequency_fraction` over its images, and their number.
+
+    Introduced in ``notebooks/02_image_spectra.ipynb``.
+    """
     images, labels = _check_stack(images, labels)
     rows = []
     for k, name in enumerate(classes):
@@ -215,7 +227,10 @@ def _check_stack(images: np.ndarray, labels: Sequence[int]) -> tuple[np.ndarray,
 
 
 def plot_mean_spectra(spectra: Mapping[str, np.ndarray], out: str | Path | None = None) -> Figure:
-    """One panel per class of :func:`class_mean_log_spectra`, on a shared colour scale, axes in cycles/pixel."""
+    """One panel per class of :func:`class_mean_log_spectra`, on a shared colour scale, axes in cycles/pixel.
+
+    Introduced in ``notebooks/02_image_spectra.ipynb``.
+    """
     names = list(spectra)
     if not names:
         raise UserError("no spectra to plot; pass {class: mean log-magnitude spectrum}")
@@ -234,7 +249,10 @@ def plot_mean_spectra(spectra: Mapping[str, np.ndarray], out: str | Path | None 
 
 def plot_radial_spectra(table: pd.DataFrame, title: str = "Radially averaged power spectrum",
                         out: str | Path | None = None) -> Figure:
-    """Lines of :func:`radial_spectra` (one per group) with their confidence bands, log10 power vs frequency."""
+    """Lines of :func:`radial_spectra` (one per group) with their confidence bands, log10 power vs frequency.
+
+    Introduced in ``notebooks/02_image_spectra.ipynb``.
+    """
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, rows in table.groupby("group", sort=False):
         line, = ax.plot(rows["frequency"], rows["mean"], label=f"{name} (n={int(rows['n'].iloc[0])})")
@@ -248,7 +266,10 @@ def plot_radial_spectra(table: pd.DataFrame, title: str = "Radially averaged pow
 
 
 def plot_frequency_split(image: np.ndarray, cutoff: float, title: str = "", out: str | Path | None = None) -> Figure:
-    """The image, its low-pass and its high-pass part at ``cutoff`` (see :func:`split_frequencies`)."""
+    """The image, its low-pass and its high-pass part at ``cutoff`` (see :func:`split_frequencies`).
+
+    Introduced in ``notebooks/02_image_spectra.ipynb``.
+    """
     img = _check_image(image)
     low, high = split_frequencies(img, cutoff)
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.5), layout="constrained")
@@ -264,7 +285,10 @@ def plot_frequency_split(image: np.ndarray, cutoff: float, title: str = "", out:
 
 
 def plot_swap(a: np.ndarray, b: np.ndarray, names: tuple[str, str] = ("A", "B"), out: str | Path | None = None) -> Figure:
-    """Two images and the two magnitude/phase swaps of :func:`swap_magnitude_phase`."""
+    """Two images and the two magnitude/phase swaps of :func:`swap_magnitude_phase`.
+
+    Introduced in ``notebooks/02_image_spectra.ipynb``.
+    """
     ab, ba = swap_magnitude_phase(a, b)
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
     panels = [(a, names[0]), (b, names[1]), (ab, f"|{names[0]}|, phase of {names[1]}"),

@@ -8,8 +8,9 @@ caller adds: the run's config) is written atomically after every epoch (or every
 always after the last), in the background while the next epoch trains (:mod:`ussf_lib.checkpoints`), so an
 interrupted fold resumes from its last checkpoint with the same results. The learning rate is constant: section 2.4
 gives an "initial learning rate" of 0.001 but names no schedule, so none is guessed (and there is no scheduler
-state to keep). Introduced in
-``notebooks/04_train_cross_validation.ipynb``.
+state to keep). Introduced in ``notebooks/03_build_conv_fft_block.ipynb`` (:func:`select_device`,
+:func:`seed_everything`); the fold loop in ``notebooks/04_train_cross_validation.ipynb`` (through
+:func:`ussf_lib.experiment.run_cv`).
 """
 
 from __future__ import annotations

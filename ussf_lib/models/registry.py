@@ -100,6 +100,7 @@ def build_model(name: str, num_classes: int, image_size: int = 224, weights_path
     local state dict (see :func:`~ussf_lib.models.weights.load_weights`: a head of another size is skipped,
     everything else must match). ``kwargs`` go to the constructor (:class:`USSFNet` or torchvision's).
     ``image_size`` is checked against the model's limits; only ViT is built for it and then takes only it.
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
     """
     spec = get_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
