@@ -255,3 +255,48 @@ def test_compare_tables_only_needs_the_comparison_folder(tmp_path, capsys):
     assert main(["compare", "--tables-only", "--out", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no finished model run" in err and "\n" not in err and not list((tmp_path / "empty").iterdir())
+
+
+def test_paths_that_cannot_be_written_are_one_line_errors(phantom_dir, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("a file, where the commands below need a folder")
+    for argv in (["phantom", "--out", str(blocker / "ph"), "--n-per-class", "2", "--image-size", "16"],
+                 ["cv", "--data", str(phantom_dir), "--model", "us_sfnet_tiny", "--image-size", "16", "--folds", "2",
+                  "--epochs", "1", "--no-progress", "--out", str(blocker / "run")]):
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and str(blocker) in err, err
+        assert "Traceback" not in err and "check that the path is right" in err
+    from ussf_lib import bench
+
+    measured = []
+
+    def measure(*args, **kwargs):  # stands in for minutes of measuring; then stops like Ctrl-C
+        measured.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_bench", measure)
+    assert main(["bench", "--quick", "--device", "cpu", "--json", str(blocker / "b.json")]) == 2
+    assert str(blocker) in capsys.readouterr().err and measured == []  # refused before measuring
+    assert main(["bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "ok.json")]) == 130
+    assert measured == [1] and not (tmp_path / "ok.json").exists()  # the check leaves no empty file behind
+
+
+def test_running_out_of_memory_is_one_line_and_other_errors_are_not_hidden(monkeypatch, capsys):
+    from ussf_lib import cli
+
+    def huge(args):
+        raise MemoryError("Unable to allocate 503. GiB for an array with shape (3392, 100000, 100000, 3)")
+
+    monkeypatch.setattr(cli, "cmd_models", huge)
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ussf models: error: not enough memory (Unable to allocate 503. GiB") and "\n" not in err
+    assert "--image-size" in err
+
+    def bug(args):
+        raise RuntimeError("a bug, which must show its traceback")
+
+    monkeypatch.setattr(cli, "cmd_models", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["models"])

@@ -161,3 +161,20 @@ def test_sweep_on_devices_records_where_each_run_went(tmp_path, capsys):
         env = json.loads((out / name / "run" / "environment.json").read_text())
         assert (env["placed_device"], env["visible_devices"], env["device"]) == ("cpu", "", "cpu")
     assert len(pd.read_csv(out / "results.csv")) == 2
+
+
+@pytest.mark.parametrize("where", ["DATA", "MANIFEST"])
+def test_an_out_folder_inside_the_data_is_refused_before_anything_is_written(tmp_path, where):
+    data = tmp_path / "mydata"
+    (data / "a").mkdir(parents=True)
+    Image.new("L", (16, 16)).save(data / "a" / "x.png")
+    (data / "m.csv").write_text("path,label\na/x.png,a\n")
+    before = sorted(p.relative_to(data).as_posix() for p in data.rglob("*"))
+    value = str(data) if where == "DATA" else str(data / "m.csv")
+    with pytest.raises(UserError, match=f"--out {data / 'sweep'}: is inside the data folder {data}"):
+        run_sweep(NOTEBOOK, {"SEED": [0], "fixed": {**FIXED, where: value}}, data / "sweep")
+    from ussf_lib.notebook_runner import run_notebooks
+
+    with pytest.raises(UserError, match=f"--out {data / 'nb'}: is inside the data folder {data}"):
+        run_notebooks(data / "nb", parameters={where: value}, notebooks=["01"])
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == before

@@ -373,12 +373,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if Path(args.json).is_dir():
             raise UserError(f"--json {args.json}: is a folder; give a file name, e.g. {Path(args.json) / 'bench.json'}")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        _check_writable(Path(args.json))  # before minutes of measuring, not after
     result = run_bench(cfg, log=lambda line: print(line, file=sys.stderr))
     print(format_bench(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"figures written to {Path(args.json).resolve()}")
     return 0
+
+
+def _check_writable(path: Path) -> None:
+    """Open ``path`` for appending (an OSError naming it if that is refused), leaving no new file behind."""
+    existed = path.exists()
+    with path.open("a"):
+        pass
+    if not existed:
+        path.unlink()
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -524,6 +534,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return func(args)
     except UserError as exc:
         print(f"ussf {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        # A path the user chose cannot be read or written (permissions, a file where a folder must be, a full
+        # disk): that is bad input, not a bug, so it gets the one-line treatment. Without a file name it is not.
+        if exc.filename is None:
+            raise
+        print(f"ussf {args.command}: error: {exc.filename}: {exc.strerror or exc}; check that the path is right and "
+              "that you may read and write there", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (MemoryError, RuntimeError) as exc:
+        torch_oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # GPU memory; a RuntimeError
+        if not isinstance(exc, MemoryError) and not (torch_oom and isinstance(exc, torch_oom)):
+            raise
+        detail = " ".join(str(exc).split()[:12]) or "out of memory"
+        print(f"ussf {args.command}: error: not enough memory ({detail}); use a smaller --image-size or "
+              "--batch-size", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"ussf {args.command}: interrupted", file=sys.stderr)

@@ -63,6 +63,22 @@ def absolute_path_parameters(parameters: Mapping[str, Any], base: str | os.PathL
     return out
 
 
+def check_out_outside_data(out: str | os.PathLike, parameters: Mapping[str, Any], flag: str = "--out") -> None:
+    """Refuse an output folder inside the data a notebook will read (``DATA``, or the folder of ``MANIFEST``),
+    before anything is written: the notebooks would refuse it too, but only after a kernel had written there.
+    ``parameters`` are absolute (:func:`absolute_path_parameters`)."""
+    roots = []
+    if isinstance(parameters.get("DATA"), str) and parameters["DATA"].strip():
+        roots.append(Path(parameters["DATA"]).resolve())
+    if isinstance(parameters.get("MANIFEST"), str) and parameters["MANIFEST"].strip():
+        roots.append(Path(parameters["MANIFEST"]).resolve().parent)
+    target = Path(out).expanduser().resolve()
+    for root in roots:
+        if target == root or root in target.parents:
+            raise UserError(f"{flag} {target}: is inside the data folder {root}; nothing is written into the data, "
+                            "choose a folder outside it")
+
+
 def check_values(values: Mapping[str, Any], where: str) -> None:
     """Refuse, before a kernel starts, the values a notebook's first cells would refuse (``where`` names it).
 
@@ -281,6 +297,7 @@ def run_notebooks(out: str | os.PathLike, *, parameters: Mapping[str, Any] | Non
                for path in paths}  # all checked before anything is written
     for path in paths:
         check_values({**declared[path], **checked[path]}, path.stem)
+        check_out_outside_data(out, checked[path])
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder; choose a folder for the executed notebooks")
     out.mkdir(parents=True, exist_ok=True)

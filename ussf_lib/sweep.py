@@ -49,8 +49,8 @@ import pandas as pd
 from ussf_lib.errors import UserError
 from ussf_lib.meta import METRIC_NAMES
 from ussf_lib.metrics import format_mean_std
-from ussf_lib.notebook_runner import (NotebookError, absolute_path_parameters, check_parameters, check_values,
-                                      declared_parameters, execute_notebook, notebook_paths)
+from ussf_lib.notebook_runner import (NotebookError, absolute_path_parameters, check_out_outside_data, check_parameters,
+                                      check_values, declared_parameters, execute_notebook, notebook_paths)
 from ussf_lib.placement import Placed, parse_devices, placed_device, run_placed
 
 #: The axis averaged over in ``summary.md``.
@@ -193,6 +193,8 @@ def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str
     jobs = len(placed) if placed is not None else (jobs or 1)
     _, runs = _check_grid(notebook, grid)
     out = Path(out).resolve()
+    for _, params in runs:
+        check_out_outside_data(out, params)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder; choose a folder for the sweep")
     out.mkdir(parents=True, exist_ok=True)
