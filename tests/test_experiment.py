@@ -172,3 +172,34 @@ def test_config_names_the_models_own_size_limits(tmp_path):
         CVConfig(out=str(tmp_path / "r"), seed=-1)
     cfg = CVConfig(out="relative/run", data="~/images")
     assert Path(cfg.out).is_absolute() and cfg.data == str(Path.home() / "images")  # stored as config.json has it
+
+
+def test_classes_named_like_missing_values_survive_the_run_folder(tmp_path):
+    # pandas reads "NA", "None" and "nan" as missing by default; a run's own tables must keep them as names.
+    from PIL import Image
+
+    rows, rng = [], np.random.default_rng(0)
+    for label in ("NA", "None"):
+        (tmp_path / "d" / label).mkdir(parents=True)
+        for i in range(6):  # noise: no two images are near-duplicates, so every image is its own fold group
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "d" / label / f"{i}.png")
+            rows.append(f"{label}/{i}.png,{label}")
+    (tmp_path / "d" / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    cfg = CVConfig(out=str(tmp_path / "run"), manifest=str(tmp_path / "d" / "m.csv"), model="us_sfnet_tiny", folds=2,
+                   epochs=1, image_size=16, batch_size=4, progress=False)
+    out = run_cv(cfg, log=lambda _: None)
+    assert json.loads((out / "summary.json").read_text())["classes"] == ["NA", "None"]
+    assert pd.read_csv(out / "per_class.csv", keep_default_na=False)["class"].tolist() == ["NA", "None"]
+    assert write_report(out)["n_folds"] == 2  # re-read from predictions.csv and splits.csv
+
+
+def test_a_damaged_predictions_file_is_named(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "folds" / "1" / "predictions.csv").write_text("")
+    with pytest.raises(UserError, match=r"folds/1/predictions.csv: damaged \(No columns to parse from file\); "
+                                        r"delete it and run `ussf cv --resume .*run` to predict that fold again"):
+        write_report(run)
+    (run / "folds" / "1" / "predictions.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match=r"damaged \(no path, label, fold, pred column\)"):
+        write_report(run)

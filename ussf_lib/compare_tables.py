@@ -28,8 +28,8 @@ import pandas as pd
 
 from ussf_lib import plots
 from ussf_lib.errors import UserError
-from ussf_lib.meta import (METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS, TABLE2_METRICS,
-                           paper_table1, paper_table2)
+from ussf_lib.meta import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS,
+                           TABLE2_METRICS, paper_table1, paper_table2)
 from ussf_lib.metrics import format_mean_std
 from ussf_lib.stats import N_BOOT, paired_comparison
 
@@ -127,7 +127,7 @@ def table2(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame
     reported = paper_table2().set_index(["model", "class"])
     rows = []
     for name in _finished_runs(out, models):
-        per_class = pd.read_csv(out / name / "per_class.csv", dtype={"class": str})
+        per_class = pd.read_csv(out / name / "per_class.csv", dtype={"class": str}, **LABEL_SAFE_CSV)
         same_task = _papers_task(per_class["class"])
         for _, r in per_class.iterrows():
             row: dict = {"model": name, "class": r["class"]}
@@ -202,7 +202,7 @@ def _fmt(mean: float, std: float) -> str:
 
 def majority_line(out: Path, names: Sequence[str]) -> str:
     """One sentence: the accuracy of always predicting the most frequent class (the floor a model must beat)."""
-    labels = pd.read_csv(out / names[0] / "splits.csv", dtype={"label": str})["label"]
+    labels = pd.read_csv(out / names[0] / "splits.csv", dtype={"label": str}, **LABEL_SAFE_CSV)["label"]
     counts = labels.value_counts()
     return (f"Always predicting the most frequent class ({counts.index[0]!r}, {counts.iloc[0]} of {len(labels)} "
             f"images) would score {100 * counts.iloc[0] / len(labels):.2f}% accuracy.")

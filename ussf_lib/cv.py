@@ -22,6 +22,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ussf_lib.data import ImageIndex
 from ussf_lib.errors import UserError
+from ussf_lib.meta import LABEL_SAFE_CSV
 
 
 def check_fold_feasible(labels: Sequence[str], groups: Sequence[str] | None, n_folds: int,
@@ -167,7 +168,7 @@ def read_splits(path: str | Path, index: ImageIndex) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"{path}: no such splits file; pass the splits.csv of an earlier run")
     try:
-        table = pd.read_csv(path, dtype={"path": str, "label": str, "group": str})
+        table = pd.read_csv(path, dtype={"path": str, "label": str, "group": str}, **LABEL_SAFE_CSV)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise UserError(f"{path}: not a readable splits CSV ({str(exc).splitlines()[0]}); "
                         "pass the splits.csv of an earlier run") from None

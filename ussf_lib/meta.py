@@ -28,6 +28,10 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
 }
 
+#: ``pd.read_csv`` options for the project's own tables that hold class names: only an empty cell is missing,
+#: so classes called "NA", "None" or "nan" stay names (pandas reads those as missing by default).
+LABEL_SAFE_CSV: dict[str, object] = {"keep_default_na": False, "na_values": [""]}
+
 #: File extensions read as images (lower case, with the dot).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"})
 

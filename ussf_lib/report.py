@@ -17,8 +17,8 @@ import pandas as pd
 
 from ussf_lib import plots
 from ussf_lib.errors import UserError
-from ussf_lib.meta import (METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS, PER_CLASS_METRICS,
-                           TABLE2_METRICS, paper_headline, paper_table2)
+from ussf_lib.meta import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS,
+                           PER_CLASS_METRICS, TABLE2_METRICS, paper_headline, paper_table2)
 from ussf_lib.metrics import fold_confusions, format_mean_std, summarize_predictions
 
 
@@ -41,8 +41,20 @@ def load_predictions(run_dir: str | Path) -> pd.DataFrame:
     files = sorted(Path(run_dir).glob("folds/*/predictions.csv"), key=lambda p: int(p.parent.name))
     if not files:
         raise UserError(f"{run_dir}: no folds/*/predictions.csv yet; train first with `ussf cv`")
-    return pd.concat([pd.read_csv(f, dtype={"path": str, "label": str, "pred": str}) for f in files],
-                     ignore_index=True)
+    return pd.concat([_read_predictions(f) for f in files], ignore_index=True)
+
+
+def _read_predictions(path: Path) -> pd.DataFrame:
+    damaged = (f"{path}: damaged ({{}}); delete it and run `ussf cv --resume {path.parents[2]}` to predict that "
+               "fold again")
+    try:
+        frame = pd.read_csv(path, dtype={"path": str, "label": str, "pred": str}, **LABEL_SAFE_CSV)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(damaged.format(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)) from None
+    missing = [c for c in ("path", "label", "fold", "pred") if c not in frame.columns]
+    if missing or not any(c.startswith("prob_") for c in frame.columns):
+        raise UserError(damaged.format(f"no {', '.join(missing) or 'prob_<class>'} column"))
+    return frame
 
 
 def load_histories(run_dir: str | Path) -> dict[int, pd.DataFrame]:
@@ -93,7 +105,7 @@ def table2_beside_paper(run_dir: str | Path) -> pd.DataFrame:
     classes = run_classes(run_dir)
     config_file = run_dir / "config.json"
     model = json.loads(config_file.read_text()).get("model") if config_file.is_file() else None
-    per_class = pd.read_csv(run_dir / "per_class.csv", dtype={"class": str}).set_index("class")
+    per_class = pd.read_csv(run_dir / "per_class.csv", dtype={"class": str}, **LABEL_SAFE_CSV).set_index("class")
     table = pd.DataFrame(index=pd.Index(classes, name="class"))
     for m in TABLE2_METRICS:
         table[m] = [format_mean_std(per_class.at[c, f"{m}_mean"], per_class.at[c, f"{m}_std"]) for c in classes]
