@@ -152,6 +152,14 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, make_args, match):
     (["sweep", "--notebook", "a", "--grid", "b", "--out", "c", "--jobs", "0"], "ussf sweep: error: argument --jobs"),
     (["frobnicate"], "ussf: error: argument command: invalid choice: 'frobnicate'"),
     (["cv", "--data", "d", "--seed", "-1"], "ussf cv: error: argument --seed: -1 is not between 0 and 4294967295"),
+    (["bench", "--sizes", ""], "ussf bench: error: argument --sizes: '' names nothing; give comma-separated values"),
+    (["bench", "--models", ","], "ussf bench: error: argument --models: ',' names nothing"),
+    (["notebooks", "--out", "x", "--only", ","], "ussf notebooks: error: argument --only: ',' names nothing"),
+    (["cv", "--data", "d", "--out", ""], "ussf cv: error: --out is empty; give a file or folder name"),
+    (["cv", "--data", " "], "ussf cv: error: --data is empty; give a file or folder name (use . for this folder)"),
+    (["audit", ""], "ussf audit: error: DATA_DIR is empty"),
+    (["report", ""], "ussf report: error: RUN is empty"),
+    (["predict", "--checkpoint", "c.pt", "a.png", ""], "ussf predict: error: IMAGE_OR_DIR is empty"),
 ])
 def test_flag_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, match):
     monkeypatch.chdir(tmp_path)

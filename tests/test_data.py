@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def test_manifest_relative_paths_and_groups(tmp_path):
 @pytest.mark.parametrize("rows,extra,match", [
     ({"path": ["a.png"], "labl": ["x"]}, {}, "missing column"),
     ({"path": ["a.png", "a.png"], "label": ["x", "y"]}, {}, "more than once"),
+    # the same file spelled two ways is still one image listed twice (here under two labels)
+    ({"path": ["a.png", "./a.png", "b.png"], "label": ["x", "y", "y"]}, {},
+     r"1 image\(s\) listed more than once, e.g. 'a.png' and './a.png'; keep one row per image"),
+    ({"path": ["a.png", "", "b.png"], "label": ["x", "y", "y"]}, {}, "a row has an empty path"),
     ({"path": ["nope.png", "a.png"], "label": ["x", "y"]}, {}, "does not exist"),
     ({"path": ["../outside.png", "a.png"], "label": ["x", "y"]}, {}, "outside the manifest"),
     ({"path": ["a.png", "b.png"], "label": ["x", "z"]}, {"classes": ["x", "y"]}, "not in the class list"),
@@ -225,3 +230,28 @@ def test_busi_index_reads_names_with_spaces(busi_root):
     sub = data.ImageIndex(sample.reset_index(drop=True), index.classes, index.root, "folder")
     arr = data.decode_images(sub, 32, progress=False)
     assert arr.shape == (6, 32, 32, 3) and arr.std() > 5
+
+
+def test_a_class_folder_that_cannot_be_listed_is_an_error_not_a_missing_class(tree, monkeypatch):
+    real_scandir = os.scandir
+    locked = tree / "b_cls"
+
+    def scandir(path="."):  # as for a folder without read permission (root ignores chmod, so it is simulated)
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UserError, match=f"{locked}: cannot be read \\(Permission denied\\); fix its permissions"):
+        data.index_folder(tree)
+
+
+def test_a_damaged_decode_cache_is_rebuilt_with_a_warning(tree, tmp_path):
+    index = data.index_folder(tree)
+    first = np.array(data.decode_images(index, 12, cache_dir=tmp_path / "cache", progress=False))
+    (cached,) = (tmp_path / "cache").glob("images_*.npy")
+    cached.write_bytes(cached.read_bytes()[:200])  # cut short
+    with pytest.warns(UserWarning, match="damaged cache"):
+        again = data.decode_images(index, 12, cache_dir=tmp_path / "cache", progress=False)
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(np.load(cached), first)  # replaced by a whole one

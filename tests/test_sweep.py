@@ -178,3 +178,10 @@ def test_an_out_folder_inside_the_data_is_refused_before_anything_is_written(tmp
     with pytest.raises(UserError, match=f"--out {data / 'nb'}: is inside the data folder {data}"):
         run_notebooks(data / "nb", parameters={where: value}, notebooks=["01"])
     assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == before
+
+
+def test_a_grid_that_is_not_text_is_one_clear_error(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(UserError, match=f"{grid}: not a text file; a grid is YAML text"):
+        load_grid(grid)

@@ -69,7 +69,26 @@ def _seed(text: str) -> int:
 
 
 def _csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    values = [t.strip() for t in text.split(",") if t.strip()]
+    if not values:  # "" or "," would otherwise mean "the default", silently
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing; give comma-separated values, e.g. a,b")
+    return values
+
+
+#: Options and arguments that name a file or folder. An empty value would be read as the current folder.
+PATH_ARGUMENTS: tuple[str, ...] = ("data", "manifest", "out", "cache_dir", "splits", "weights", "json", "checkpoint",
+                                   "resume", "notebook", "grid", "run", "data_dir", "inputs")
+
+
+def _empty_path_argument(args: argparse.Namespace) -> str | None:
+    """The first path option given as an empty string (``--out ""``), as typed on the command line."""
+    for dest in PATH_ARGUMENTS:
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and not value.strip():
+                positional = {"run": "RUN", "data_dir": "DATA_DIR", "inputs": "IMAGE_OR_DIR"}
+                return positional.get(dest) or "--" + dest.replace("_", "-")
+    return None
 
 
 def default_run_dir(name: str) -> str:
@@ -524,6 +543,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:  # named after the sub-command it was given to, not after `ussf`
         print(f"ussf {args.command}: error: unrecognized arguments: {' '.join(unknown)}; see ussf {args.command} --help",
               file=sys.stderr)
+        return EXIT_USER_ERROR
+    empty = _empty_path_argument(args)
+    if empty:
+        print(f"ussf {args.command}: error: {empty} is empty; give a file or folder name (use . for this folder); "
+              f"see ussf {args.command} --help", file=sys.stderr)
         return EXIT_USER_ERROR
     func: Callable[[argparse.Namespace], int] = args.func
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # what was typed, for `cv --resume`

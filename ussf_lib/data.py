@@ -128,6 +128,12 @@ def _finish_index(rows: pd.DataFrame, classes: Sequence[str] | None, root: Path,
                       root=root, source=source, group_col=group_col, ignored=ignored)
 
 
+def _unreadable_folder(exc: OSError) -> None:
+    # os.walk skips a folder it cannot list without a word; its images would silently drop out of the data.
+    raise UserError(f"{exc.filename}: cannot be read ({exc.strerror}); fix its permissions, or move it out of the "
+                    "data folder")
+
+
 def index_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageIndex:
     """Index a class-folder tree ``ROOT/<class>/<image>`` (sub-folders inside a class are searched too).
 
@@ -150,7 +156,7 @@ def index_folder(root: str | Path, classes: Sequence[str] | None = None) -> Imag
             ignored["non-image"] += 1
             continue
         n_before = len(rows)
-        for dirpath, dirnames, filenames in os.walk(class_dir):
+        for dirpath, dirnames, filenames in os.walk(class_dir, onerror=_unreadable_folder):
             hidden = [d for d in dirnames if _is_hidden(d)]
             ignored["hidden"] += len(hidden)
             dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
@@ -205,13 +211,12 @@ def index_manifest(manifest: str | Path, group_col: str | None = None,
     if table.empty:
         raise UserError(f"{manifest}: the manifest has no rows; add one row per image")
     base = manifest.parent.resolve()
-    duplicated = table["path"][table["path"].duplicated()].unique()
-    if len(duplicated):
-        raise UserError(f"{manifest}: {len(duplicated)} path(s) listed more than once, e.g. {duplicated[0]!r}; keep one row per image")
     abs_paths, problems = [], []
     for rel in table["path"]:
         path = (base / rel).resolve()
-        if base not in path.parents:
+        if not rel.strip():
+            problems.append("a row has an empty path")
+        elif base not in path.parents:
             problems.append(f"{rel!r} points outside the manifest's folder")
         elif not path.is_file():
             problems.append(f"{rel!r} does not exist")
@@ -219,6 +224,13 @@ def index_manifest(manifest: str | Path, group_col: str | None = None,
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"{manifest}: {problems[0]}{more}; paths must be files under {base}, relative to the manifest")
+    # Compared as resolved files, not as text: 'a/x.png' and './a/x.png' are one image listed twice.
+    resolved = pd.Series(abs_paths)
+    repeats = resolved[resolved.duplicated()]
+    if len(repeats):
+        spellings = " and ".join(repr(p) for p in table["path"][(resolved == repeats.iloc[0]).to_numpy()])
+        raise UserError(f"{manifest}: {repeats.nunique()} image(s) listed more than once, e.g. {spellings}; "
+                        "keep one row per image")
     frame = pd.DataFrame({
         "path": abs_paths,
         "relpath": [Path(p).relative_to(base).as_posix() for p in abs_paths],
@@ -414,10 +426,18 @@ def decode_index(index: ImageIndex, image_size: int | None, cache_dir: str | Pat
     hashes: list | None = None
     bad: dict[int, str] = {}
     if img_file is not None and img_file.is_file():
-        images = np.load(img_file, mmap_mode="r")
-        meta_file = img_file.with_suffix(".json")
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        bad.update({int(i): why for i, why in meta.get("bad", {}).items()})
+        try:
+            images = np.load(img_file, mmap_mode="r")
+            meta_file = img_file.with_suffix(".json")
+            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            if images.shape[0] != n:
+                raise ValueError(f"{images.shape[0]} images for {n} files")
+            bad.update({int(i): why for i, why in meta.get("bad", {}).items()})
+        except (ValueError, OSError, EOFError) as exc:
+            # The cache is ours (never the user's data): a damaged one (a disk filled up mid-write, a copy cut
+            # short) is decoded again and replaced, not trusted or fatal.
+            warnings.warn(f"{img_file}: damaged cache ({exc}); decoding the images again", stacklevel=2)
+            images = None
     if hash_file is not None and hash_file.is_file():
         table = pd.read_csv(hash_file, dtype=str, keep_default_na=False)
         hashes = [tuple(r) if r[0] else None for r in table[list(HASH_COLUMNS)].itertuples(index=False)]

@@ -95,9 +95,11 @@ def load_grid(grid: str | os.PathLike | Mapping[str, Any]) -> Grid:
         if not path.is_file():
             raise UserError(f"{path}: no such grid file; write a YAML mapping such as 'MODEL: [us_sfnet_tiny]'")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a text file; a grid is YAML text such as 'SEED: [0, 1]'") from None
         where = str(path)
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{where}: a grid is a mapping of parameter names to lists of values, e.g. 'SEED: [0, 1]'")
