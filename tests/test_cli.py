@@ -202,10 +202,12 @@ def test_main_job_without_notebooks_writes_the_results_it_prints(tmp_path, monke
 def test_main_job_checks_its_settings_before_writing(tmp_path, capsys):
     out = tmp_path / "main"
     assert main(["main-job", "--no-notebooks", "--out", str(out), *TINY_MAIN_JOB, "--folds", "1"]) == 2
-    assert "at least 2 folds" in capsys.readouterr().err and not out.exists()
+    assert "--folds 1: cross-validation needs at least 2 folds" in capsys.readouterr().err and not out.exists()
     # 10 images per class make one synthetic patient per class, and folds never split a patient
     assert main(["main-job", "--no-notebooks", "--out", str(out), *TINY_MAIN_JOB, "--n-per-class", "10"]) == 2
-    assert "use --n-per-class 11 or more" in capsys.readouterr().err and not out.exists()
+    assert capsys.readouterr().err.strip() == (
+        "ussf main-job: error: --n-per-class 10 makes 1 synthetic patient(s) per class, fewer than --folds 2 "
+        "(folds never split a patient); use --n-per-class 11 or more") and not out.exists()
 
 
 def test_main_job_executes_the_notebooks_with_its_settings(tmp_path, capsys):

@@ -227,3 +227,10 @@ def test_devices_a_failing_model_leaves_the_others_and_their_tables(comparison, 
     assert any(line.startswith("[densenet121] FAILED: ") for line in lines)
     assert (out / "us_sfnet_tiny" / "summary.json").is_file() and not (out / "densenet121" / "summary.json").exists()
     assert pd.read_csv(out / "table1.csv")["model"].tolist() == ["us_sfnet_tiny"]
+
+
+def test_tables_only_names_the_models_that_did_finish(comparison, capsys):
+    assert main(["compare", "--tables-only", "--out", str(comparison), "--models", "resnet101"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ussf compare: error: {comparison}: no finished run of resnet101; finished here: densenet121, "
+                   "us_sfnet_tiny (choose among them with --models, or leave --models out)")

@@ -480,7 +480,6 @@ def cmd_main_job(args: argparse.Namespace) -> int:
 
 def _main_job_cv(out: Path, settings: dict) -> Path:
     """OUT/phantom (the data, generated unless there) and OUT/run (the run folder): everything stays in OUT."""
-    from ussf_lib.cv import check_fold_feasible
     from ussf_lib.experiment import CVConfig, run_cv
     from ussf_lib.models.registry import check_image_size
     from ussf_lib.notebooks import RUN_SUBDIR, phantom_manifest
@@ -489,9 +488,12 @@ def _main_job_cv(out: Path, settings: dict) -> Path:
     n, size, seed = settings["N_PER_CLASS"], settings["IMAGE_SIZE"], settings["SEED"]
     # Checked before the phantom is written: folds never split a patient.
     check_image_size(settings["MODEL"], size)
-    n_patients = patients_per_class(n)
-    check_fold_feasible(["any"] * n_patients, [str(i) for i in range(n_patients)], settings["FOLDS"],
-                        hint=f" (use --n-per-class {min_images_per_class(settings['FOLDS'])} or more)")
+    n_patients, folds = patients_per_class(n), settings["FOLDS"]
+    if folds < 2:
+        raise UserError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    if n_patients < folds:
+        raise UserError(f"--n-per-class {n} makes {n_patients} synthetic patient(s) per class, fewer than --folds "
+                        f"{folds} (folds never split a patient); use --n-per-class {min_images_per_class(folds)} or more")
     manifest = out / "phantom" / "manifest.csv"
     cfg = CVConfig(out=str(out / RUN_SUBDIR), manifest=str(manifest), group_col="patient", classes=list(PAPER_CLASSES),
                    model=settings["MODEL"], folds=settings["FOLDS"], epochs=settings["EPOCHS"], image_size=size,

@@ -66,6 +66,10 @@ def _finished_runs(out: Path, models: Sequence[str] | None) -> list[str]:
             models = sorted(p.parent.name for p in out.glob("*/summary.json"))
     finished = [m for m in models if (out / m / "summary.json").is_file()]
     if not finished:
+        there = sorted(p.parent.name for p in out.glob("*/summary.json"))
+        if there:  # models were named, but not those that finished here
+            raise UserError(f"{out}: no finished run of {', '.join(models)}; finished here: {', '.join(there)} "
+                            "(choose among them with --models, or leave --models out)")
         raise UserError(f"{out}: no finished model run (OUT/<model>/summary.json); run `ussf compare` first")
     return finished
 

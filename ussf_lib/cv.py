@@ -166,7 +166,8 @@ def read_splits(path: str | Path, index: ImageIndex) -> pd.DataFrame:
     """The rows of a saved ``splits.csv`` for the images of ``index``, in index order (see :func:`load_splits`)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such splits file; pass the splits.csv of an earlier run")
+        what = "is a folder, not a splits file" if path.is_dir() else "no such splits file"
+        raise UserError(f"{path}: {what}; pass the splits.csv of an earlier run")
     try:
         table = pd.read_csv(path, dtype={"path": str, "label": str, "group": str}, **LABEL_SAFE_CSV)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
