@@ -310,3 +310,18 @@ def test_running_out_of_memory_is_one_line_and_other_errors_are_not_hidden(monke
     monkeypatch.setattr(cli, "cmd_models", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["models"])
+
+
+def test_a_plain_pickle_given_as_weights_or_checkpoint_is_one_line(phantom_dir, tmp_path, capsys):
+    import pickle
+
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"not": "tensors"}, protocol=4))
+    image = str(sorted((phantom_dir / "benign").glob("*.png"))[0])
+    assert main(["predict", "--checkpoint", str(plain), image]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ussf predict: error: {plain}: not a ussf checkpoint (UnpicklingError); pass RUN/folds/K/checkpoint.pt"
+    assert main(["cv", "--data", str(phantom_dir), "--model", "us_sfnet_tiny", "--image-size", "16", "--folds", "2",
+                 "--epochs", "1", "--weights", str(plain), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"weights file {plain} is not a loadable PyTorch file" in err

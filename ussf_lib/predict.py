@@ -7,6 +7,7 @@ command line's way to use a trained fold, and ``run_cv``'s way to check a checkp
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +37,9 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint; pass RUN/folds/K/checkpoint.pt of a `ussf cv` run")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about what it then refuses; the error below says it once
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for a file that is not a checkpoint
         raise UserError(f"{path}: not a ussf checkpoint ({type(exc).__name__}); pass RUN/folds/K/checkpoint.pt") from None
     meta = state.get("meta") if isinstance(state, dict) else None

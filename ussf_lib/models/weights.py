@@ -7,6 +7,7 @@ Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -57,7 +58,9 @@ def load_weights(model: nn.Module, path: str | Path, *, head: str, model_name: s
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; pass the path of a saved state dict (.pt / .pth)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about what it then refuses; the error below says it once
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors have many types
         raise UserError(f"weights file {path} is not a loadable PyTorch file ({type(exc).__name__}); "
                         f"save it with torch.save(model.state_dict(), path)") from exc
