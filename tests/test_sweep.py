@@ -185,3 +185,13 @@ def test_a_grid_that_is_not_text_is_one_clear_error(tmp_path):
     grid.write_bytes(bytes(range(128, 256)))
     with pytest.raises(UserError, match=f"{grid}: not a text file; a grid is YAML text"):
         load_grid(grid)
+
+
+def test_a_notebook_without_a_parameters_cell_is_refused(tmp_path):
+    import nbformat
+
+    plain = tmp_path / "plain.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]), plain)
+    with pytest.raises(UserError, match="plain.ipynb: has no cell tagged 'parameters'"):
+        run_sweep(plain, {"SEED": [0]}, tmp_path / "s")
+    assert not (tmp_path / "s").exists()

@@ -154,6 +154,9 @@ def declared_parameters(notebook: str | os.PathLike) -> dict[str, Any]:
             declared[name] = ast.literal_eval(info["default"])
         except (ValueError, SyntaxError):
             declared[name] = info["default"]
+    if not declared:  # papermill would inject the values into a cell of their own, which nothing reads
+        raise UserError(f"{notebook}: has no cell tagged 'parameters'; tag the cell of literal settings "
+                        "(cell tags in Jupyter), as the numbered notebooks do")
     return declared
 
 
