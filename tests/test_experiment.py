@@ -203,3 +203,14 @@ def test_a_damaged_predictions_file_is_named(run_dir, tmp_path):
     (run / "folds" / "1" / "predictions.csv").write_text("a,b\n1,2\n")
     with pytest.raises(UserError, match=r"damaged \(no path, label, fold, pred column\)"):
         write_report(run)
+
+
+def test_a_config_with_an_unknown_setting_is_named(run_dir, tmp_path):
+    from ussf_lib.experiment import load_config
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "warmup_epochs": 5}))
+    with pytest.raises(UserError, match=r"config.json: unknown setting\(s\) \['warmup_epochs'\]; valid settings are"):
+        load_config(run)

@@ -179,7 +179,11 @@ def load_config(run_dir: str | Path) -> CVConfig:
         raise UserError(f"{run_dir}: no config.json here; pass a run folder written by `ussf cv`")
     d = _read_json(path)
     d.setdefault("dedup_folds", False)  # runs made before duplicate-aware folds existed did not use them
-    return CVConfig.from_dict(d)
+    try:
+        return CVConfig.from_dict(d)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}; the run folder is damaged or from another ussf version, start a new run "
+                        "with a new --out") from None
 
 
 @dataclass
