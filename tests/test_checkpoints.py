@@ -56,9 +56,19 @@ def test_background_write_lets_the_caller_go_on_and_writes_the_state_of_save_tim
 
 def test_writes_are_in_order_and_the_last_one_wins(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    with CheckpointWriter(background=True) as writer:
-        for epoch in range(1, 6):
-            writer.save({"epoch": epoch, "w": torch.full((1000,), float(epoch))}, path)
+    written = []  # the epochs in the order the thread wrote them
+    real_save = checkpoints.torch.save
+
+    def recording_save(obj, f):
+        written.append(obj["epoch"])
+        real_save(obj, f)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoints.torch, "save", recording_save)
+        with CheckpointWriter(background=True) as writer:
+            for epoch in range(1, 6):
+                writer.save({"epoch": epoch, "w": torch.full((1000,), float(epoch))}, path)
+    assert written == [1, 2, 3, 4, 5]
     loaded = torch.load(path, weights_only=True)
     assert loaded["epoch"] == 5 and loaded["w"].eq(5.0).all()
 
