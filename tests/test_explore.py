@@ -90,6 +90,10 @@ def test_figures_are_saved(tree, tmp_path):
     for fig in figs:
         plt.close(fig)
     assert len(list(tmp_path.glob("*.png"))) == 4
+    for png in tmp_path.glob("*.png"):  # real pictures with something drawn, not empty canvases
+        with Image.open(png) as im:
+            pixels = np.asarray(im.convert("L"))
+        assert im.format == "PNG" and min(im.size) >= 150 and pixels.std() > 5, png.name
     picks = explore.sample_indices(tree.targets, 2, per_class=5, seed=0)
     assert [len(p) for p in picks] == [3, 2]  # never more than a class has
     assert picks == explore.sample_indices(tree.targets, 2, per_class=5, seed=0)

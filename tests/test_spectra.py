@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ussf_lib import spectra
 from ussf_lib.errors import UserError
@@ -151,3 +152,7 @@ def test_figures_are_saved(tmp_path):
     for fig in figs:
         plt.close(fig)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mean.png", "radial.png", "split.png", "swap.png"]
+    for png in tmp_path.iterdir():  # real pictures with something drawn, not empty canvases
+        with Image.open(png) as im:
+            pixels = np.asarray(im.convert("L"))
+        assert im.format == "PNG" and min(im.size) >= 150 and pixels.std() > 5, png.name
