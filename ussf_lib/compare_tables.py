@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -92,7 +92,7 @@ def _train_seconds(run_dir: Path) -> float:
     return total
 
 
-def _papers_task(classes) -> bool:
+def _papers_task(classes: Iterable[str]) -> bool:
     """Whether a run's classes are the paper's four lymph-node classes: only then do its figures sit beside ours
     (a "benign" breast lesion is not a "benign" lymph node)."""
     return set(classes) == set(PAPER_CLASSES)

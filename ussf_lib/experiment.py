@@ -385,7 +385,7 @@ def _silent(_: str) -> None:
     pass
 
 
-def predictions_frame(index, test_idx: np.ndarray, probs: np.ndarray, fold: int) -> pd.DataFrame:
+def predictions_frame(index: ImageIndex, test_idx: np.ndarray, probs: np.ndarray, fold: int) -> pd.DataFrame:
     """``predictions.csv`` of one fold: path (relative to the data root), label, fold, pred, prob_<class>..."""
     classes = index.classes
     frame = pd.DataFrame({

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -66,7 +67,7 @@ def load_histories(run_dir: str | Path) -> dict[int, pd.DataFrame]:
     return {int(f.parent.name): pd.read_csv(f) for f in files}
 
 
-def beside_the_paper(model: str | None, classes) -> bool:
+def beside_the_paper(model: str | None, classes: Iterable[str]) -> bool:
     """Whether a single run's tables show the paper's US-SFNet figures: for a US-SFNet run (``us_sfnet`` or a
     smaller variant such as ``us_sfnet_tiny``; the columns are labelled as the paper's model) on the paper's four
     lymph-node classes. A baseline's run gets none (the columns would be another model's), nor does other data
