@@ -214,3 +214,9 @@ def test_a_config_with_an_unknown_setting_is_named(run_dir, tmp_path):
     (run / "config.json").write_text(json.dumps({**config, "warmup_epochs": 5}))
     with pytest.raises(UserError, match=r"config.json: unknown setting\(s\) \['warmup_epochs'\]; valid settings are"):
         load_config(run)
+    (run / "config.json").write_text(json.dumps({**config, "epochs": "lots"}))
+    with pytest.raises(UserError, match=r"config.json: setting epochs='lots' should be of type int \(like 150\); "
+                                        "the run folder is damaged"):
+        load_config(run)
+    (run / "config.json").write_text(json.dumps(config))
+    assert load_config(run).to_dict() == config  # an intact config passes, betas list included

@@ -456,6 +456,12 @@ def test_resume_refuses_data_that_changed(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "the data changed since this run started" in err
     assert _snapshot(out) == before
+    root.rename(tmp_path / "moved")
+    assert main(["cv", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ussf cv: error: {out}: the run's data --data {root} is gone; put it back at that path to resume "
+                   "(a resumed run reads the data it started with), or start a new run")
+    assert _snapshot(out) == before
 
 
 def test_damaged_config_is_a_clear_error(ref_run, tmp_path, capsys):

@@ -123,6 +123,24 @@ class CVConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"unknown setting(s) {unknown}; valid settings are {sorted(known)}")
+        for f in dataclasses.fields(cls):  # a hand-edited value of the wrong kind fails here, not mid-run
+            default = f.default
+            if f.name not in d or d[f.name] is None or isinstance(default, type(dataclasses.MISSING)) or default is None:
+                continue
+            value = d[f.name]
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif isinstance(default, tuple):  # JSON has no tuples: betas come back as a list
+                ok = isinstance(value, (list, tuple)) and len(value) == len(default)
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                raise UserError(f"setting {f.name}={value!r} should be of type {type(default).__name__} "
+                                f"(like {default!r})")
         return cls(**d)
 
 
@@ -297,6 +315,11 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
     mean, std = resolve_normalization(cfg.normalization)
     requested_device = select_device(cfg.device)  # an unknown or absent device fails before any data is read
     out = _check_out(cfg, resume)
+    if resume:  # the data's own "no such folder" error would suggest another --data, which a resume refuses
+        for flag, value in (("--data", cfg.data), ("--manifest", cfg.manifest)):
+            if value and not Path(value).exists():
+                raise UserError(f"{out}: the run's data {flag} {value} is gone; put it back at that path to resume "
+                                "(a resumed run reads the data it started with), or start a new run")
     fold_ids = list(folds_to_run if folds_to_run is not None else range(cfg.folds))
     bad_folds = [k for k in fold_ids if not 0 <= int(k) < cfg.folds]
     if bad_folds:
