@@ -234,3 +234,15 @@ def test_tables_only_names_the_models_that_did_finish(comparison, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"ussf compare: error: {comparison}: no finished run of resnet101; finished here: densenet121, "
                    "us_sfnet_tiny (choose among them with --models, or leave --models out)")
+
+
+def test_a_paired_test_without_spread_reads_undefined_not_significant():
+    from ussf_lib.compare_tables import paired_markdown
+    from ussf_lib.stats import paired_comparison
+
+    res = paired_comparison([0.25, 0.25], [0.28125, 0.28125], test_train_ratio=1.0)  # one image apart, both folds
+    row = {"reference": "a", "model": "b", "metric": "accuracy", "diff_fold_0": -3.125, "diff_fold_1": -3.125,
+           "mean_diff": 100 * res.mean_diff, "ci_low": 100 * res.ci_low, "ci_high": 100 * res.ci_high,
+           "t": res.t, "p_value": res.p_value, "naive_p_value": res.naive_p_value}
+    text = paired_markdown(pd.DataFrame([row]))
+    assert text.count("undefined (no spread)") == 3 and "0.000" not in text and "inf" not in text

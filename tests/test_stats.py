@@ -43,9 +43,9 @@ def test_ratio_zero_is_the_naive_paired_ttest_and_the_correction_is_more_conserv
 
 
 def test_zero_variance_and_bad_input():
-    assert corrected_resampled_ttest([0.0, 0.0, 0.0], 0.5) == (0.0, 1.0, 2)
-    t, p, _ = corrected_resampled_ttest([0.01, 0.01, 0.01], 0.5)
-    assert t == math.inf and p == 0.0
+    for equal in ([0.0, 0.0, 0.0], [0.01, 0.01, 0.01], [-3.12, -3.12]):  # no spread: no test, not p = 0
+        t, p, df = corrected_resampled_ttest(equal, 0.5)
+        assert math.isnan(t) and math.isnan(p) and df == len(equal) - 1
     with pytest.raises(UserError, match="at least 2"):
         corrected_resampled_ttest([0.1], 0.25)
     with pytest.raises(UserError, match="NaN"):

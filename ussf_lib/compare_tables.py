@@ -259,6 +259,10 @@ def table2_markdown(t2: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
+def _undefined_or(value: float, spec: str) -> str:
+    return "undefined (no spread)" if math.isnan(value) else format(value, spec)
+
+
 def paired_markdown(paired: pd.DataFrame) -> str:
     """:func:`paired_table` as a markdown table, one row per model and metric (read with :data:`PAIRED_NOTE`).
 
@@ -275,9 +279,9 @@ def paired_markdown(paired: pd.DataFrame) -> str:
             "per-fold differences (points)": ", ".join(f"{r[c]:+.2f}" for c in diff_cols if math.isfinite(r[c])),
             "mean diff": f"{r['mean_diff']:+.2f}",
             "95% bootstrap CI": f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]",
-            "corrected t": f"{r['t']:.2f}",
-            "p (corrected)": f"{r['p_value']:.3f}",
-            "p (naive, do not use)": f"{r['naive_p_value']:.3f}",
+            "corrected t": _undefined_or(r["t"], ".2f"),
+            "p (corrected)": _undefined_or(r["p_value"], ".3f"),
+            "p (naive, do not use)": _undefined_or(r["naive_p_value"], ".3f"),
         })
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
@@ -288,7 +292,9 @@ PAIRED_NOTE = (
     "n_test/n_train) · s²) with k − 1 degrees of freedom (Nadeau & Bengio 2003; Bouckaert & Frank 2004). "
     "The naive paired t-test ignores that training sets overlap and is shown only to make the correction "
     f"visible. The bootstrap CI resamples the k fold differences (percentile, {N_BOOT:,} resamples, seed 0): with "
-    "few folds it describes the spread, it does not correct for overlap."
+    "few folds it describes the spread, it does not correct for overlap. When every fold differs by the same amount "
+    "the test is undefined (no spread to judge it by); with 2 folds any test has 1 degree of freedom: compare "
+    "models on 5 or more folds."
 )
 
 

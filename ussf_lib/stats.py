@@ -62,8 +62,9 @@ def corrected_resampled_ttest(diffs: ArrayLike, test_train_ratio: float) -> tupl
 
     ``diffs`` are the per-fold differences of a metric between two models trained and tested on the same
     folds; ``test_train_ratio`` is ``n_test / n_train`` (``1/(k-1)`` for k-fold CV). ``test_train_ratio=0``
-    gives the ordinary (uncorrected) paired t-test. When all differences are equal the variance is 0: then
-    ``t = 0, p = 1`` if they are all 0, else ``t = ±inf, p = 0``.
+    gives the ordinary (uncorrected) paired t-test. When all differences are equal the sample variance is 0
+    and the test is undefined: ``t`` and ``p`` are NaN (with 2 folds of small test sets, equal differences
+    happen, e.g. one image each; reporting ``p = 0`` there would call noise significant).
     """
     d = _diffs(diffs)
     if not (test_train_ratio >= 0 and math.isfinite(test_train_ratio)):
@@ -73,9 +74,7 @@ def corrected_resampled_ttest(diffs: ArrayLike, test_train_ratio: float) -> tupl
     var = float(d.var(ddof=1))
     df = k - 1
     if var == 0.0:
-        if mean == 0.0:
-            return 0.0, 1.0, df
-        return math.copysign(math.inf, mean), 0.0, df
+        return math.nan, math.nan, df
     t = mean / math.sqrt((1.0 / k + test_train_ratio) * var)
     p = float(2.0 * sps.t.sf(abs(t), df))
     return float(t), min(1.0, p), df
