@@ -169,6 +169,14 @@ def test_per_class_bars(tmp_path):
     assert len(panels[3].patches) == 2 * 3  # the paper's missing F1 bars are left out
     heights = sorted(round(p.get_height(), 6) for p in panels[0].patches)
     assert heights == sorted(round(v, 6) for v in table["precision_mean"])
+    assert all(ax.get_ylim() == (0.0, 1.02) for ax in panels)  # one bounded scale: fractions here
+    assert fig.legends and [t.get_text() for t in fig.legends[0].get_texts()] == ["us_sfnet", "resnet18", "paper"]
+    plt.close(fig)
+
+    wide = table.assign(precision_mean=0.95, precision_std=0.2)  # a std past the bound: the bar stops at 1
+    fig = plot_per_class_bars(wide, metric_cols=("precision",))
+    tops = [seg[:, 1].max() for coll in fig.axes[0].collections for seg in map(np.asarray, coll.get_segments())]
+    assert tops and max(tops) <= 1.0 + 1e-9
     plt.close(fig)
 
     fig = plot_per_class_bars(table.drop(columns=[c for c in table if c.endswith("_std")]),

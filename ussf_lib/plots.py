@@ -100,11 +100,12 @@ def plot_confusion(
         data, fmt, vmax = np.asarray(arr).astype(np.int64), "d", None
     sns.heatmap(
         data, annot=True, fmt=fmt, cmap="Blues", vmin=0.0, vmax=vmax, square=True, cbar=True,
+        cbar_kws={"label": "fraction of the true class" if normalize else "images"},
         xticklabels=classes, yticklabels=classes, ax=ax,
     )
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
-    ax.set_title(title if title is not None else ("Confusion matrix (row-normalised)" if normalize
+    ax.set_title(title if title is not None else ("Confusion matrix (row-normalized)" if normalize
                                                   else "Confusion matrix (counts)"))
     ax.tick_params(axis="x", rotation=45)
     ax.tick_params(axis="y", rotation=0)
@@ -115,7 +116,7 @@ def plot_confusion(
 def plot_confusion_pair(
     cm: np.ndarray, classes: Sequence[str], title: str | None = None, out: PathLike | None = None
 ) -> Figure:
-    """Counts and row-normalised confusion matrices side by side; ``title`` goes above both.
+    """Counts and row-normalized confusion matrices side by side; ``title`` goes above both.
 
     Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
     """
@@ -124,7 +125,7 @@ def plot_confusion_pair(
     size = max(4.0, 0.9 * len(classes) + 2.0)
     fig, (left, right) = plt.subplots(1, 2, figsize=(2 * size + 2.0, size))
     plot_confusion(cm, classes, normalize=False, title="Counts", ax=left)
-    plot_confusion(cm, classes, normalize=True, title="Row-normalised", ax=right)
+    plot_confusion(cm, classes, normalize=True, title="Row-normalized", ax=right)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -232,7 +233,10 @@ def plot_per_class_bars(
     n = len(metric_cols)
     ncols = min(n, 2)
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 4.0 * nrows), squeeze=False)
+    # Metrics are bounded (1, or 100 in percent): error bars stop at the bounds, panels share one scale.
+    means = keyed[[f"{m}_mean" for m in metric_cols]].to_numpy(dtype=float)
+    top = 100.0 if np.nanmax(np.abs(means), initial=0.0) > 1.0 else 1.0
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 4.0 * nrows), squeeze=False, sharey=True)
     palette = sns.color_palette(n_colors=len(levels))
     width = 0.8 / len(levels)
     x = np.arange(len(classes))
@@ -246,15 +250,20 @@ def plot_per_class_bars(
             keep = np.isfinite(heights)
             if err is not None:
                 err = np.where(np.isfinite(err), err, 0.0)[keep]
+                err = np.vstack([np.minimum(err, heights[keep]), np.minimum(err, top - heights[keep])])
             offset = (j - (len(levels) - 1) / 2) * width
             ax.bar(x[keep] + offset, heights[keep], width=width, yerr=err, capsize=2, color=color, label=level)
         ax.set_xticks(x, classes)
         ax.set_title(metric)
         ax.set_ylabel(metric)
         ax.grid(axis="y", alpha=0.3)
+        ax.set_ylim(0.0, top * 1.02)
+        ax.yaxis.set_tick_params(labelleft=True)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    axes.flat[0].legend(title=hue, fontsize="small")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.94))
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, title=hue, fontsize="small", loc="upper center", ncol=min(len(levels), 6),
+               frameon=False)  # above the panels, covering no bar
     save_figure(fig, out)
     return fig
