@@ -35,7 +35,7 @@ from ussf_lib import cv as cv_mod
 from ussf_lib import distributed as dist_mod
 from ussf_lib.audit import HASH_SIZE, THRESHOLD, check_hash_settings, clusters_from_hashes
 from ussf_lib.data import ImageIndex, decode_index, fingerprint, load_index, resolve_normalization
-from ussf_lib.errors import UserError
+from ussf_lib.errors import UserError, same_kind
 from ussf_lib.meta import PAPER_PROTOCOL
 from ussf_lib.models import build_model
 from ussf_lib.models.registry import check_image_size, list_models
@@ -128,17 +128,7 @@ class CVConfig:
             if f.name not in d or d[f.name] is None or isinstance(default, type(dataclasses.MISSING)) or default is None:
                 continue
             value = d[f.name]
-            if isinstance(default, bool):
-                ok = isinstance(value, bool)
-            elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif isinstance(default, tuple):  # JSON has no tuples: betas come back as a list
-                ok = isinstance(value, (list, tuple)) and len(value) == len(default)
-            else:
-                ok = isinstance(value, type(default))
-            if not ok:
+            if not same_kind(value, default):
                 raise UserError(f"setting {f.name}={value!r} should be of type {type(default).__name__} "
                                 f"(like {default!r})")
         return cls(**d)

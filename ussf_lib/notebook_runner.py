@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ussf_lib.errors import UserError
+from ussf_lib.errors import UserError, same_kind
 from ussf_lib.notebooks import RUN_SUBDIR, notebooks_dir, resolve_path
 
 #: The executed notebooks' kernel (see the module docstring for how it resolves to this interpreter).
@@ -218,12 +218,10 @@ def check_parameters(notebook: str | os.PathLike, parameters: Mapping[str, Any],
     out = {}
     for key, value in parameters.items():
         default = declared[key]
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(default, (bool, int)):
+            ok = same_kind(value, default)
         elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = same_kind(value, default)
             value = float(value) if ok else value
         elif isinstance(default, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
