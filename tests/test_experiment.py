@@ -106,6 +106,8 @@ def test_table2_beside_paper_only_for_the_papers_classes(run_dir, tmp_path):
     results = pd.read_csv(run_dir / "results.csv").set_index("metric")["paper US-SFNet (%)"]
     assert results.drop(["f1", "auc"]).to_dict() == paper_headline() and results[["f1", "auc"]].isna().all()
     assert results["precision"] == 90.46 and results["specificity"] == 97.49  # the abstract's figures
+    headline_md = (run_dir / "results.md").read_text().split("## Per class")[0]
+    assert "nan" not in headline_md and headline_md.count("n/a") == 2  # no paper F1 or AUC: said, not "nan"
     other = tmp_path / "other"
     shutil.copytree(run_dir, other)
     (other / "classes.json").write_text(json.dumps(["normal", "benign", "malignant", "metastatic"]))

@@ -147,7 +147,8 @@ def write_report(run_dir: str | Path, partial_ok: bool = False) -> dict:
     table.to_csv(run_dir / "results.csv", index=False)
     (run_dir / "results.md").write_text(
         f"# Cross-validation results: {model} ({summary.get('n_folds', '?')} folds)\n\n"
-        + table.to_markdown(index=False) + "\n\n## Per class (one-vs-rest, mean ± std over folds, %)\n\n"
+        + table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval="n/a")
+        + "\n\n## Per class (one-vs-rest, mean ± std over folds, %)\n\n"
         + _per_class_markdown(per_class) + "\n"
     )
     for k, fold_metrics in enumerate(summary.get("per_fold", [])):
