@@ -107,6 +107,10 @@ def test_learning_curves_lines_per_fold(tmp_path):
     assert_png(out)
     loss_ax, acc_ax = fig.axes
     assert len(loss_ax.lines) == len(acc_ax.lines) == 3 * 2  # folds x (train, val)
+    # one legend beside the panels, none over the curves
+    assert loss_ax.get_legend() is None and acc_ax.get_legend() is None
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["fold 0", "fold 1", "fold 2", "train",
+                                                                   "test (val_* columns)"]
     plt.close(fig)
 
     fig = plot_learning_curves({"0": _history(4, with_val=False), "1": _history(4, with_val=False)})

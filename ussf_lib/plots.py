@@ -137,7 +137,7 @@ _HISTORY_REQUIRED = ("epoch", "train_loss", "train_acc")
 
 
 def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathLike | None = None) -> Figure:
-    """Loss and accuracy per epoch, one colour per fold: solid = train, dashed = validation.
+    """Loss and accuracy per epoch, one colour per fold: solid = train, dashed = the fold's test images.
 
     Each history has columns ``epoch``, ``train_loss``, ``train_acc`` and optionally ``val_loss``,
     ``val_acc``; each panel gets one line per fold and series present. Epochs without a validation figure
@@ -166,8 +166,14 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", ncol=2 if len(histories) > 3 else 1)
-    fig.tight_layout()
+    # One legend beside both panels (colour = fold, line style = part), so no curve is hidden under it.
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, label=f"fold {fold}") for c, fold in zip(palette, histories)]
+    handles += [Line2D([], [], color="0.3", linestyle="-", label="train"),
+                Line2D([], [], color="0.3", linestyle="--", label="test (val_* columns)")]
+    fig.tight_layout(rect=(0.0, 0.0, 0.84, 1.0))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.845, 0.5), fontsize="small", frameon=False)
     save_figure(fig, out)
     return fig
 
