@@ -235,7 +235,8 @@ def table1_markdown(t1: pd.DataFrame) -> str:
             row[m] = _fmt(r[f"{m}_mean"], r[f"{m}_std"])
         if has_paper:
             row["paper accuracy"] = _fmt(r["paper_accuracy_mean"], r["paper_accuracy_std"])
-        row["train time (s)"] = f"{r['train_seconds']:.0f}"
+        seconds = r["train_seconds"]
+        row["train time (s)"] = f"{seconds:.1f}" if seconds < 100 else f"{seconds:.0f}"
         rows.append(row)
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
