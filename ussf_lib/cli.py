@@ -493,7 +493,8 @@ def _main_job_cv(out: Path, settings: dict) -> Path:
         raise UserError(f"--folds {folds}: cross-validation needs at least 2 folds")
     if n_patients < folds:
         raise UserError(f"--n-per-class {n} makes {n_patients} synthetic patient(s) per class, fewer than --folds "
-                        f"{folds} (folds never split a patient); use --n-per-class {min_images_per_class(folds)} or more")
+                        f"{folds} (folds never split a patient); use --n-per-class {min_images_per_class(folds)} "
+                        "or more")
     manifest = out / "phantom" / "manifest.csv"
     cfg = CVConfig(out=str(out / RUN_SUBDIR), manifest=str(manifest), group_col="patient", classes=list(PAPER_CLASSES),
                    model=settings["MODEL"], folds=settings["FOLDS"], epochs=settings["EPOCHS"], image_size=size,

@@ -125,7 +125,7 @@ class CVConfig:
             raise UserError(f"unknown setting(s) {unknown}; valid settings are {sorted(known)}")
         for f in dataclasses.fields(cls):  # a hand-edited value of the wrong kind fails here, not mid-run
             default = f.default
-            if f.name not in d or d[f.name] is None or isinstance(default, type(dataclasses.MISSING)) or default is None:
+            if d.get(f.name) is None or default is None or default is dataclasses.MISSING:
                 continue
             value = d[f.name]
             if not same_kind(value, default):

@@ -653,8 +653,9 @@ def generate_phantom(out: str | Path, n_per_class: int = 250, image_size: int = 
         raise UserError(f"{out} is a file, not a folder; choose another --out for the phantom")
     if out.is_dir() and any(out.iterdir()):
         if not is_phantom_folder(out):
-            raise UserError(f"{out} is not empty and is not a phantom left as ussf wrote it ({PHANTOM_MARKER} and its "
-                            "manifest.csv); choose a new or empty --out folder (the phantom never writes into other data)")
+            raise UserError(f"{out} is not empty and is not a phantom left as ussf wrote it ({PHANTOM_MARKER} and "
+                            "its manifest.csv); choose a new or empty --out folder (the phantom never writes into "
+                            "other data)")
         _clear_previous(out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -77,8 +77,8 @@ class FrequencyBranch(nn.Module):
     disabled (torch's FFT has no bfloat16 kernels and its float16 kernels need power-of-two sizes). The two
     convolutions between them follow autocast like every other convolution (``freq_autocast=True``,
     default): they hold about three quarters of the network's MACs; in float32 they left ``--amp bf16``
-    1.36x faster than float32 in training and no faster in inference on a GPU (docs/performance.md). ``freq_autocast=False`` keeps the whole branch in float32.
-    The result is cast back to the input's dtype. Do not cast the model itself to a low precision
+    1.36x faster than float32 in training and no faster in inference on a GPU (docs/performance.md).
+    ``freq_autocast=False`` keeps the whole branch in float32. The result is cast back to the input's dtype. Do not cast the model itself to a low precision
     (``model.bfloat16()``): use autocast.
 
     Speed, not maths: each transform is an autograd Function that writes the spectrum once, straight in the
