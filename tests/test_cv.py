@@ -101,3 +101,14 @@ def test_busi_folds_cover_every_image_once(busi_root):
     folds = cv.folds_for_index(index, 5, seed=0)
     assert len(folds) == 780 and set(folds) == set(range(5))
     assert np.bincount(folds).min() >= 155
+
+
+def test_splits_listing_images_beyond_the_data_warn_and_still_apply(phantom_dir, tmp_path):
+    index = index_manifest(phantom_dir / "manifest.csv", group_col="patient")
+    folds = cv.folds_for_index(index, 2, seed=0)
+    table = cv.splits_frame(index, folds)
+    extra = pd.DataFrame([{"path": "benign/gone.png", "label": "benign", "group": "x", "fold": 0}])
+    pd.concat([table, extra]).to_csv(tmp_path / "s.csv", index=False)
+    with pytest.warns(UserWarning, match=r"s.csv: lists 1 image\(s\) that are not in the data \(e.g. "
+                                         r"'benign/gone.png'\); they are ignored"):
+        np.testing.assert_array_equal(cv.load_splits(tmp_path / "s.csv", index), folds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 from pathlib import Path
 
 import pytest
@@ -383,15 +384,18 @@ def test_weights_path_skips_a_head_of_another_size(tmp_path, name):
     path = tmp_path / "weights.pt"
     torch.save(source.state_dict(), path)
     torch.manual_seed(1)
-    target = build_model(name, num_classes=3, image_size=64, weights_path=path)
+    with pytest.warns(UserWarning, match=f"its classifier head does not fit this {name}.*freshly initialised head"):
+        target = build_model(name, num_classes=3, image_size=64, weights_path=path)
     head = classifier_head(target, name)
     assert head.out_features == 3
     src, dst = source.state_dict(), target.state_dict()
     prefix = f"{[n for n, m in target.named_modules() if m is head][0]}."
     body = [k for k in dst if not k.startswith(prefix)]
     assert body and all(torch.equal(src[k], dst[k]) for k in body)
-    # same class count: the head is loaded too
-    same = build_model(name, num_classes=4, image_size=64, weights_path=path)
+    # same class count: the head is loaded too, without a word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = build_model(name, num_classes=4, image_size=64, weights_path=path)
     assert torch.equal(classifier_head(same, name).weight, classifier_head(source, name).weight)
 
 

@@ -11,6 +11,7 @@ Introduced in ``notebooks/04_train_cross_validation.ipynb``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -184,6 +185,10 @@ def read_splits(path: str | Path, index: ImageIndex) -> pd.DataFrame:
     if by_path.index.duplicated().any():
         raise UserError(f"{path}: lists {by_path.index[by_path.index.duplicated()][0]!r} more than once; "
                         "use the splits.csv of an earlier run")
+    extra = sorted(set(by_path.index) - set(index.frame["relpath"]))
+    if extra:  # splits of a larger data set: usable, but the user should know the data are not the same
+        warnings.warn(f"{path}: lists {len(extra)} image(s) that are not in the data (e.g. {extra[0]!r}); "
+                      "they are ignored", stacklevel=2)
     rows = by_path.loc[index.frame["relpath"]]
     if (rows["label"].to_numpy() != index.frame["label"].to_numpy()).any():
         raise UserError(f"{path}: labels differ from the data's labels; use splits made on the same data")

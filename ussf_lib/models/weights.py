@@ -6,7 +6,6 @@ Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,8 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from ussf_lib.errors import UserError
-
-log = logging.getLogger(__name__)
 
 #: Keys under which training checkpoints commonly nest the state dict.
 _NESTED_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model")
@@ -80,6 +77,7 @@ def load_weights(model: nn.Module, path: str | Path, *, head: str, model_name: s
                         f"{'; '.join(p for p in parts if p)}; use weights saved from {model_name} "
                         f"(at the same image size for ViT)")
     model.load_state_dict(state, strict=False)  # only head keys can be absent here
-    if skipped:
-        log.info("%s: kept a fresh classifier head; skipped %s from %s", model_name, _examples(skipped), path)
+    if skipped:  # said once per command (the CLI prints a warning once per place), not per fold
+        warnings.warn(f"{path}: its classifier head does not fit this {model_name} (another number of classes); "
+                      f"kept a freshly initialised head (skipped {_examples(skipped)})", stacklevel=2)
     return skipped
