@@ -149,6 +149,9 @@ def test_figures_are_saved(tmp_path):
         spectra.plot_frequency_split(img, 0.1, title="x", out=tmp_path / "split.png"),
         spectra.plot_swap(img, img.T, out=tmp_path / "swap.png"),
     ]
+    image_clim, low_clim, high_clim = (ax.images[0].get_clim() for ax in figs[2].axes)
+    assert image_clim == low_clim == (img.min(), img.max())  # what the low-pass keeps, on the image's scale
+    assert high_clim[0] == -high_clim[1] and high_clim[1] > 0  # the high-pass part, centred on zero
     for fig in figs:
         plt.close(fig)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mean.png", "radial.png", "split.png", "swap.png"]

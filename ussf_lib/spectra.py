@@ -236,12 +236,15 @@ def plot_mean_spectra(spectra: Mapping[str, np.ndarray], out: str | Path | None 
         raise UserError("no spectra to plot; pass {class: mean log-magnitude spectrum}")
     lo = min(float(s.min()) for s in spectra.values())
     hi = max(float(s.max()) for s in spectra.values())
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.6), squeeze=False, layout="constrained")
+    ticks = [-0.4, -0.2, 0.0, 0.2, 0.4]  # fewer than matplotlib's default, which run together in narrow panels
     for i, (ax, name) in enumerate(zip(axes[0], names)):
         h, w = spectra[name].shape
-        extent = (-0.5, 0.5 - 1 / w, 0.5 - 1 / h, -0.5)
-        im = ax.imshow(spectra[name], cmap="magma", vmin=lo, vmax=hi, extent=extent)
-        ax.set(title=name, xlabel="fx (cycles/px)", ylabel="fy (cycles/px)" if i == 0 else "")
+        # Row 0 of the centred spectrum is fy = -0.5: drawn at the bottom, so fy grows upwards like fx rightwards.
+        extent = (-0.5, 0.5 - 1 / w, -0.5, 0.5 - 1 / h)
+        im = ax.imshow(spectra[name], cmap="magma", vmin=lo, vmax=hi, extent=extent, origin="lower")
+        ax.set(title=name, xlabel="fx (cycles/px)", ylabel="fy (cycles/px)" if i == 0 else "", xticks=ticks,
+               yticks=ticks)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean log(1 + |F|)")
     save_figure(fig, out)
     return fig
@@ -268,14 +271,19 @@ def plot_radial_spectra(table: pd.DataFrame, title: str = "Radially averaged pow
 def plot_frequency_split(image: np.ndarray, cutoff: float, title: str = "", out: str | Path | None = None) -> Figure:
     """The image, its low-pass and its high-pass part at ``cutoff`` (see :func:`split_frequencies`).
 
+    The image and its low-pass part share one grey scale, so the low-pass panel shows what is kept, not a
+    contrast-stretched version of it; the high-pass part (around zero) has its own, symmetric scale.
     Introduced in ``notebooks/02_image_spectra.ipynb``.
     """
     img = _check_image(image)
     low, high = split_frequencies(img, cutoff)
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.5), layout="constrained")
-    panels = [(img, "image"), (low, f"low-pass (f <= {cutoff:g})"), (high, f"high-pass (f > {cutoff:g})")]
-    for ax, (arr, name) in zip(axes, panels):
-        ax.imshow(arr, cmap="gray")
+    shared = {"vmin": float(img.min()), "vmax": float(img.max())}
+    spread = float(np.abs(high).max()) or 1.0
+    panels = [(img, "image", shared), (low, f"low-pass (f <= {cutoff:g})", shared),
+              (high, f"high-pass (f > {cutoff:g})", {"vmin": -spread, "vmax": spread})]
+    for ax, (arr, name, scale) in zip(axes, panels):
+        ax.imshow(arr, cmap="gray", **scale)
         ax.set_title(name)
         ax.axis("off")
     if title:
