@@ -78,6 +78,8 @@ def _csv_list(text: str) -> list[str]:
 #: Options and arguments that name a file or folder. An empty value would be read as the current folder.
 PATH_ARGUMENTS: tuple[str, ...] = ("data", "manifest", "out", "cache_dir", "splits", "weights", "json", "checkpoint",
                                    "resume", "notebook", "grid", "run", "data_dir", "inputs")
+#: How the positional ones among them read in ``--help``.
+_POSITIONAL_NAMES = {"run": "RUN", "data_dir": "DATA_DIR", "inputs": "IMAGE_OR_DIR"}
 
 
 def _empty_path_argument(args: argparse.Namespace) -> str | None:
@@ -86,8 +88,7 @@ def _empty_path_argument(args: argparse.Namespace) -> str | None:
         values = getattr(args, dest, None)
         for value in values if isinstance(values, list) else [values]:
             if isinstance(value, str) and not value.strip():
-                positional = {"run": "RUN", "data_dir": "DATA_DIR", "inputs": "IMAGE_OR_DIR"}
-                return positional.get(dest) or "--" + dest.replace("_", "-")
+                return _POSITIONAL_NAMES.get(dest) or "--" + dest.replace("_", "-")
     return None
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -28,8 +28,8 @@ import pandas as pd
 
 from ussf_lib import plots
 from ussf_lib.errors import UserError
-from ussf_lib.meta import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS,
-                           TABLE2_METRICS, paper_table1, paper_table2)
+from ussf_lib.meta import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_MODEL, PAPER_TABLE2_METRICS, TABLE2_METRICS,
+                           is_papers_task, paper_table1, paper_table2)
 from ussf_lib.metrics import format_mean_std
 from ussf_lib.stats import N_BOOT, paired_comparison
 
@@ -92,12 +92,6 @@ def _train_seconds(run_dir: Path) -> float:
     return total
 
 
-def _papers_task(classes: Iterable[str]) -> bool:
-    """Whether a run's classes are the paper's four lymph-node classes: only then do its figures sit beside ours
-    (a "benign" breast lesion is not a "benign" lymph node)."""
-    return set(classes) == set(PAPER_CLASSES)
-
-
 def table1(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame:
     """Table 1 layout: one row per finished model; ``<metric>_mean``/``_std`` in %, and the paper's accuracy for
     runs on the paper's four classes (NaN for other data, as in :func:`table2`)."""
@@ -106,7 +100,7 @@ def table1(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame
     rows = []
     for name in _finished_runs(out, models):
         summary = json.loads((out / name / "summary.json").read_text())
-        same_task = _papers_task(summary.get("classes", []))
+        same_task = is_papers_task(summary.get("classes", []))
         cfg = _run_settings(out / name)
         row: dict = {"model": name, "n_folds": summary.get("n_folds"), "epochs": cfg.get("epochs"),
                      "image_size": cfg.get("image_size")}
@@ -132,7 +126,7 @@ def table2(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame
     rows = []
     for name in _finished_runs(out, models):
         per_class = pd.read_csv(out / name / "per_class.csv", dtype={"class": str}, **LABEL_SAFE_CSV)
-        same_task = _papers_task(per_class["class"])
+        same_task = is_papers_task(per_class["class"])
         for _, r in per_class.iterrows():
             row: dict = {"model": name, "class": r["class"]}
             for m in TABLE2_METRICS:

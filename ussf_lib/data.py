@@ -80,11 +80,7 @@ class ImageIndex:
 
         The data folder is the tree's root, or the manifest's folder (which holds every image it lists).
         """
-        folder = Path(folder).expanduser().resolve()
-        if folder == self.root or self.root in folder.parents:
-            raise UserError(f"{flag} {folder}: is inside the data folder {self.root}; nothing is written into the data, "
-                            "choose a folder outside it")
-        return folder
+        return check_outside(folder, self.root, flag)
 
     def describe(self) -> str:
         """One line: how many images, per class, and what was ignored."""
@@ -94,6 +90,16 @@ class ImageIndex:
         return f"{len(self)} images in {len(self.classes)} classes ({counts}){groups}" + (
             f"; ignored {skipped}" if skipped else ""
         )
+
+
+def check_outside(folder: str | Path, root: str | Path, flag: str) -> Path:
+    """Raise :class:`UserError` when the output ``folder`` is ``root`` (a data folder) or inside it; returns
+    ``folder`` resolved. Nothing is ever written into a user's data."""
+    folder, root = Path(folder).expanduser().resolve(), Path(root).resolve()
+    if folder == root or root in folder.parents:
+        raise UserError(f"{flag} {folder}: is inside the data folder {root}; nothing is written into the data, "
+                        "choose a folder outside it")
+    return folder
 
 
 def _is_hidden(name: str) -> bool:

@@ -1,7 +1,7 @@
-"""One exception type for mistakes a user can fix.
+"""One exception type for mistakes a user can fix, and the one rule for the kind of a hand-written value.
 
 The CLI prints a ``UserError`` as a single line on stderr and exits with code 2, without a traceback;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. :func:`same_kind` checks run configs and notebook parameters.
 """
 
 

@@ -6,6 +6,7 @@ Introduced in ``notebooks/01_explore_data.ipynb``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 
@@ -73,6 +74,12 @@ TABLE2_METRICS: tuple[str, ...] = (*PAPER_TABLE2_METRICS, "f1")
 
 #: The model whose figures the paper's abstract reports.
 PAPER_MODEL = "us_sfnet"
+
+
+def is_papers_task(classes: Iterable[str]) -> bool:
+    """Whether a run's classes are the paper's four lymph-node classes: only then do the paper's figures sit
+    beside it (a "benign" breast lesion is not a "benign" lymph node)."""
+    return set(classes) == set(PAPER_CLASSES)
 
 
 def paper_table1() -> pd.DataFrame:

@@ -67,16 +67,12 @@ def check_out_outside_data(out: str | os.PathLike, parameters: Mapping[str, Any]
     """Refuse an output folder inside the data a notebook will read (``DATA``, or the folder of ``MANIFEST``),
     before anything is written: the notebooks would refuse it too, but only after a kernel had written there.
     ``parameters`` are absolute (:func:`absolute_path_parameters`)."""
-    roots = []
+    from ussf_lib.data import check_outside
+
     if isinstance(parameters.get("DATA"), str) and parameters["DATA"].strip():
-        roots.append(Path(parameters["DATA"]).resolve())
+        check_outside(out, parameters["DATA"], flag)
     if isinstance(parameters.get("MANIFEST"), str) and parameters["MANIFEST"].strip():
-        roots.append(Path(parameters["MANIFEST"]).resolve().parent)
-    target = Path(out).expanduser().resolve()
-    for root in roots:
-        if target == root or root in target.parents:
-            raise UserError(f"{flag} {target}: is inside the data folder {root}; nothing is written into the data, "
-                            "choose a folder outside it")
+        check_outside(out, Path(parameters["MANIFEST"]).resolve().parent, flag)
 
 
 def check_values(values: Mapping[str, Any], where: str) -> None:

@@ -40,6 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from ussf_lib.errors import UserError  # noqa: E402
@@ -167,8 +168,6 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     # One legend beside both panels (colour = fold, line style = part), so no curve is hidden under it.
-    from matplotlib.lines import Line2D
-
     handles = [Line2D([], [], color=c, label=f"fold {fold}") for c, fold in zip(palette, histories)]
     handles += [Line2D([], [], color="0.3", linestyle="-", label="train"),
                 Line2D([], [], color="0.3", linestyle="--", label="test (val_* columns)")]

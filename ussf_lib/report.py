@@ -18,8 +18,8 @@ import pandas as pd
 
 from ussf_lib import plots
 from ussf_lib.errors import UserError
-from ussf_lib.meta import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS,
-                           PER_CLASS_METRICS, TABLE2_METRICS, paper_headline, paper_table2)
+from ussf_lib.meta import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_MODEL, PAPER_TABLE2_METRICS, PER_CLASS_METRICS,
+                           TABLE2_METRICS, is_papers_task, paper_headline, paper_table2)
 from ussf_lib.metrics import fold_confusions, format_mean_std, summarize_predictions
 
 
@@ -74,7 +74,7 @@ def beside_the_paper(model: str | None, classes: Iterable[str]) -> bool:
     (a "benign" breast lesion is not a "benign" lymph node). Comparisons (:mod:`ussf_lib.compare_tables`) match
     each model to its own row of the paper's tables instead.
     """
-    return bool(model) and str(model).startswith(PAPER_MODEL) and set(classes) == set(PAPER_CLASSES)
+    return bool(model) and str(model).startswith(PAPER_MODEL) and is_papers_task(classes)
 
 
 def results_table(summary: dict, model: str | None = None) -> pd.DataFrame:
