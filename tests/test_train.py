@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +11,8 @@ import torch
 from torch import nn
 
 from ussf_lib.errors import UserError
-from ussf_lib.train import DeviceImages, NonFiniteLossError, TrainConfig, evaluate, select_device, train_fold
+from ussf_lib.train import (DeviceImages, NonFiniteLossError, TrainConfig, batch_bounds, evaluate, seed_everything,
+                            select_device, train_fold)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -55,6 +58,65 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     timing = ["seconds", "train_seconds"]
     pd.testing.assert_frame_equal(full.history.drop(columns=timing), resumed.history.drop(columns=timing))
     np.testing.assert_array_equal(full.probs, resumed.probs)
+
+
+def test_resume_restores_the_random_state_from_a_checkpoint_read_on_the_host(tmp_path, monkeypatch):
+    """Dropout draws from torch's generator: only its restored state makes the resumed epochs equal; and the
+    checkpoint is read onto the CPU (a GPU-mapped generator state cannot be set)."""
+    x, y = _toy()
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(4, 2))
+
+    run = lambda epochs, d: train_fold(net(), x, y, np.arange(48), np.arange(48, 64),
+                                       TrainConfig(epochs=epochs, batch_size=16, lr=0.01, progress=False),
+                                       MEAN, STD, torch.device("cpu"), fold_dir=d, log=lambda _: None)
+    full = run(3, tmp_path / "full")
+    run(1, tmp_path / "cut")
+    locations: list[object] = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (locations.append(k.get("map_location")), real_load(*a, **k))[1])
+    resumed = run(3, tmp_path / "cut")
+    assert locations == ["cpu"]
+    pd.testing.assert_frame_equal(full.history[["train_loss", "val_loss"]], resumed.history[["train_loss", "val_loss"]])
+    np.testing.assert_array_equal(full.probs, resumed.probs)
+
+
+@pytest.mark.parametrize("n, batch, expected", [
+    (16, 8, [(0, 8), (8, 16)]),
+    (17, 8, [(0, 8), (8, 17)]),  # a lone last image joins the batch before it
+    (18, 8, [(0, 8), (8, 16), (16, 18)]),
+    (1, 8, [(0, 1)]),
+    (9, 8, [(0, 9)]),
+])
+def test_batch_bounds_cover_every_image_without_a_lone_last_one(n, batch, expected):
+    assert batch_bounds(n, batch) == expected
+
+
+def test_training_set_leaving_one_image_over_trains_through_batchnorm_on_a_1x1_map():
+    """A lone image in training mode gives BatchNorm one value per channel on a 1x1 map, which it refuses."""
+    x, y = _toy(n=21)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4), nn.Flatten(),
+                        nn.Linear(4, 2))
+    res = train_fold(net, x, y, np.arange(17), np.arange(17, 21), TrainConfig(epochs=1, batch_size=8, progress=False),
+                     MEAN, STD, torch.device("cpu"), log=lambda _: None)
+    assert np.isfinite(res.history["train_loss"]).all() and res.probs.shape == (4, 2)
+
+
+def test_seed_everything_sets_the_deterministic_mode_both_ways(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        seed_everything(1, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert torch.backends.cudnn.benchmark is False
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        seed_everything(1, deterministic=False)  # a later run in the same process is not left deterministic
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    finally:
+        seed_everything(0, deterministic=False)
 
 
 def test_eval_every_and_checkpoint_every_skip_work_without_changing_training(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 import warnings
@@ -148,11 +149,44 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     if deterministic:
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
+        # cuBLAS picks reproducible reductions only with a fixed workspace, read when CUDA first starts; a value
+        # the user set is kept.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Set both ways: a later run in the same process (a notebook, a sweep) must not inherit an earlier one's mode.
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic and torch.cuda.is_available()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random-number states a checkpoint keeps: torch's CPU generator and, on CUDA, the device's own.
+
+    DropBlock draws its masks on the device of its input, so on a GPU the CUDA generator decides them; without
+    its state a resumed fold would replay the masks of the fold's first epochs.
+    """
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(state: dict[str, Any], device: torch.device) -> None:
+    """Set the generators from a checkpoint written by :func:`rng_states` (states loaded on any device)."""
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each training batch over ``n`` images; a last batch of one image joins the one before.
+
+    BatchNorm cannot normalize a single value per channel in training, which a lone image gives once a stage's
+    map is 1x1 (images under 32 px); joining it keeps every image in the epoch.
+    """
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [(start, starts[i + 1] if i + 1 < len(starts) else n) for i, start in enumerate(starts)]
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -310,12 +344,14 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
         for stale in ckpt_path.parent.glob(f".{ckpt_path.name}.tmp*"):
             stale.unlink(missing_ok=True)
     if ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        # On the host: the random-number states must stay CPU byte tensors, and load_state_dict moves the
+        # weights and Adam's moments to the model's device itself.
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         shuffle_gen.set_state(state["shuffle_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_states(state, device)
         history = list(state["history"])
         start_epoch = int(state["epoch"])
         log(f"fold {fold}: resuming after epoch {start_epoch}")
@@ -354,13 +390,13 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             seen = 0
-            batches = range(0, len(order), local_batch)
+            batches = batch_bounds(len(order), local_batch)
             bar = tqdm(batches, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                        disable=not (cfg.progress and ctx.is_main), mininterval=1.0)
             order_dev = torch.as_tensor(order, device=device)
-            for b, start in enumerate(bar):
-                chunk = order_dev[start:start + local_batch]
-                gather = chunk if dev_images.on_device else order[start:start + local_batch]
+            for b, (start, stop) in enumerate(bar):
+                chunk = order_dev[start:stop]
+                gather = chunk if dev_images.on_device else order[start:stop]
                 x = normalize_batch(dev_images.batch(gather), mean_t, std_t, cfg.channels_last)
                 if dynamic_batch:
                     mark_batch_dynamic(x)
@@ -407,7 +443,7 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
                 ckpt_path.parent.mkdir(parents=True, exist_ok=True)
                 writer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scaler": scaler.state_dict(), "shuffle_rng": shuffle_gen.get_state(),
-                              "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "fold": fold,
+                              **rng_states(device), "epoch": epoch + 1, "fold": fold,
                               "history": history, **(checkpoint_extra or {})}, ckpt_path)
     if probs.shape[1] == 0:  # resumed after the last epoch: recompute the test probabilities
         _, probs = _evaluate_split(model, dev_images, targets, test_idx, cfg, mean, std, ctx, device)
