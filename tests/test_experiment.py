@@ -151,6 +151,44 @@ def test_saved_splits_are_reused(run_dir, phantom_dir, tmp_path):
     assert pd.read_csv(out / "splits.csv")["fold"].tolist() == pd.read_csv(run_dir / "splits.csv")["fold"].tolist()
 
 
+def test_splits_that_split_a_patient_are_refused_and_reused_splits_record_the_patients(run_dir, phantom_dir,
+                                                                                      tmp_path):
+    from ussf_lib.experiment import compute_splits
+
+    # Folds made from the folder tree know no patients, so they spread each patient's images over both folds.
+    ungrouped = compute_splits(CVConfig(out=str(tmp_path / "t"), data=str(phantom_dir), folds=2, image_size=32,
+                                        seed=0, **QUIET), log=lambda _: None)
+    ungrouped.to_csv(tmp_path / "ungrouped.csv", index=False)
+    with pytest.raises(UserError, match=r"ungrouped.csv: \d+ 'patient' group\(s\) have images in more than one fold"):
+        run_cv(_cfg(phantom_dir, tmp_path / "leak", splits=str(tmp_path / "ungrouped.csv")), log=lambda _: None)
+    assert not (tmp_path / "leak").exists()
+    # Grouped splits whose group column was rewritten (another run's ids) are reused with the data's own patients.
+    table = pd.read_csv(run_dir / "splits.csv")
+    table["group"] = [f"other{i}" for i in range(len(table))]
+    table.to_csv(tmp_path / "renamed.csv", index=False)
+    out = run_cv(_cfg(phantom_dir, tmp_path / "reuse", splits=str(tmp_path / "renamed.csv")), log=lambda _: None)
+    manifest = pd.read_csv(phantom_dir / "manifest.csv")
+    written = pd.read_csv(out / "splits.csv").merge(manifest, on="path")
+    assert len(written) == len(manifest) and (written["group"] == written["patient"]).all()
+
+
+def test_folds_made_here_that_test_no_image_of_a_class_say_so(phantom_dir, tmp_path, monkeypatch):
+    import ussf_lib.cv as cv_mod
+    from ussf_lib.experiment import compute_splits
+
+    manifest = pd.read_csv(phantom_dir / "manifest.csv")
+    # Few patients of a class can all land outside one fold; the folds below put no metastatic image in fold 2.
+    folds = np.where(manifest["label"] == "metastatic", np.arange(len(manifest)) % 2, np.arange(len(manifest)) % 3)
+    monkeypatch.setattr(cv_mod, "folds_for_index", lambda *a, **k: folds)
+    logs: list[str] = []
+    compute_splits(_cfg(phantom_dir, tmp_path / "t", folds=3, group_col=None), log=logs.append)
+    assert "warning: fold 2 of the folds made with --seed 0 tests no 'metastatic' image" in "\n".join(logs)
+    only_fold_0 = np.where(manifest["label"] == "metastatic", 0, np.arange(len(manifest)) % 3)
+    monkeypatch.setattr(cv_mod, "folds_for_index", lambda *a, **k: only_fold_0)
+    with pytest.raises(UserError, match="fold 0 trains on no 'metastatic' image .*; use fewer --folds, another --seed"):
+        compute_splits(_cfg(phantom_dir, tmp_path / "t", folds=3, group_col=None), log=logs.append)
+
+
 def test_splits_with_another_fold_count_are_refused_before_any_work(run_dir, phantom_dir, tmp_path):
     with pytest.raises(UserError, match=r"splits.csv: has 2 folds but --folds is 3; make them agree"):
         run_cv(_cfg(phantom_dir, tmp_path / "x", folds=3, splits=str(run_dir / "splits.csv")), log=lambda _: None)

@@ -198,12 +198,19 @@ def read_splits(path: str | Path, index: ImageIndex) -> pd.DataFrame:
     return rows.assign(fold=folds.astype(np.int64)).reset_index()
 
 
-def check_split_composition(labels: Sequence[str], folds: Sequence[int], n_folds: int, source: str) -> list[str]:
+#: What to do about folds that cannot be trained, for a splits file (the default) and for folds ussf made.
+SPLITS_FILE_REMEDY = "use splits made on this data, or let ussf make the folds (drop --splits)"
+MADE_FOLDS_REMEDY = "use fewer --folds, another --seed, or more patients of that class"
+
+
+def check_split_composition(labels: Sequence[str], folds: Sequence[int], n_folds: int, source: str,
+                            remedy: str = SPLITS_FILE_REMEDY) -> list[str]:
     """Refuse folds that cannot be trained or tested; return warnings for folds that test fewer classes.
 
     Every fold must test some image, and every fold's training part must hold every class (a model cannot learn
     a class it never sees). A fold whose test part lacks a class is allowed, but that class's AUC and
-    sensitivity are undefined in that fold, so a warning is returned. ``source`` names the splits file.
+    sensitivity are undefined in that fold, so a warning is returned. ``source`` names the splits file (or
+    says how the folds were made) and ``remedy`` is the fix the refusal suggests.
     """
     frame = pd.DataFrame({"label": list(labels), "fold": np.asarray(folds)})
     classes = sorted(frame["label"].unique())
@@ -215,7 +222,7 @@ def check_split_composition(labels: Sequence[str], folds: Sequence[int], n_folds
         unseen = sorted(set(classes) - set(frame.loc[~test, "label"]))
         if unseen:
             raise UserError(f"{source}: fold {k} trains on no {unseen[0]!r} image (all of them are in its test part); "
-                            "use splits made on this data, or let ussf make the folds (drop --splits)")
+                            f"{remedy}")
         untested = sorted(set(classes) - set(frame.loc[test, "label"]))
         if untested:
             warnings_.append(f"warning: fold {k} of {source} tests no {', '.join(map(repr, untested))} image; "

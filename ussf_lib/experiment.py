@@ -262,8 +262,17 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
             raise UserError(f"{splits_file}: has {int(folds.max()) + 1} folds but --folds is {cfg.folds}; make them agree")
         cv_mod.check_fold_feasible(index.frame["label"], None, cfg.folds, classes=index.classes)
         notes += cv_mod.check_split_composition(index.frame["label"], folds, cfg.folds, str(splits_file))
-        groups = (table["group"].astype(str).to_numpy(dtype=object) if "group" in table
-                  else index.frame["group"].to_numpy())
+        if index.has_groups:
+            split_patients = cv_mod.leaking_groups(index.frame["group"], folds)
+            if split_patients:
+                raise UserError(f"{splits_file}: {len(split_patients)} {cfg.group_col!r} group(s) have images in "
+                                f"more than one fold (e.g. {split_patients[0]!r}), so a patient would be tested on "
+                                "images it trained on; drop --splits to make grouped folds, or pass splits made "
+                                "with this group column")
+            groups = index.frame["group"].to_numpy()  # the data's own groups, not those of the file's run
+        else:
+            groups = (table["group"].astype(str).to_numpy(dtype=object) if "group" in table
+                      else index.frame["group"].to_numpy())
         if clusters is not None:
             leaks = cv_mod.leaking_groups(clusters, folds)
             if leaks:
@@ -274,6 +283,9 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
         folds = cv_mod.folds_for_index(index, cfg.folds, cfg.seed, clusters=clusters)
         if groups is None:
             groups = index.frame["group"].to_numpy()
+        # Few patients of a class can leave it out of a fold's test part; say so, as for a splits file.
+        notes += cv_mod.check_split_composition(index.frame["label"], folds, cfg.folds,
+                                                f"the folds made with --seed {cfg.seed}", cv_mod.MADE_FOLDS_REMEDY)
     for note in notes:
         log(note)
     return PreparedData(index=index, images=decoded.images, folds=folds, groups=np.asarray(groups), clusters=clusters,
