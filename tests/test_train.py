@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ussf_lib.errors import UserError
-from ussf_lib.train import (DeviceImages, NonFiniteLossError, TrainConfig, batch_bounds, evaluate, seed_everything,
-                            select_device, train_fold)
+from ussf_lib.train import (DeviceImages, NonFiniteLossError, TrainConfig, batch_bounds, evaluate,
+                            process_batch_size, seed_everything, select_device, train_fold)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -104,6 +104,14 @@ def test_training_set_leaving_one_image_over_trains_through_batchnorm_on_a_1x1_m
     res = train_fold(net, x, y, np.arange(17), np.arange(17, 21), TrainConfig(epochs=1, batch_size=8, progress=False),
                      MEAN, STD, torch.device("cpu"), log=lambda _: None)
     assert np.isfinite(res.history["train_loss"]).all() and res.probs.shape == (4, 2)
+
+
+def test_a_global_batch_split_over_processes_says_when_it_grows():
+    assert process_batch_size(64, 1) == (64, None)
+    assert process_batch_size(64, 4) == (16, None)
+    local, note = process_batch_size(64, 3)
+    assert local == 22 and note == ("--batch-size 64 over 3 processes: each takes 22 images a step, so a global "
+                                    "batch holds 66; use a multiple of 3 for exactly 64")
 
 
 def test_seed_everything_sets_the_deterministic_mode_both_ways(monkeypatch):

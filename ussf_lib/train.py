@@ -189,6 +189,19 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, starts[i + 1] if i + 1 < len(starts) else n) for i, start in enumerate(starts)]
 
 
+def process_batch_size(batch_size: int, world: int) -> tuple[int, str | None]:
+    """Each process's share of a global batch under DDP, and a note when ``world`` does not divide it.
+
+    Every process must take the same number of images per step (DDP averages their gradients), so a share is
+    rounded up and the global batch grows slightly rather than dropping images.
+    """
+    local = math.ceil(batch_size / world)
+    if local * world == batch_size:
+        return local, None
+    return local, (f"--batch-size {batch_size} over {world} processes: each takes {local} images a step, so a global "
+                   f"batch holds {local * world}; use a multiple of {world} for exactly {batch_size}")
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """Autocast for ``--amp bf16|fp16`` (the model keeps its FFT branch in float32 itself)."""
     dtype = AMP_DTYPES[amp]
@@ -374,8 +387,9 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
     # kernel queued before it, so copies made per step would keep the host from queueing the next step early.
     targets_dev = torch.tensor(targets, dtype=torch.int64, device=device)
     mean_t, std_t = normalization_on(device, mean, std)
-    # Under DDP each process takes its share of every global batch.
-    local_batch = math.ceil(cfg.batch_size / ctx.world)
+    local_batch, batch_note = process_batch_size(cfg.batch_size, ctx.world)
+    if batch_note and fold == 0:
+        log(batch_note)
     probs = np.zeros((len(test_idx), 0))
     # The checkpoint is written while the next epoch trains; leaving the block waits for the last write.
     with CheckpointWriter(background=True) as writer:
