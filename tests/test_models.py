@@ -262,6 +262,23 @@ def test_frequency_branch_matches_its_definition_in_value_and_gradient(fft_norm,
         assert (g - g_ref).abs().max() <= 1e-5 * scale, f"gradient of {name} differs"
 
 
+@pytest.mark.parametrize("fft_norm", FFT_NORMS)
+@pytest.mark.parametrize("hw", [(6, 6), (5, 7)])
+def test_frequency_branch_passes_gradcheck_in_float64(fft_norm, hw):
+    """In a float64 model the transforms run in float64 too, so torch's finite-difference check of the custom
+    backward passes at its strict default tolerances (odd and even widths, every scaling)."""
+    torch.manual_seed(0)
+    branch = FrequencyBranch(2, fft_norm=fft_norm, norm_layer=None).double()
+    x = torch.randn(1, 2, *hw, dtype=torch.float64, requires_grad=True)
+    assert branch(x).dtype == torch.float64
+    assert torch.autograd.gradcheck(branch, (x,))
+
+
+def test_whole_model_runs_in_float64():
+    model = build_model("us_sfnet_tiny", 4).double().eval()
+    assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_torch_compile_traces_without_graph_breaks():
     """fullgraph=True fails on any graph break; the 'eager' backend keeps this fast on CPU (inductor ~50 s)."""
     torch._dynamo.reset()

@@ -73,7 +73,7 @@ class FrequencyBranch(nn.Module):
     """Upper branch: ``rfft2`` -> [real | imag] as 2C channels -> Conv3x3 -> norm -> act -> Conv3x3 -> norm
     -> split into real/imag -> ``irfft2`` back to the input's exact ``(H, W)``.
 
-    Precision under ``torch.autocast``: ``rfft2`` and ``irfft2`` always run in float32 with autocast
+    Precision under ``torch.autocast``: ``rfft2`` and ``irfft2`` always run in float32 (float64 in a float64 model) with autocast
     disabled (torch's FFT has no bfloat16 kernels and its float16 kernels need power-of-two sizes). The two
     convolutions between them follow autocast like every other convolution (``freq_autocast=True``,
     default): they hold about three quarters of the network's MACs; in float32 they left ``--amp bf16``
@@ -114,7 +114,7 @@ class FrequencyBranch(nn.Module):
         device_type = x.device.type
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         no_autocast = torch.autocast(device_type=device_type, enabled=False)
-        conv_dtype = torch.float32
+        conv_dtype = _fft_dtype(x.dtype)
         if self.freq_autocast and torch.is_autocast_enabled(device_type):
             conv_dtype = torch.get_autocast_dtype(device_type)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -131,6 +131,12 @@ class FrequencyBranch(nn.Module):
 #: The norm whose scale factor is the adjoint's: the adjoint of an FFT scaled by 1/n is the inverse summed and
 #: scaled by 1/n, which is the inverse FFT with the swapped norm.
 _ADJOINT_NORM = {"backward": "forward", "forward": "backward", "ortho": "ortho"}
+
+
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype the FFTs run in: float64 for a float64 model (exact gradient checks), else float32 (torch's
+    FFT has no bfloat16 kernels, and float16 ones only for power-of-two sizes)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _half_spectrum_weights(width: int, columns: int, double: bool, device: torch.device) -> Tensor:
@@ -167,7 +173,7 @@ class _RealSpectrum(torch.autograd.Function):
         ctx.norm, ctx.size, ctx.in_dtype, ctx.fmt = norm, tuple(x.shape[-2:]), x.dtype, fmt
         with torch.autocast(x.device.type, enabled=False):
             # One copy casts to float32 and lays the planes out as cuFFT wants them (no copy inside rfft2).
-            spec = torch.fft.rfft2(x.to(torch.float32, memory_format=torch.contiguous_format), norm=norm)
+            spec = torch.fft.rfft2(x.to(_fft_dtype(x.dtype), memory_format=torch.contiguous_format), norm=norm)
             return _stack_real_imag(spec, dtype, fmt)
 
     @staticmethod
@@ -193,7 +199,7 @@ class _SpatialFromSpectrum(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        spec = torch.fft.rfft2(grad.to(torch.float32, memory_format=torch.contiguous_format),
+        spec = torch.fft.rfft2(grad.to(_fft_dtype(grad.dtype), memory_format=torch.contiguous_format),
                                norm=_ADJOINT_NORM[ctx.norm])
         weights = _half_spectrum_weights(ctx.width, spec.shape[-1], double=True, device=grad.device)
         return _stack_real_imag(spec, ctx.z_dtype, ctx.fmt, weights), None, None, None, None
@@ -216,9 +222,9 @@ def _stack_real_imag(spec: Tensor, dtype: torch.dtype, fmt: torch.memory_format,
 
 
 def _unstack_real_imag(z: Tensor, column_weights: Tensor | None = None) -> Tensor:
-    """Inverse of :func:`_stack_real_imag`: ``(B, 2C, H, W')`` real -> ``(B, C, H, W')`` complex64, one kernel."""
+    """Inverse of :func:`_stack_real_imag`: ``(B, 2C, H, W')`` real -> ``(B, C, H, W')`` complex, one kernel."""
     parts = z.unflatten(1, (2, z.shape[1] // 2)).permute(0, 2, 3, 4, 1)  # (B, C, H, W', 2), a view in either format
-    return torch.view_as_complex(_dense_copy(parts, torch.float32, column_weights, (-1, 1)))
+    return torch.view_as_complex(_dense_copy(parts, _fft_dtype(z.dtype), column_weights, (-1, 1)))
 
 
 def _dense_copy(t: Tensor, dtype: torch.dtype, column_weights: Tensor | None = None,
