@@ -185,6 +185,32 @@ def test_decode_cache_roundtrip_and_nothing_written_in_data(tree, tmp_path):
         data.decode_images(index, 12, cache_dir=tree / "cache", progress=False)
 
 
+def test_a_manifests_data_are_its_folder_and_its_image_folders_so_runs_may_sit_beside_them(tmp_path):
+    project = tmp_path / "project"
+    for rel in ("images/benign/b1.png", "images/benign/deeper/b2.png", "images/malignant/m1.png"):
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(project / rel)
+    (project / "data.csv").write_text("path,label\nimages/benign/b1.png,benign\nimages/benign/deeper/b2.png,benign\n"
+                                     "images/malignant/m1.png,malignant\n")
+    index = data.index_manifest(project / "data.csv")
+    assert index.image_folders() == {project / "images", project / "images/benign", project / "images/benign/deeper",
+                                     project / "images/malignant"}
+    assert index.check_outside(project / "runs" / "cv1", "--out") == project / "runs" / "cv1"
+    assert index.check_outside(project / "other", "--out") == project / "other"
+    for out, hit in ((project, project), (project / "images", project / "images"),
+                     (project / "images" / "run", project / "images"),
+                     (project / "images" / "malignant" / "run", project / "images" / "malignant")):
+        with pytest.raises(UserError, match=f"--out {out}: is inside the data folder {hit};"):
+            index.check_outside(out, "--out")
+    (project / "flat.csv").write_text("path,label\nimages/benign/b1.png,benign\nloose.png,malignant\n")
+    Image.new("L", (8, 8)).save(project / "loose.png")
+    with pytest.raises(UserError, match=f"--out {project / 'runs'}: is inside the data folder {project};"):
+        data.index_manifest(project / "flat.csv").check_outside(project / "runs", "--out")  # images beside it
+    assert data.index_folder(project / "images").image_folders() is None  # a tree is data throughout
+    with pytest.raises(UserError, match="inside the data folder"):
+        data.index_folder(project / "images").check_outside(project / "images" / "run", "--out")
+
+
 def test_decode_cache_is_not_reused_after_an_image_changes(tree, tmp_path):
     index = data.index_folder(tree)
     first = np.array(data.decode_images(index, 12, cache_dir=tmp_path / "cache", progress=False))

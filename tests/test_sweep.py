@@ -166,17 +166,19 @@ def test_sweep_on_devices_records_where_each_run_went(tmp_path, capsys):
 @pytest.mark.parametrize("where", ["DATA", "MANIFEST"])
 def test_an_out_folder_inside_the_data_is_refused_before_anything_is_written(tmp_path, where):
     data = tmp_path / "mydata"
-    (data / "a").mkdir(parents=True)
-    Image.new("L", (16, 16)).save(data / "a" / "x.png")
-    (data / "m.csv").write_text("path,label\na/x.png,a\n")
+    for label in ("a", "b"):
+        (data / label).mkdir(parents=True)
+        Image.new("L", (16, 16)).save(data / label / "x.png")
+    (data / "m.csv").write_text("path,label\na/x.png,a\nb/x.png,b\n")
     before = sorted(p.relative_to(data).as_posix() for p in data.rglob("*"))
-    value = str(data) if where == "DATA" else str(data / "m.csv")
-    with pytest.raises(UserError, match=f"--out {data / 'sweep'}: is inside the data folder {data}"):
-        run_sweep(NOTEBOOK, {"SEED": [0], "fixed": {**FIXED, where: value}}, data / "sweep")
+    # A tree is data throughout; a manifest's data are the folders of its images (a run may sit beside them).
+    value, inside = (str(data), data) if where == "DATA" else (str(data / "m.csv"), data / "a")
+    with pytest.raises(UserError, match=f"--out {inside / 'sweep'}: is inside the data folder {inside}"):
+        run_sweep(NOTEBOOK, {"SEED": [0], "fixed": {**FIXED, where: value}}, inside / "sweep")
     from ussf_lib.notebook_runner import run_notebooks
 
-    with pytest.raises(UserError, match=f"--out {data / 'nb'}: is inside the data folder {data}"):
-        run_notebooks(data / "nb", parameters={where: value}, notebooks=["01"])
+    with pytest.raises(UserError, match=f"--out {inside / 'nb'}: is inside the data folder {inside}"):
+        run_notebooks(inside / "nb", parameters={where: value}, notebooks=["01"])
     assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == before
 
 

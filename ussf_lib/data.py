@@ -75,12 +75,27 @@ class ImageIndex:
         keep = np.asarray(keep, dtype=bool)
         return dataclasses.replace(self, frame=self.frame[keep].reset_index(drop=True), ignored=dict(self.ignored))
 
+    def image_folders(self) -> set[Path] | None:
+        """For a manifest, the folders that hold its images and those between them and the manifest's folder
+        (which is one of them only when it holds images itself); ``None`` for a class-folder tree, all data."""
+        if self.source != "manifest":
+            return None
+        folders: set[Path] = set()
+        for folder in {Path(p).parent for p in self.frame["path"]}:
+            while folder not in folders:
+                folders.add(folder)
+                if folder == self.root or folder.parent == self.root:
+                    break
+                folder = folder.parent
+        return folders
+
     def check_outside(self, folder: str | Path, flag: str) -> Path:
         """Raise :class:`UserError` when ``folder`` (an output) lies inside the data; returns it resolved.
 
-        The data folder is the tree's root, or the manifest's folder (which holds every image it lists).
+        The data are a tree's whole root; for a manifest, its own folder and the folders holding its images, so a
+        run folder may sit beside them (``project/runs`` next to ``project/images`` and ``project/data.csv``).
         """
-        return check_outside(folder, self.root, flag)
+        return check_outside(folder, self.root, flag, self.image_folders())
 
     def describe(self) -> str:
         """One line: how many images, per class, and what was ignored."""
@@ -92,12 +107,20 @@ class ImageIndex:
         )
 
 
-def check_outside(folder: str | Path, root: str | Path, flag: str) -> Path:
-    """Raise :class:`UserError` when the output ``folder`` is ``root`` (a data folder) or inside it; returns
-    ``folder`` resolved. Nothing is ever written into a user's data."""
+def check_outside(folder: str | Path, root: str | Path, flag: str, image_folders: set[Path] | None = None) -> Path:
+    """Raise :class:`UserError` when the output ``folder`` lies in the data; returns ``folder`` resolved.
+
+    Without ``image_folders`` (a class-folder tree) the data are ``root`` and everything inside it. With them (a
+    manifest's, :meth:`ImageIndex.image_folders`) the data are ``root`` itself, where the manifest lies, and those
+    folders with everything inside them. Nothing is ever written into a user's data.
+    """
     folder, root = Path(folder).expanduser().resolve(), Path(root).resolve()
-    if folder == root or root in folder.parents:
-        raise UserError(f"{flag} {folder}: is inside the data folder {root}; nothing is written into the data, "
+    if image_folders is None:
+        hit = root if folder == root or root in folder.parents else None
+    else:
+        hit = root if folder == root else next((f for f in (folder, *folder.parents) if f in image_folders), None)
+    if hit is not None:
+        raise UserError(f"{flag} {folder}: is inside the data folder {hit}; nothing is written into the data, "
                         "choose a folder outside it")
     return folder
 

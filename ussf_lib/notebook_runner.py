@@ -64,15 +64,15 @@ def absolute_path_parameters(parameters: Mapping[str, Any], base: str | os.PathL
 
 
 def check_out_outside_data(out: str | os.PathLike, parameters: Mapping[str, Any], flag: str = "--out") -> None:
-    """Refuse an output folder inside the data a notebook will read (``DATA``, or the folder of ``MANIFEST``),
-    before anything is written: the notebooks would refuse it too, but only after a kernel had written there.
-    ``parameters`` are absolute (:func:`absolute_path_parameters`)."""
-    from ussf_lib.data import check_outside
+    """Refuse an output folder inside the data a notebook will read (``DATA``, or ``MANIFEST``'s folder and the
+    folders of its images), before anything is written: the notebooks would refuse it too, but only after a
+    kernel had written there. ``parameters`` are absolute (:func:`absolute_path_parameters`)."""
+    from ussf_lib.data import check_outside, index_manifest
 
     if isinstance(parameters.get("DATA"), str) and parameters["DATA"].strip():
         check_outside(out, parameters["DATA"], flag)
     if isinstance(parameters.get("MANIFEST"), str) and parameters["MANIFEST"].strip():
-        check_outside(out, Path(parameters["MANIFEST"]).resolve().parent, flag)
+        index_manifest(parameters["MANIFEST"]).check_outside(out, flag)
 
 
 def check_values(values: Mapping[str, Any], where: str) -> None:
