@@ -442,9 +442,7 @@ def decode_index(index: ImageIndex, image_size: int | None, cache_dir: str | Pat
     n = len(paths)
     img_file = hash_file = None
     if cache_dir is not None:
-        cache_dir = Path(cache_dir).expanduser().resolve()
-        if cache_dir == index.root or index.root in cache_dir.parents:
-            raise UserError(f"{cache_dir}: the cache folder is inside the data folder {index.root}; choose a folder outside it")
+        cache_dir = index.check_outside(cache_dir, "--cache-dir")
         if cache_dir.exists() and not cache_dir.is_dir():
             raise UserError(f"--cache-dir {cache_dir}: is a file, not a folder; choose a folder for the decoded images")
         if image_size:
