@@ -37,16 +37,21 @@ def test_compare_writes_both_tables_the_chart_and_the_paired_test(comparison):
     assert (comparison / "per_class_bars.png").stat().st_size > 5000
     t1 = pd.read_csv(comparison / "table1.csv")
     assert t1["model"].tolist() == MODELS
+    # fractions, as in each model's summary.json (the markdown prints percent)
     for m in ("accuracy", "precision", "sensitivity", "specificity", "f1"):
-        assert t1[f"{m}_mean"].between(0, 100).all() and t1[f"{m}_std"].notna().all()
-    assert t1.set_index("model").at["densenet121", "paper_accuracy_mean"] == 90.59  # from meta.paper_table1()
+        assert t1[f"{m}_mean"].between(0, 1).all() and t1[f"{m}_std"].notna().all()
+        for model in MODELS:
+            summary = json.loads((comparison / model / "summary.json").read_text())
+            assert t1.set_index("model").at[model, f"{m}_mean"] == pytest.approx(summary[m]["mean"])
+    # meta.paper_table1() prints the paper's 90.59 %
+    assert t1.set_index("model").at["densenet121", "paper_accuracy_mean"] == pytest.approx(0.9059)
     assert pd.isna(t1.set_index("model").at["us_sfnet_tiny", "paper_accuracy_mean"])
     t2 = pd.read_csv(comparison / "table2.csv")
     assert len(t2) == 2 * 4 and set(t2["class"]) == {"normal", "benign", "primary", "metastatic"}
     for m in ("precision", "sensitivity", "specificity", "f1"):
-        assert t2[f"{m}_mean"].between(0, 100).all()
+        assert t2[f"{m}_mean"].between(0, 1).all()
     keyed = t2.set_index(["model", "class"])  # the phantom's classes are the paper's: its Table 2 sits beside ours
-    assert keyed.at[("densenet121", "benign"), "paper_precision_mean"] == 82.25
+    assert keyed.at[("densenet121", "benign"), "paper_precision_mean"] == pytest.approx(0.8225)
     assert keyed.loc["us_sfnet_tiny", "paper_precision_mean"].isna().all()
     paired = pd.read_csv(comparison / "paired.csv")
     assert paired["metric"].tolist() == ["accuracy", "f1"]

@@ -174,6 +174,7 @@ def test_per_class_bars(tmp_path):
     heights = sorted(round(p.get_height(), 6) for p in panels[0].patches)
     assert heights == sorted(round(v, 6) for v in table["precision_mean"])
     assert all(ax.get_ylim() == (0.0, 1.02) for ax in panels)  # one bounded scale: fractions here
+    assert panels[0].get_ylabel() == "mean ± std over folds"  # what the bars and the error bars are
     assert fig.legends and [t.get_text() for t in fig.legends[0].get_texts()] == ["us_sfnet", "resnet18", "paper"]
     plt.close(fig)
 
@@ -185,7 +186,11 @@ def test_per_class_bars(tmp_path):
 
     fig = plot_per_class_bars(table.drop(columns=[c for c in table if c.endswith("_std")]),
                               metric_cols=("precision",))
-    assert len(fig.axes[0].patches) == 9
+    assert len(fig.axes[0].patches) == 9 and fig.axes[0].get_ylabel() == "mean over folds"
+    plt.close(fig)
+    percent = table.assign(**{c: table[c] * 100 for c in table if c.endswith(("_mean", "_std"))})
+    fig = plot_per_class_bars(percent, metric_cols=("precision",))
+    assert fig.axes[0].get_ylim() == (0.0, 102.0) and fig.axes[0].get_ylabel() == "mean ± std over folds (%)"
     plt.close(fig)
 
     with pytest.raises(UserError, match="model"):

@@ -11,7 +11,8 @@ without a model (``ussf compare --tables-only``)::
     OUT/paired.csv/.md        every model against the reference (us_sfnet, else the first model) fold by fold:
                               differences, Nadeau–Bengio corrected t-test, bootstrap CI (see ussf_lib.stats)
 
-All figures in the tables are percent (the run folders' JSON keeps fractions).
+The CSVs hold fractions, as every run folder does (``accuracy_mean`` 0.83, not 83), the paper's reported
+figures included (divided by 100 here); the markdown tables print percent.
 Introduced in ``notebooks/06_compare_baselines.ipynb``.
 """
 
@@ -74,8 +75,8 @@ def _finished_runs(out: Path, models: Sequence[str] | None) -> list[str]:
     return finished
 
 
-def _pct(value) -> float:
-    return math.nan if value is None else 100.0 * float(value)
+def _fraction(value) -> float:
+    return math.nan if value is None else float(value)
 
 
 def _run_settings(run_dir: Path) -> dict:
@@ -93,8 +94,8 @@ def _train_seconds(run_dir: Path) -> float:
 
 
 def table1(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame:
-    """Table 1 layout: one row per finished model; ``<metric>_mean``/``_std`` in %, and the paper's accuracy for
-    runs on the paper's four classes (NaN for other data, as in :func:`table2`)."""
+    """Table 1 layout: one row per finished model; ``<metric>_mean``/``_std`` as fractions, and the paper's
+    accuracy (also a fraction) for runs on the paper's four classes (NaN for other data, as in :func:`table2`)."""
     out = Path(out)
     reported = paper_table1().set_index("model")
     rows = []
@@ -106,16 +107,16 @@ def table1(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame
                      "image_size": cfg.get("image_size")}
         for m in TABLE1_METRICS:
             stats = summary.get(m) or {}
-            row[f"{m}_mean"], row[f"{m}_std"] = _pct(stats.get("mean")), _pct(stats.get("std"))
-        row["paper_accuracy_mean"] = reported["accuracy_mean"].get(name, math.nan) if same_task else math.nan
-        row["paper_accuracy_std"] = reported["accuracy_std"].get(name, math.nan) if same_task else math.nan
+            row[f"{m}_mean"], row[f"{m}_std"] = _fraction(stats.get("mean")), _fraction(stats.get("std"))
+        for s in ("mean", "std"):  # the paper prints percent
+            row[f"paper_accuracy_{s}"] = reported[f"accuracy_{s}"].get(name, math.nan) / 100 if same_task else math.nan
         row["train_seconds"] = round(_train_seconds(out / name), 1)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def table2(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame:
-    """Table 2 layout: one row per finished model and class (class order of the runs), values in %.
+    """Table 2 layout: one row per finished model and class (class order of the runs), values as fractions.
 
     Columns ``model, class, <metric>_mean, <metric>_std`` for precision, sensitivity, specificity, F1, and
     ``paper_<metric>_mean/_std`` where the paper reports that model and class, for runs whose classes are the
@@ -130,14 +131,14 @@ def table2(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame
         for _, r in per_class.iterrows():
             row: dict = {"model": name, "class": r["class"]}
             for m in TABLE2_METRICS:
-                row[f"{m}_mean"] = 100.0 * float(r[f"{m}_mean"])
-                row[f"{m}_std"] = 100.0 * float(r[f"{m}_std"])
+                row[f"{m}_mean"] = float(r[f"{m}_mean"])
+                row[f"{m}_std"] = float(r[f"{m}_std"])
             row["support"] = int(r["support"])
             for m in PAPER_TABLE2_METRICS:
                 for s in ("mean", "std"):
                     key = (name, row["class"])
                     known = same_task and key in reported.index
-                    row[f"paper_{m}_{s}"] = float(reported.at[key, f"{m}_{s}"]) if known else math.nan
+                    row[f"paper_{m}_{s}"] = float(reported.at[key, f"{m}_{s}"]) / 100 if known else math.nan
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -195,7 +196,7 @@ def paired_table(out: str | Path, models: Sequence[str] | None = None, n_boot: i
 def _fmt(mean: float, std: float) -> str:
     if mean is None or not math.isfinite(mean):
         return "n/a"
-    return format_mean_std(mean / 100.0, None if std is None or not math.isfinite(std) else std / 100.0)
+    return format_mean_std(mean, None if std is None or not math.isfinite(std) else std)
 
 
 def majority_line(out: Path, names: Sequence[str]) -> str:

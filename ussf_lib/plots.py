@@ -260,7 +260,8 @@ def plot_per_class_bars(
             ax.bar(x[keep] + offset, heights[keep], width=width, yerr=err, capsize=2, color=color, label=level)
         ax.set_xticks(x, classes)
         ax.set_title(metric)
-        ax.set_ylabel(metric)
+        spread = " ± std" if f"{metric}_std" in keyed.columns else ""
+        ax.set_ylabel(f"mean{spread} over folds" + (" (%)" if top == 100.0 else ""))
         ax.grid(axis="y", alpha=0.3)
         ax.set_ylim(0.0, top * 1.02)
         ax.yaxis.set_tick_params(labelleft=True)
