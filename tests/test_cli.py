@@ -325,3 +325,41 @@ def test_a_plain_pickle_given_as_weights_or_checkpoint_is_one_line(phantom_dir, 
                  "--epochs", "1", "--weights", str(plain), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"weights file {plain} is not a loadable PyTorch file" in err
+
+
+@pytest.mark.parametrize("command", ["cv", "compare"])
+def test_ctrl_c_says_how_to_continue_once_the_run_folder_exists(command, phantom_dir, tmp_path, monkeypatch, capsys):
+    import ussf_lib.compare as compare_mod
+    import ussf_lib.experiment as experiment_mod
+
+    out = tmp_path / "run"
+    started = {"cv": "config.json", "compare": "splits.csv"}[command]
+
+    def interrupted(*args, **kwargs):
+        if out.exists():  # the second call: stopped after the run folder was made
+            (out / started).write_text("x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment_mod, "run_cv", interrupted)
+    monkeypatch.setattr(compare_mod, "compare", interrupted)
+    argv = [command, "--data", str(phantom_dir), "--out", str(out)] + (["--models", "us_sfnet_tiny"] if command == "compare" else [])
+    assert main(argv) == 130  # stopped before anything was written: nothing to continue
+    assert capsys.readouterr().err.strip() == f"ussf {command}: interrupted"
+    out.mkdir()
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    if command == "cv":
+        assert err == f"ussf cv: interrupted; continue with: ussf cv --resume {out}"
+    else:
+        assert err == (f"ussf compare: interrupted; continue by running the same command with --out {out} "
+                       "(finished models are kept, the interrupted one resumes)")
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    # `ussf models | head -1`: head exits after one line; ussf must not print a BrokenPipeError traceback.
+    # The first line reaches head, which exits; only then does the command write, into a closed pipe.
+    script = ("import sys, time; from ussf_lib.cli import main; print('first', flush=True); time.sleep(2); "
+              "code = main(['models']); print('exit', code, file=sys.stderr); sys.exit(code)")
+    proc = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True, text=True,
+                          timeout=120, executable="/bin/bash")
+    assert proc.stdout == "first\n" and proc.stderr == "exit 141\n", proc.stderr

@@ -7,6 +7,7 @@ becomes one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from ussf_lib.experiment import CVConfig
 
 EXIT_USER_ERROR = 2
+#: A shell's status for a process stopped by SIGPIPE (128 + 13): what `ussf ... | head` ends with.
+EXIT_BROKEN_PIPE = 141
 
 #: The CPU-sized main job of `make run`: under 10 minutes on 2 cores (README "Two commands" gives the measured time).
 MAIN_JOB = {"model": "us_sfnet_tiny", "n_per_class": 100, "image_size": 64, "epochs": 8, "folds": 5, "batch_size": 32}
@@ -308,11 +311,13 @@ def cmd_cv(args: argparse.Namespace) -> int:
         for name in sorted(_resume_free_flags() & typed):  # where it runs, not what it computes: the new value wins
             value = getattr(args, name)
             setattr(cfg, name, absolute_path(value) if name == "cache_dir" else value)
+        args.continue_hint = (Path(cfg.out) / "config.json", f"continue with: ussf cv --resume {cfg.out}")
         run_cv(cfg, resume=True)
         return 0
     if args.data is None and args.manifest is None:
         raise UserError("ussf cv needs --data DIR (class-folder tree) or --manifest CSV (or --resume RUN)")
     cfg = cv_config_from_args(args, out=args.out or default_run_dir(args.model), model=args.model)
+    args.continue_hint = (Path(cfg.out) / "config.json", f"continue with: ussf cv --resume {cfg.out}")
     run_cv(cfg)
     return 0
 
@@ -370,6 +375,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.models:
         raise UserError("ussf compare needs --models, e.g. --models us_sfnet,densenet121,resnet101")
     cfg = cv_config_from_args(args, out=args.out or default_run_dir("compare"))
+    args.continue_hint = (Path(cfg.out) / "splits.csv", "continue by running the same command with "
+                          f"--out {cfg.out} (finished models are kept, the interrupted one resumes)")
     compare(args.models, cfg, cfg.out, devices=args.devices)
     return 0
 
@@ -563,6 +570,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"ussf {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        # The reader went away (`ussf models | head -1`): stop quietly, as shell tools do, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         # A path the user chose cannot be read or written (permissions, a file where a folder must be, a full
         # disk): that is bad input, not a bug, so it gets the one-line treatment. Without a file name it is not.
@@ -580,5 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "--batch-size", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"ussf {args.command}: interrupted", file=sys.stderr)
+        # A run folder that got far enough to be continued says how; (marker file, hint) set by the command.
+        marker, hint = getattr(args, "continue_hint", (None, ""))
+        resumable = marker is not None and marker.is_file()
+        print(f"ussf {args.command}: interrupted" + (f"; {hint}" if resumable else ""), file=sys.stderr)
         return 130
