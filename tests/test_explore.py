@@ -87,6 +87,8 @@ def test_figures_are_saved(tree, tmp_path):
                                           out=tmp_path / "hist.png"),
         explore.plot_images_per_patient(explore.images_per_patient(tree), out=tmp_path / "patients.png"),
     ]
+    patients_ax = figs[3].axes[0]  # counts of images and patients: whole-number ticks only
+    assert all(float(t).is_integer() for t in [*patients_ax.get_xticks(), *patients_ax.get_yticks()])
     for fig in figs:
         plt.close(fig)
     assert len(list(tmp_path.glob("*.png"))) == 4

@@ -113,8 +113,10 @@ def test_learning_curves_lines_per_fold(tmp_path):
                                                                    "test (val_* columns)"]
     plt.close(fig)
 
-    fig = plot_learning_curves({"0": _history(4, with_val=False), "1": _history(4, with_val=False)})
+    fig = plot_learning_curves({"0": _history(2, with_val=False), "1": _history(2, with_val=False)})
     assert [len(ax.lines) for ax in fig.axes] == [2, 2]  # folds x (train)
+    fig.canvas.draw()  # two epochs: ticks only at whole epochs, not 1.0, 1.2, ...
+    assert all(float(t).is_integer() for ax in fig.axes for t in ax.get_xticks())
     plt.close(fig)
 
     with pytest.raises(UserError, match="train_acc"):
@@ -145,6 +147,7 @@ def test_roc_legend_auc_matches_sklearn(tmp_path):
     out = tmp_path / "roc.png"
     fig = plot_roc(pred, CLASSES, out=out)
     assert_png(out)
+    assert fig.axes[0].get_title() == "One-vs-rest ROC, all predictions pooled"  # not the tables' fold mean
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     for k, cls in enumerate(CLASSES):
         entry = next(t for t in legend if t.startswith(cls))

@@ -41,6 +41,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from ussf_lib.errors import UserError  # noqa: E402
@@ -167,6 +168,7 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     # One legend beside both panels (colour = fold, line style = part), so no curve is hidden under it.
     handles = [Line2D([], [], color=c, label=f"fold {fold}") for c, fold in zip(palette, histories)]
     handles += [Line2D([], [], color="0.3", linestyle="-", label="train"),
@@ -180,8 +182,9 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
 def plot_roc(pred: pd.DataFrame, classes: Sequence[str], out: PathLike | None = None) -> Figure:
     """One-vs-rest ROC curve per class from a predictions table (``label``, ``prob_<class>``).
 
-    All rows are pooled (e.g. the out-of-fold predictions of every fold). The legend gives each class's AUC
-    (three decimals); a class with no positives or no negatives has no curve and is listed as ``AUC n/a``.
+    All rows are pooled (e.g. the out-of-fold predictions of every fold), and the title says so: the legend's AUC
+    per class (three decimals) is that of the pooled rows, which differs from the mean of the per-fold AUCs the
+    run's tables give. A class with no positives or no negatives has no curve and is listed as ``AUC n/a``.
     Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
     """
     classes = [str(c) for c in classes]
@@ -198,7 +201,7 @@ def plot_roc(pred: pd.DataFrame, classes: Sequence[str], out: PathLike | None = 
             ax.plot([], [], color=color, label=f"{cls} (AUC n/a)")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="False positive rate (1 - specificity)",
-           ylabel="True positive rate (sensitivity)", title="One-vs-rest ROC")
+           ylabel="True positive rate (sensitivity)", title="One-vs-rest ROC, all predictions pooled")
     ax.legend(loc="lower right", fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
