@@ -17,8 +17,7 @@ from PIL import Image
 
 from ussf_lib.data import ImageIndex
 from ussf_lib.errors import UserError
-from ussf_lib.plots import Figure, plt, save_figure
-from matplotlib.ticker import MaxNLocator  # after ussf_lib.plots, which picks the backend
+from ussf_lib.plots import Figure, plt, save_figure, whole_number_ticks
 
 
 def class_table(index: ImageIndex) -> pd.DataFrame:
@@ -232,8 +231,8 @@ def plot_images_per_patient(per_patient: pd.DataFrame, out: str | Path | None = 
     top = int(per_patient["images"].max()) if len(per_patient) else 1
     ax.hist([g[1] for g in groups], bins=np.arange(0.5, top + 1.5), stacked=True, label=[g[0] for g in groups])
     ax.set(xlabel="images per patient", ylabel="patients", title="Images per patient (group)")
-    for axis in (ax.xaxis, ax.yaxis):  # counts: whole numbers only
-        axis.set_major_locator(MaxNLocator(integer=True))
+    whole_number_ticks(ax.xaxis, range(1, top + 1))  # counts: whole numbers only
+    whole_number_ticks(ax.yaxis)
     ax.legend(fontsize="small")
     fig.tight_layout()
     save_figure(fig, out)

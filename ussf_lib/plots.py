@@ -166,9 +166,10 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
                         marker="o" if len(val) < len(hist) else None, markersize=3, label=f"fold {fold} val")
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
+    epochs = sorted({int(e) for hist in histories.values() for e in hist["epoch"]})
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        whole_number_ticks(ax.xaxis, epochs)
     # One legend beside both panels (colour = fold, line style = part), so no curve is hidden under it.
     handles = [Line2D([], [], color=c, label=f"fold {fold}") for c, fold in zip(palette, histories)]
     handles += [Line2D([], [], color="0.3", linestyle="-", label="train"),
@@ -177,6 +178,15 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.845, 0.5), fontsize="small", frameon=False)
     save_figure(fig, out)
     return fig
+
+
+def whole_number_ticks(axis, values: Sequence[int] = ()) -> None:
+    """Ticks at whole numbers only (epochs, counts): at each of a few ``values``, else where matplotlib's
+    integer locator puts them (which alone falls back to fractions when the view holds fewer than two)."""
+    if 0 < len(values) <= 12:
+        axis.set_ticks(list(values))
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_roc(pred: pd.DataFrame, classes: Sequence[str], out: PathLike | None = None) -> Figure:
