@@ -43,6 +43,9 @@ def test_compare_writes_both_tables_the_chart_and_the_paired_test(comparison):
         for model in MODELS:
             summary = json.loads((comparison / model / "summary.json").read_text())
             assert t1.set_index("model").at[model, f"{m}_mean"] == pytest.approx(summary[m]["mean"])
+    for model in MODELS:  # training time: the epochs' steps without evaluation, summed over the folds
+        steps = sum(pd.read_csv(f)["train_seconds"].sum() for f in (comparison / model).glob("folds/*/history.csv"))
+        assert t1.set_index("model").at[model, "train_seconds"] == pytest.approx(steps, abs=0.051)
     # meta.paper_table1() prints the paper's 90.59 %
     assert t1.set_index("model").at["densenet121", "paper_accuracy_mean"] == pytest.approx(0.9059)
     assert pd.isna(t1.set_index("model").at["us_sfnet_tiny", "paper_accuracy_mean"])
@@ -98,6 +101,7 @@ def test_the_papers_figures_stay_out_of_tables_for_other_classes(comparison, tmp
         text = (other / name).read_text()
         assert "paper" not in text.split("\n\n", 2)[2], name  # no paper column and no note about one
     assert "90.59" in (comparison / "table1.md").read_text()  # the paper's own classes keep them
+    assert "2 folds (shared `splits.csv`), 1 epoch, 32 px" in (comparison / "table1.md").read_text()
 
 def test_rerun_skips_finished_models(comparison, phantom_dir, tmp_path, capsys):
     again = tmp_path / "cmp"  # a copy: the rerun rewrites the tables, which other tests read

@@ -85,11 +85,14 @@ def _run_settings(run_dir: Path) -> dict:
 
 
 def _train_seconds(run_dir: Path) -> float:
+    """Seconds spent training over all folds: ``train_seconds`` (the epochs' steps, without evaluation), or the
+    whole epochs' ``seconds`` in a history too old to have it."""
     total = 0.0
     for f in run_dir.glob("folds/*/history.csv"):
         hist = pd.read_csv(f)
-        if "seconds" in hist.columns:
-            total += float(hist["seconds"].sum())
+        column = "train_seconds" if "train_seconds" in hist.columns else "seconds"
+        if column in hist.columns:
+            total += float(hist[column].sum())
     return total
 
 
@@ -210,7 +213,8 @@ def majority_line(out: Path, names: Sequence[str]) -> str:
 def _settings_line(out: Path, names: Sequence[str]) -> str:
     cfg = _run_settings(out / names[0])
     data = cfg.get("data") or cfg.get("manifest") or "?"
-    return (f"Data `{data}`; {cfg.get('folds')} folds (shared `splits.csv`), {cfg.get('epochs')} epochs, "
+    epochs = cfg.get("epochs")
+    return (f"Data `{data}`; {cfg.get('folds')} folds (shared `splits.csv`), {epochs} epoch{'' if epochs == 1 else 's'}, "
             f"{cfg.get('image_size')} px, batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, seed {cfg.get('seed')}.")
 
 
