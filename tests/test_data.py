@@ -98,7 +98,7 @@ def test_manifest_relative_paths_and_groups(tmp_path):
      r"1 image\(s\) listed more than once, e.g. 'a.png' and './a.png'; keep one row per image"),
     ({"path": ["a.png", "", "b.png"], "label": ["x", "y", "y"]}, {}, "a row has an empty path"),
     ({"path": ["nope.png", "a.png"], "label": ["x", "y"]}, {}, "does not exist"),
-    ({"path": ["../outside.png", "a.png"], "label": ["x", "y"]}, {}, "outside the manifest"),
+    ({"path": [".", "a.png"], "label": ["x", "y"]}, {}, r"'\.' is a folder; list image files, relative to"),
     ({"path": ["a.png", "b.png"], "label": ["x", "z"]}, {"classes": ["x", "y"]}, "not in the class list"),
     ({"path": ["a.png", "b.png"], "label": ["x", "y"]}, {"group_col": "patient"}, "missing column"),
 ])
@@ -209,6 +209,33 @@ def test_a_manifests_data_are_its_folder_and_its_image_folders_so_runs_may_sit_b
     assert data.index_folder(project / "images").image_folders() is None  # a tree is data throughout
     with pytest.raises(UserError, match="inside the data folder"):
         data.index_folder(project / "images").check_outside(project / "images" / "run", "--out")
+
+
+def test_a_manifest_may_list_images_elsewhere_which_are_then_data_too(tmp_path):
+    """A manifest kept in a project can pick a subset of a shared, read-only data set (../ or absolute paths)."""
+    shared = tmp_path / "shared" / "busi"
+    for rel in ("benign/b1.png", "malignant/m1.png", "malignant/m2.png"):
+        _save(shared / rel)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "subset.csv").write_text(f"path,label\n../shared/busi/benign/b1.png,benign\n"
+                                        f"{shared / 'malignant' / 'm2.png'},malignant\n")
+    index = data.index_manifest(project / "subset.csv")
+    assert index.frame["relpath"].tolist() == ["../shared/busi/benign/b1.png", "../shared/busi/malignant/m2.png"]
+    assert index.image_folders() == {shared}  # the folder holding them all
+    assert index.check_outside(project / "runs", "--out") == project / "runs"
+    for out in (shared / "runs", shared / "benign" / "x"):
+        with pytest.raises(UserError, match=f"is inside the data folder {shared};"):
+            index.check_outside(out, "--out")
+    # images from two places whose common folder (tmp_path) also holds the manifest: each image's own folder
+    _save(tmp_path / "other" / "o1.png")
+    (project / "mixed.csv").write_text(f"path,label\n../shared/busi/benign/b1.png,benign\n../other/o1.png,malignant\n")
+    mixed = data.index_manifest(project / "mixed.csv")
+    assert mixed.image_folders() == {shared / "benign", tmp_path / "other"}
+    assert mixed.check_outside(project / "runs", "--out") == project / "runs"
+    assert mixed.check_outside(tmp_path / "runs", "--out") == tmp_path / "runs"
+    with pytest.raises(UserError, match=f"is inside the data folder {tmp_path / 'other'};"):
+        mixed.check_outside(tmp_path / "other" / "run", "--out")
 
 
 def test_decode_cache_is_not_reused_after_an_image_changes(tree, tmp_path):

@@ -118,12 +118,11 @@ BAD_INPUTS = {
     "manifest: label outside --classes": (
         lambda t, mp: _manifest(t, {"path": ["0.png", "1.png", "2.png"], "label": ["x", "y", "z"]}) + ["--classes", "x,y"],
         "labels ['z'] are not in the class list"),
-    "manifest: path escapes its folder": (
-        lambda t, mp: _manifest(t, {"path": ["../outside.png", "1.png"], "label": ["x", "y"]}),
-        "'../outside.png' points outside the manifest's folder"),
-    "manifest: absolute path elsewhere": (
-        lambda t, mp: _manifest(t, {"path": [str(t / "outside.png"), "1.png"], "label": ["x", "y"]}),
-        "points outside the manifest's folder"),
+    "manifest: a folder listed as an image": (
+        lambda t, mp: _manifest(t, {"path": [".", "1.png"], "label": ["x", "y"]}), "'.' is a folder"),
+    "manifest: --out among images listed from elsewhere": (
+        lambda t, mp: _manifest(t, {"path": ["../outside.png", "1.png"], "label": ["x", "y"]})
+        + ["--out", str(t / "run")], "is inside the data folder"),
     "manifest: empty label": (lambda t, mp: _manifest(t, {"path": ["0.png", "1.png"], "label": ["x", " "]}),
                               "empty label"),
     "manifest: empty file": (lambda t, mp: (t / "e.csv").write_text("") and 0 or ["--manifest", str(t / "e.csv")],

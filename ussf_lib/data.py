@@ -76,17 +76,30 @@ class ImageIndex:
         return dataclasses.replace(self, frame=self.frame[keep].reset_index(drop=True), ignored=dict(self.ignored))
 
     def image_folders(self) -> set[Path] | None:
-        """For a manifest, the folders that hold its images and those between them and the manifest's folder
-        (which is one of them only when it holds images itself); ``None`` for a class-folder tree, all data."""
+        """For a manifest, the folders that hold its data; ``None`` for a class-folder tree, which is all data.
+
+        Images under the manifest's folder: the folders holding them and those between them and the manifest's
+        folder (which is one of them only when it holds images itself). Images elsewhere (``../``, absolute
+        paths: a subset of a shared data set): the one folder holding them all, or, when that folder would
+        also hold the manifest, each image's own folder.
+        """
         if self.source != "manifest":
             return None
         folders: set[Path] = set()
+        outside: set[Path] = set()
         for folder in {Path(p).parent for p in self.frame["path"]}:
+            if folder != self.root and self.root not in folder.parents:
+                outside.add(folder)
+                continue
             while folder not in folders:
                 folders.add(folder)
                 if folder == self.root or folder.parent == self.root:
                     break
                 folder = folder.parent
+        if outside:
+            common = Path(os.path.commonpath([str(f) for f in outside]))
+            holds_manifest = common == self.root or common in self.root.parents
+            folders |= outside if holds_manifest or common == Path(common.anchor) else {common}
         return folders
 
     def check_outside(self, folder: str | Path, flag: str) -> Path:
@@ -218,7 +231,8 @@ def index_folder(root: str | Path, classes: Sequence[str] | None = None) -> Imag
 
 def index_manifest(manifest: str | Path, group_col: str | None = None,
                    classes: Sequence[str] | None = None) -> ImageIndex:
-    """Index a CSV manifest with columns ``path,label`` (+ optional ``group_col``); paths are relative to its folder.
+    """Index a CSV manifest with columns ``path,label`` (+ optional ``group_col``); paths are relative to its folder
+    (or absolute), and may point anywhere, e.g. into a shared read-only data set.
 
     Introduced in ``notebooks/01_explore_data.ipynb``.
     """
@@ -245,14 +259,14 @@ def index_manifest(manifest: str | Path, group_col: str | None = None,
         path = (base / rel).resolve()
         if not rel.strip():
             problems.append("a row has an empty path")
-        elif base not in path.parents:
-            problems.append(f"{rel!r} points outside the manifest's folder")
+        elif path.is_dir():
+            problems.append(f"{rel!r} is a folder")
         elif not path.is_file():
             problems.append(f"{rel!r} does not exist")
         abs_paths.append(str(path))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"{manifest}: {problems[0]}{more}; paths must be files under {base}, relative to the manifest")
+        raise UserError(f"{manifest}: {problems[0]}{more}; list image files, relative to {base} or absolute")
     # Compared as resolved files, not as text: 'a/x.png' and './a/x.png' are one image listed twice.
     resolved = pd.Series(abs_paths)
     repeats = resolved[resolved.duplicated()]
@@ -262,7 +276,8 @@ def index_manifest(manifest: str | Path, group_col: str | None = None,
                         "keep one row per image")
     frame = pd.DataFrame({
         "path": abs_paths,
-        "relpath": [Path(p).relative_to(base).as_posix() for p in abs_paths],
+        # How the run folder names each image: from the manifest's folder, with ../ for images elsewhere.
+        "relpath": [Path(os.path.relpath(p, base)).as_posix() for p in abs_paths],
         "label": table["label"].str.strip(),
     })
     if (frame["label"] == "").any():
