@@ -363,3 +363,18 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
     proc = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True, text=True,
                           timeout=120, executable="/bin/bash")
     assert proc.stdout == "first\n" and proc.stderr == "exit 141\n", proc.stderr
+
+
+def test_a_warning_repeated_in_every_fold_is_printed_once(tmp_path, phantom_dir, capsys):
+    """Weights whose head fits another class count: the warning comes once per fold (and once to check them)."""
+    import torch
+
+    from ussf_lib.models import build_model
+
+    torch.save(build_model("us_sfnet_tiny", 3).state_dict(), tmp_path / "three_classes.pt")
+    code = main(["cv", "--manifest", str(phantom_dir / "manifest.csv"), "--group-col", "patient", "--model",
+                 "us_sfnet_tiny", "--weights", str(tmp_path / "three_classes.pt"), "--folds", "2", "--epochs", "1",
+                 "--image-size", "16", "--batch-size", "32", "--no-progress", "--out", str(tmp_path / "run")])
+    assert code == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "classifier head does not fit" in line]
+    assert len(warned) == 1 and warned[0].startswith("ussf cv: warning: ")

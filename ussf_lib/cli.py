@@ -538,12 +538,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _one_line_warnings(command: str) -> Callable[..., None]:
-    """A ``warnings.showwarning`` that prints ``ussf CMD: warning: message`` as one line on stderr."""
+    """A ``warnings.showwarning`` that prints ``ussf CMD: warning: message`` as one line on stderr, each text once.
+
+    Python's own once-per-place filter forgets what it showed whenever code enters ``warnings.catch_warnings``
+    (loading weights does, once per fold), so repeats are dropped here by their text.
+    """
+    shown: set[str] = set()
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         kind = "" if issubclass(category, UserWarning) else f"{category.__name__}: "
-        text = " ".join(str(message).split())
-        print(f"ussf {command}: warning: {kind}{text}", file=file or sys.stderr)
+        text = f"ussf {command}: warning: {kind}{' '.join(str(message).split())}"
+        if text not in shown:
+            shown.add(text)
+            print(text, file=file or sys.stderr)
 
     return show
 
