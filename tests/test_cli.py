@@ -378,3 +378,16 @@ def test_a_warning_repeated_in_every_fold_is_printed_once(tmp_path, phantom_dir,
     assert code == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "classifier head does not fit" in line]
     assert len(warned) == 1 and warned[0].startswith("ussf cv: warning: ")
+
+
+def test_progress_bars_only_on_a_terminal_unless_turned_off(monkeypatch):
+    import argparse
+
+    from ussf_lib.cli import build_parser, show_progress
+
+    parser = build_parser()
+    default, off = parser.parse_args(["cv", "--data", "d"]), parser.parse_args(["cv", "--data", "d", "--no-progress"])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert show_progress(default) is True and show_progress(off) is False
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)  # a log file: no bar fragments in it
+    assert show_progress(default) is False and show_progress(argparse.Namespace(progress=None)) is False

@@ -141,7 +141,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _add_compile_options(p)
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
     p.add_argument("--weights", dest="weights_path", metavar="FILE", help="local state-dict file to start from (nothing is downloaded)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (default: bars only when stderr is a terminal)")
     p.add_argument("--eval-every", type=_positive_int, default=1, metavar="N",
                    help="evaluate on the test fold every N epochs and after the last")
     p.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="N",
@@ -236,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dup-threshold", "--threshold", dest="threshold", type=int, default=4, metavar="BITS",
                    help="near-duplicate: hash distance in bits at most this (as ussf cv)")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (default: a bar only when stderr is a terminal)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("main-job", help="`make run`: the notebooks on phantom data; 04 cross-validates a CPU-sized US-SFNet")
@@ -297,7 +299,15 @@ def cv_config_from_args(args: argparse.Namespace, **settings: Any) -> CVConfig:
     """The :class:`CVConfig` the shared training flags describe, plus ``settings`` (out, model)."""
     from ussf_lib.experiment import CVConfig
 
-    return CVConfig(**{name: getattr(args, name) for name in _CV_FLAG_SETTINGS}, **settings)
+    values = {name: getattr(args, name) for name in _CV_FLAG_SETTINGS}
+    values["progress"] = show_progress(args)
+    return CVConfig(**values, **settings)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars unless ``--no-progress``, and only on a terminal: redirected to a log, a bar's
+    carriage-return redraws would fill it with fragments."""
+    return args.progress is not False and sys.stderr.isatty()
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
@@ -307,7 +317,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
         cfg = load_config(args.resume)
         typed = _typed_settings(args)
         _refuse_changed_settings(args, cfg, typed)
-        cfg.out, cfg.progress = absolute_path(args.resume), args.progress
+        cfg.out, cfg.progress = absolute_path(args.resume), show_progress(args)
         for name in sorted(_resume_free_flags() & typed):  # where it runs, not what it computes: the new value wins
             value = getattr(args, name)
             setattr(cfg, name, absolute_path(value) if name == "cache_dir" else value)
@@ -449,7 +459,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     index = load_index(data, args.manifest, classes=args.classes)
     if args.out:
         index.check_outside(args.out, "--out")  # before the slow part
-    result = audit_index(index, args.hash_size, args.threshold, progress=args.progress, skip_bad=args.skip_bad)
+    result = audit_index(index, args.hash_size, args.threshold, progress=show_progress(args), skip_bad=args.skip_bad)
     print(result.describe())
     if args.out:
         written = write_audit(result, args.out)
