@@ -255,3 +255,11 @@ def test_a_paired_test_without_spread_reads_undefined_not_significant():
            "t": res.t, "p_value": res.p_value, "naive_p_value": res.naive_p_value}
     text = paired_markdown(pd.DataFrame([row]))
     assert text.count("undefined (no spread)") == 3 and "0.000" not in text and "inf" not in text
+
+
+def test_report_on_a_comparison_folder_points_to_its_models(comparison, capsys):
+    assert main(["report", str(comparison)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ussf report: error: {comparison}: is a comparison folder; report one of its models "
+                   f"(`ussf report {comparison / 'densenet121'}`, ...), or rebuild its tables with "
+                   f"`ussf compare --out {comparison} --tables-only`")

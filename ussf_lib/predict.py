@@ -34,6 +34,10 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     :class:`UserError`.
     """
     path = Path(path)
+    if path.is_dir():
+        folds = sorted(path.glob("folds/*/checkpoint.pt"))
+        hint = f"pass one fold's checkpoint, e.g. {folds[0]}" if folds else "pass RUN/folds/K/checkpoint.pt of a `ussf cv` run"
+        raise UserError(f"{path}: is a folder, not a checkpoint; {hint}")
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint; pass RUN/folds/K/checkpoint.pt of a `ussf cv` run")
     try:

@@ -30,6 +30,11 @@ def run_classes(run_dir: str | Path) -> list[str]:
     """
     path = Path(run_dir) / "classes.json"
     if not path.is_file():
+        if (Path(run_dir) / "compare.json").is_file():  # a comparison holds one run folder per model
+            models = sorted(p.parent.name for p in Path(run_dir).glob("*/classes.json"))
+            example = f"`ussf report {Path(run_dir) / models[0]}`, " if models else ""
+            raise UserError(f"{run_dir}: is a comparison folder; report one of its models ({example}...), or rebuild "
+                            f"its tables with `ussf compare --out {run_dir} --tables-only`")
         raise UserError(f"{run_dir}: no classes.json; pass a run folder written by `ussf cv`")
     return json.loads(path.read_text())
 
