@@ -52,7 +52,7 @@ EXPECTED_FILES = {
     "04_train_cross_validation": ["metrics.json", "per_fold.csv", "run/summary.json", "run/learning_curves.png",
                                   "run/results.md"],
     "05_evaluate_confusion_matrices": ["metrics.json", "confusion_per_fold.png", "confusion_pooled.png",
-                                       "table2.csv", "roc.png"],
+                                       "table2.md", "roc.png"],
     "06_compare_baselines": ["metrics.json", "compare/table1.md", "compare/table2.md", "compare/paired.md",
                              "compare/per_class_bars.png", "compare/us_sfnet_tiny/summary.json",
                              "compare/densenet121/summary.json"],
