@@ -59,6 +59,20 @@ def test_predict_command_prints_probabilities(cli_run, phantom_dir, capsys):
     assert len(rows) == 3 and all(abs(sum(map(float, r[2:])) - 1) < 1e-4 for r in rows)
 
 
+def test_predict_on_a_folder_counts_the_files_it_leaves_out(cli_run, phantom_dir, tmp_path, capsys):
+    folder = tmp_path / "new"
+    (folder / "sub").mkdir(parents=True)
+    for i, image in enumerate(sorted((phantom_dir / "benign").glob("*.png"))[:2]):
+        shutil.copy(image, folder / "sub" / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(cli_run / "folds" / "0" / "checkpoint.pt"), str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 1 + 2  # header and the two images, from the sub-folder too
+    assert captured.err.strip() == (f"ussf predict: warning: {folder}: ignored 1 non-image file(s), e.g. notes.txt "
+                                    "(images are .bmp, .jpeg, .jpg, .png, .tif, .tiff)")
+
+
 def test_predict_reproduces_the_folds_own_predictions(cli_run, phantom_dir, capsys):
     # Same checkpoint, same test images: predict must resize and normalize exactly as the fold's evaluation did.
     fold = pd.read_csv(cli_run / "folds" / "0" / "predictions.csv").head(8)

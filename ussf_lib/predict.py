@@ -99,13 +99,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", expect
 
 
 def expand_inputs(items: Sequence[str | Path]) -> list[Path]:
-    """Image files given directly, plus every image inside given folders (recursively, hidden entries skipped)."""
+    """Image files given directly, plus every image inside given folders (recursively, hidden entries skipped;
+    other files in them are left out with a warning that counts them, as ``ussf cv`` counts them)."""
     paths: list[Path] = []
     for item in items:
         item = Path(item)
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                            and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            files = [p for p in item.rglob("*") if p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(item).parts)]
+            images = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if len(images) < len(files):
+                other = next(p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS)
+                warnings.warn(f"{item}: ignored {len(files) - len(images)} non-image file(s), e.g. {other.name} "
+                              f"(images are {', '.join(sorted(IMAGE_EXTENSIONS))})", stacklevel=2)
+            paths += images
         elif item.is_file():
             paths.append(item)
         else:
