@@ -247,10 +247,12 @@ def execute_notebook(notebook: str | os.PathLike, output: str | os.PathLike, par
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         # The kernel's own log (not the notebook's output) warns on every start that its local TCP sockets are
-        # unencrypted; only its errors reach the terminal.
+        # unencrypted, and at times logs "KeyboardInterrupt caught in kernel" as an error when it is shut down
+        # after the last cell. Neither concerns the notebook, whose failures papermill reports (below); only a
+        # critical kernel message reaches the terminal.
         papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters), kernel_name=KERNEL_NAME,
                                    progress_bar=progress, log_output=False, cwd=str(cwd or notebook.parent),
-                                   extra_arguments=["--IPKernelApp.log_level=ERROR"])
+                                   extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except PapermillExecutionError as exc:
         raise NotebookError(f"{notebook.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
                             f"(traceback in the executed copy {output})") from None
