@@ -198,3 +198,20 @@ def test_cli_flags_reach_the_bench_settings(monkeypatch, capsys):
     assert cfg.models == ("us_sfnet_tiny", "densenet121") and cfg.image_size == 48 and cfg.batch_size == 6
     assert cfg.iters == 4 and cfg.warmup == 2 and cfg.compile and cfg.compile_scope == "blocks"
     assert cfg.amp == "bf16" and cfg.channels_last and cfg.device == "cpu"
+
+
+def test_profiler_chatter_is_held_back_and_other_stderr_lines_pass(capfd):
+    import os
+
+    with bench._without_profiler_chatter():
+        os.write(2, b"USDT:2026-11-26 12:25:27 31517:31517 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
+        os.write(2, b"ERROR:2026-11-26 08:47:55 23978:23978 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n")
+        os.write(2, b"a real problem\n")
+    assert capfd.readouterr().err == "a real problem\n"
+    device = torch.device("cpu")  # and a real profile on this CPU: the FFT share, without Kineto's lines
+    cfg = BenchConfig(models=("us_sfnet_tiny",), fft_model="us_sfnet_tiny", image_size=32, batch_size=2,
+                      profile_iters=1)
+    share = bench.fft_share(cfg, device)
+    assert 0 < share["fft_share"] < 1
+    err = capfd.readouterr().err
+    assert "USDT:" not in err and "gpuGetDeviceCount" not in err, err

@@ -34,9 +34,12 @@ a shared machine are noisy; compare figures only within one run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import platform
+import re
 import resource
 import sys
 import tempfile
@@ -247,6 +250,33 @@ def _self_time(event: Any, device: torch.device) -> float:
     return float(event.self_cpu_time_total)
 
 
+#: What torch's profiler back end (Kineto) writes straight to the process's stderr on every profile: its start and
+#: stop markers, and, on a machine without a GPU, that it found none. Not messages for the user.
+KINETO_NOISE = re.compile(r"^(USDT|STAGE):\S+ \S+ \S+ \S+\.cpp:\d+\] |^ERROR:.*gpuGetDeviceCount failed")
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Hold back file descriptor 2 while the profiler runs, then pass on every line but :data:`KINETO_NOISE`.
+
+    Kineto writes from C++ to the descriptor itself, so ``sys.stderr`` redirection cannot catch it.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines():
+                if not KINETO_NOISE.search(line):
+                    print(line, file=sys.stderr)
+
+
 def fft_share(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     """Share of ``cfg.fft_model``'s training-step time spent in FFT operators (``aten::_fft_*``), via torch.profiler."""
     from torch.autograd import DeviceType
@@ -259,7 +289,7 @@ def fft_share(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     started = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with _without_profiler_chatter(), profile(activities=activities) as prof:
         for _ in range(cfg.profile_iters):
             step()
         _sync(device)
