@@ -37,16 +37,20 @@ def test_to_gray_scales_uint8_and_averages_channels():
 
 @pytest.mark.parametrize("k_x,k_y", [(5, 0), (0, 9), (12, 0)])
 def test_radial_spectrum_of_a_cosine_peaks_at_its_frequency(k_x, k_y):
-    freqs, power = spectra.radial_power_spectrum(cosine(k_x, k_y))
+    k = max(k_x, k_y)
+    freqs, power = spectra.radial_power_spectrum(cosine(k_x, k_y), window=False)
     assert freqs[0] == pytest.approx(1 / N) and freqs[-1] == pytest.approx(0.5)
-    assert freqs[np.argmax(power)] == pytest.approx(max(k_x, k_y) / N)
+    assert freqs[np.argmax(power)] == pytest.approx(k / N)
     assert np.count_nonzero(power > 1e-9 * power.max()) == 1  # all energy in one ring
+    freqs, power = spectra.radial_power_spectrum(cosine(k_x, k_y))  # the Hann window's main lobe: rings k-1..k+1
+    assert freqs[np.argmax(power)] == pytest.approx(k / N)
+    assert power[k - 2:k + 1].sum() >= 0.999 * power.sum()
 
 
 def test_power_spectrum_obeys_parseval_and_ignores_the_mean():
     rng = np.random.default_rng(0)
     img = rng.normal(3.0, 2.0, (N, N))
-    power = spectra.power_spectrum(img)
+    power = spectra.power_spectrum(img, window=False)
     assert power.sum() == pytest.approx(img.size * img.var())
     assert power[0, 0] == pytest.approx(0.0, abs=1e-9)
     freqs, radial = spectra.radial_power_spectrum(np.full((N, N), 7.0))
@@ -102,11 +106,26 @@ def test_magnitude_phase_swap_keeps_magnitudes_and_swaps_back():
         spectra.swap_magnitude_phase(a, b[:-1])
 
 
-def test_log_magnitude_spectrum_is_centred():
-    img = np.random.default_rng(4).random((N, N)) + 1.0
-    spec = spectra.log_magnitude_spectrum(img)
+def test_log_magnitude_spectrum_is_centred_without_its_mean():
+    spec = spectra.log_magnitude_spectrum(cosine(4) + 5.0)
     assert spec.shape == (N, N)
-    assert np.unravel_index(np.argmax(spec), spec.shape) == (N // 2, N // 2)
+    peaks = {tuple(int(v) for v in np.unravel_index(i, spec.shape)) for i in np.argsort(spec.ravel())[-2:]}
+    assert peaks == {(N // 2, N // 2 - 4), (N // 2, N // 2 + 4)}  # +-4 cycles across, around the centre
+    assert spec[N // 2, N // 2] == pytest.approx(0.0, abs=1e-9)  # the mean (+5) is removed
+    assert np.allclose(spectra.log_magnitude_spectrum(np.full((N, N), 3.0)), 0.0)
+
+
+def test_the_window_keeps_the_border_jump_out_of_the_spectrum():
+    """A smooth ramp down the image: the FFT sees a periodic saw-tooth whose jump leaks power along fx = 0 up to
+    the Nyquist frequency; the Hann taper removes that leakage."""
+    ramp = np.repeat(np.linspace(0.0, 1.0, N)[:, None], N, axis=1)
+    above = ~spectra.lowpass_mask((N, N), 0.25)
+    share_above = lambda power: power[above].sum() / power.sum()  # noqa: E731
+    tapered = share_above(spectra.power_spectrum(ramp))
+    assert tapered == pytest.approx(spectra.high_frequency_fraction(ramp, 0.25))
+    assert share_above(spectra.power_spectrum(ramp, window=False)) > 100 * tapered and tapered < 1e-3
+    line = lambda spec: spec[: N // 2 - 8, N // 2].mean()  # far from the centre on the fx = 0 column  # noqa: E731
+    assert line(spectra.log_magnitude_spectrum(ramp, window=False)) > 1.0 > 0.1 > line(spectra.log_magnitude_spectrum(ramp))
 
 
 def test_class_spectra_and_bands():
@@ -119,7 +138,7 @@ def test_class_spectra_and_bands():
     assert list(means) == ["smooth", "rough"] and means["smooth"].shape == (N, N)
 
     table = spectra.radial_spectra_by_class(images, labels, ["smooth", "rough"])
-    assert list(table.columns) == ["group", "frequency", "mean", "lower", "upper", "n"]
+    assert list(table.columns) == ["group", "frequency", "mean", "lower", "upper", "n", "confidence"]
     assert (table["lower"] <= table["mean"]).all() and (table["mean"] <= table["upper"]).all()
     assert set(table["n"]) == {6}
     peak = table.loc[table.groupby("group")["mean"].idxmax()].set_index("group")["frequency"]
@@ -149,7 +168,10 @@ def test_figures_are_saved(tmp_path):
         spectra.plot_frequency_split(img, 0.1, title="x", out=tmp_path / "split.png"),
         spectra.plot_swap(img, img.T, out=tmp_path / "swap.png"),
     ]
-    image_clim, low_clim, high_clim = (ax.images[0].get_clim() for ax in figs[2].axes)
+    image_clim, low_clim, high_clim = (ax.images[0].get_clim() for ax in figs[2].axes[:3])
+    assert figs[2].axes[3].get_ylabel() == "high-pass value (grey = 0)"  # the signed panel's colour bar
+    legend = figs[1].axes[0].get_legend()
+    assert legend.get_title().get_text() == "band: 95 % CI of the mean"
     assert image_clim == low_clim == (img.min(), img.max())  # what the low-pass keeps, on the image's scale
     assert high_clim[0] == -high_clim[1] and high_clim[1] > 0  # the high-pass part, centred on zero
     for fig in figs:

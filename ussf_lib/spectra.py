@@ -10,8 +10,13 @@ Conventions
 * Frequencies are in **cycles per pixel** (0 = constant, 0.5 = Nyquist), as ``numpy.fft.fftfreq`` gives them,
   so results at different image sizes share one axis. The radius of a frequency ``(fy, fx)`` is
   ``sqrt(fy**2 + fx**2)``.
-* The power spectrum is ``|fft2(image - mean)|**2 / (H * W)`` (the mean is removed, so the constant term does not
-  swamp the plot); by Parseval its sum is ``H * W`` times the image's variance.
+* Spectra are taken of the image tapered by a 2-D Hann window ``w`` (:func:`spectral_window`): the FFT treats an
+  image as periodic, so without a taper the jump from its bottom row to its top row (and last column to first)
+  spreads power along both frequency axes up to the Nyquist frequency, lines that say nothing about the tissue
+  (edge leakage). ``window=False`` gives the raw FFT.
+* The power spectrum is ``|fft2(w * (image - mean))|**2 / sum(w**2)`` (the mean is removed, so the constant term
+  does not swamp the plot): white noise of variance s² has power s² at every frequency. Without the window the
+  divisor is ``H * W`` and, by Parseval, the sum is ``H * W`` times the image's variance.
 * Radial profiles average the power over rings of width ``1 / min(H, W)`` centred on ``k / min(H, W)`` for
   ``k = 1 .. min(H, W) // 2``: a cosine of ``k`` cycles across the image peaks in ring ``k``.
 """
@@ -59,17 +64,39 @@ def radius_grid(shape: tuple[int, int]) -> np.ndarray:
     return np.sqrt(fy**2 + fx**2)
 
 
-def power_spectrum(image: np.ndarray, remove_mean: bool = True) -> np.ndarray:
-    """``|fft2(image)|**2 / (H * W)`` in fft2's unshifted layout (mean removed first unless told otherwise)."""
+def spectral_window(shape: tuple[int, int]) -> np.ndarray:
+    """2-D Hann window of ``shape`` (outer product of scipy's periodic Hann windows, made for spectral analysis)."""
+    from scipy.signal import get_window
+
+    return np.outer(get_window("hann", shape[0]), get_window("hann", shape[1]))
+
+
+def _tapered(image: np.ndarray, remove_mean: bool, window: bool) -> tuple[np.ndarray, float]:
+    """The image ready for fft2 (mean removed, Hann-tapered as asked) and the power normalization."""
     img = _check_image(image)
     if remove_mean:
         img = img - img.mean()
-    return np.abs(np.fft.fft2(img)) ** 2 / img.size
+    if not window:
+        return img, float(img.size)
+    w = spectral_window(img.shape)
+    return img * w, float(np.sum(w**2))
 
 
-def log_magnitude_spectrum(image: np.ndarray) -> np.ndarray:
-    """``log(1 + |fft2(image)|)``, shifted so the zero frequency sits in the centre (for display)."""
-    return np.fft.fftshift(np.log1p(np.abs(np.fft.fft2(_check_image(image)))))
+def power_spectrum(image: np.ndarray, remove_mean: bool = True, window: bool = True) -> np.ndarray:
+    """``|fft2(w * (image - mean))|**2 / sum(w**2)`` in fft2's unshifted layout (see the module's conventions;
+    ``window=False``: no taper, divided by ``H * W``)."""
+    img, norm = _tapered(image, remove_mean, window)
+    return np.abs(np.fft.fft2(img)) ** 2 / norm
+
+
+def log_magnitude_spectrum(image: np.ndarray, window: bool = True) -> np.ndarray:
+    """``log(1 + |fft2(w * (image - mean))|)``, shifted so the zero frequency sits in the centre (for display).
+
+    The mean is removed (else the one zero-frequency value would set the top of any colour scale) and the image is
+    Hann-tapered (else the border's jump draws bright lines along both axes); ``window=False`` leaves the taper out.
+    """
+    img, _ = _tapered(image, True, window)
+    return np.fft.fftshift(np.log1p(np.abs(np.fft.fft2(img))))
 
 
 def class_mean_log_spectra(images: np.ndarray, labels: Sequence[int], classes: Sequence[str]) -> dict[str, np.ndarray]:
@@ -100,9 +127,10 @@ def radial_profile(power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return k / n, sums[1:] / np.maximum(counts[1:], 1)
 
 
-def radial_power_spectrum(image: np.ndarray, remove_mean: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def radial_power_spectrum(image: np.ndarray, remove_mean: bool = True,
+                          window: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Radially averaged power spectrum of one image: ``(frequencies in cycles/pixel, mean power per ring)``."""
-    return radial_profile(power_spectrum(image, remove_mean=remove_mean))
+    return radial_profile(power_spectrum(image, remove_mean=remove_mean, window=window))
 
 
 def radial_spectra(groups: Mapping[str, np.ndarray], confidence: float = 0.95) -> pd.DataFrame:
@@ -111,7 +139,7 @@ def radial_spectra(groups: Mapping[str, np.ndarray], confidence: float = 0.95) -
     ``groups`` maps a name (a class, or "raw" / "smoothed") to a grayscale stack ``(N, H, W)`` of one image size.
     Each image's radial profile is taken in log10 (power spans decades); the band is ``mean ± t * sd / sqrt(N)``
     with Student's t at ``confidence`` and ``N - 1`` degrees of freedom (no band for a single image).
-    Returns a long table ``group, frequency, mean, lower, upper, n``.
+    Returns a long table ``group, frequency, mean, lower, upper, n, confidence``.
     Introduced in ``notebooks/02_image_spectra.ipynb``.
     """
     from scipy import stats
@@ -137,7 +165,7 @@ def radial_spectra(groups: Mapping[str, np.ndarray], confidence: float = 0.95) -
         else:
             half = np.full_like(mean, np.nan)
         frames.append(pd.DataFrame({"group": str(name), "frequency": freqs, "mean": mean,
-                                    "lower": mean - half, "upper": mean + half, "n": n}))
+                                    "lower": mean - half, "upper": mean + half, "n": n, "confidence": confidence}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -191,7 +219,7 @@ def swap_magnitude_phase(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def high_frequency_fraction(image: np.ndarray, cutoff: float) -> float:
-    """Share of the image's variance (power without the mean) at radial frequencies above ``cutoff``."""
+    """Share of the (Hann-tapered) image's variance at radial frequencies above ``cutoff``."""
     power = power_spectrum(image)
     total = power.sum()
     return float(power[~lowpass_mask(power.shape, cutoff)].sum() / total) if total > 0 else 0.0
@@ -260,9 +288,11 @@ def plot_radial_spectra(table: pd.DataFrame, title: str = "Radially averaged pow
     for name, rows in table.groupby("group", sort=False):
         line, = ax.plot(rows["frequency"], rows["mean"], label=f"{name} (n={int(rows['n'].iloc[0])})")
         ax.fill_between(rows["frequency"], rows["lower"], rows["upper"], color=line.get_color(), alpha=0.2)
-    ax.set(xlabel="radial frequency (cycles/pixel)", ylabel="log10 power", title=title)
+    ax.set(xlabel="radial frequency (cycles/pixel)", ylabel="mean of log10 power over images", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    level = table["confidence"].iloc[0] if "confidence" in table.columns and len(table) else None
+    ax.legend(fontsize="small", title=None if level is None else f"band: {100 * level:g} % CI of the mean",
+              title_fontsize="small")
     fig.tight_layout()
     save_figure(fig, out)
     return fig
@@ -277,17 +307,19 @@ def plot_frequency_split(image: np.ndarray, cutoff: float, title: str = "", out:
     """
     img = _check_image(image)
     low, high = split_frequencies(img, cutoff)
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.5), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.6), layout="constrained")
     shared = {"vmin": float(img.min()), "vmax": float(img.max())}
     spread = float(np.abs(high).max()) or 1.0
     panels = [(img, "image", shared), (low, f"low-pass (f <= {cutoff:g})", shared),
               (high, f"high-pass (f > {cutoff:g})", {"vmin": -spread, "vmax": spread})]
     for ax, (arr, name, scale) in zip(axes, panels):
-        ax.imshow(arr, cmap="gray", **scale)
-        ax.set_title(name)
+        shown = ax.imshow(arr, cmap="gray", **scale)
+        ax.set_title(name, fontsize="medium")
         ax.axis("off")
+    # The high-pass part is signed: its bar shows that mid-grey is 0.
+    fig.colorbar(shown, ax=axes[2], shrink=0.8, label="high-pass value (grey = 0)")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontweight="bold")
     save_figure(fig, out)
     return fig
 
@@ -299,10 +331,14 @@ def plot_swap(a: np.ndarray, b: np.ndarray, names: tuple[str, str] = ("A", "B"),
     """
     ab, ba = swap_magnitude_phase(a, b)
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
-    panels = [(a, names[0]), (b, names[1]), (ab, f"|{names[0]}|, phase of {names[1]}"),
-              (ba, f"|{names[1]}|, phase of {names[0]}")]
-    for ax, (arr, name) in zip(axes, panels):
-        ax.imshow(arr, cmap="gray")
+    # The two images on their own shared scale, so their brightness compares; the swaps' values fall outside
+    # it (a swap is not an image of the same range), so each is stretched and says so.
+    pair = {"vmin": float(min(np.min(a), np.min(b))), "vmax": float(max(np.max(a), np.max(b)))}
+    panels = [(a, names[0], pair), (b, names[1], pair),
+              (ab, f"|{names[0]}|, phase of {names[1]}\n(contrast-stretched)", {}),
+              (ba, f"|{names[1]}|, phase of {names[0]}\n(contrast-stretched)", {})]
+    for ax, (arr, name, scale) in zip(axes, panels):
+        ax.imshow(arr, cmap="gray", **scale)
         ax.set_title(name, fontsize="small")
         ax.axis("off")
     fig.tight_layout()
