@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import matplotlib
 
 matplotlib.use("Agg")
@@ -74,6 +75,22 @@ def test_patients_and_fold_check_on_the_phantom(phantom_dir):
     folder_index = load_index(data=phantom_dir)  # no groups: each image is its own group
     assert (explore.images_per_patient(folder_index)["images"] == 1).all()
     assert "images" in explore.fold_check(folder_index, 5)
+    # classes in the index's order (here the paper's: normal, benign, ...), as every per-class figure draws them
+    from ussf_lib.meta import PAPER_CLASSES
+
+    index = load_index(manifest=phantom_dir / "manifest.csv", group_col="patient", classes=list(PAPER_CLASSES))
+    per_patient = explore.images_per_patient(index)
+    assert list(dict.fromkeys(per_patient["label"])) == index.classes != sorted(index.classes)
+    import matplotlib.pyplot as plt
+
+    fig = explore.plot_images_per_patient(per_patient, grouped=True)
+    ax = fig.axes[0]
+    assert ax.get_title() == "Images per patient (group)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == index.classes[::-1]  # top of the stack first
+    plt.close(fig)
+    fig = explore.plot_images_per_patient(explore.images_per_patient(folder_index), grouped=False)
+    assert fig.axes[0].get_title() == "No patient ids: each image is its own group"
+    plt.close(fig)
 
 
 def test_figures_are_saved(tree, tmp_path):
@@ -87,6 +104,10 @@ def test_figures_are_saved(tree, tmp_path):
                                           out=tmp_path / "hist.png"),
         explore.plot_images_per_patient(explore.images_per_patient(tree), out=tmp_path / "patients.png"),
     ]
+    steps = figs[2].axes[0].patches  # every bin drawn, up to grey level 256
+    assert steps and max(patch.get_path().vertices[:, 0].max() for patch in steps) == pytest.approx(256.0)
+    count_labels = [t.get_text() for t in figs[0].axes[0].texts]
+    assert all(re.fullmatch(r"\d+ \(x[0-9.]+\)", t) for t in count_labels) and count_labels
     patients_ax = figs[3].axes[0]  # counts of images and patients: whole-number ticks only
     assert all(float(t).is_integer() for t in [*patients_ax.get_xticks(), *patients_ax.get_yticks()])
     for fig in figs:

@@ -111,14 +111,17 @@ def intensity_summary(images: np.ndarray, labels: Sequence[int], classes: Sequen
 
 
 def images_per_patient(index: ImageIndex) -> pd.DataFrame:
-    """One row per group (patient): ``group, label, images``. Without a group column every image is its own group.
+    """One row per group (patient): ``group, label, images``, in the index's class order (as every per-class
+    figure draws its classes). Without a group column every image is its own group.
 
     Introduced in ``notebooks/01_explore_data.ipynb``.
     """
     table = index.frame.groupby(["group", "label"]).size().rename("images").reset_index()
     labels_per_group = table.groupby("group")["label"].transform("nunique")
     table["mixed_labels"] = labels_per_group > 1
-    return table.sort_values(["label", "group"], kind="stable").reset_index(drop=True)
+    order = table["label"].map({c: k for k, c in enumerate(index.classes)})
+    return table.assign(_order=order).sort_values(["_order", "group"], kind="stable").drop(columns="_order") \
+        .reset_index(drop=True)
 
 
 def patient_summary(per_patient: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
@@ -164,9 +167,10 @@ def plot_class_counts(table: pd.DataFrame, out: str | Path | None = None) -> Fig
     """
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar(table["class"].astype(str), table["images"], color="tab:blue")
-    for bar, ratio in zip(bars, table["imbalance"]):
-        ax.annotate(f"x{ratio:g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                    va="bottom", fontsize="small")
+    for bar, count, ratio in zip(bars, table["images"], table["imbalance"]):
+        ax.annotate(f"{int(count)} (x{ratio:g})", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize="small")
+    ax.margins(y=0.15)  # room above the tallest bar for its label
     ax.set(ylabel="images", title="Images per class (xN: largest class / this class)")
     fig.tight_layout()
     save_figure(fig, out)
@@ -212,8 +216,10 @@ def plot_intensity_histograms(table: pd.DataFrame, out: str | Path | None = None
     """
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, rows in table.groupby("class", sort=False):
-        ax.step(rows["bin_left"], rows["density"], where="post", label=str(name))
-    ax.set(xlabel="grayscale value (0-255)", ylabel="density", title="Pixel intensities per class")
+        edges = np.append(rows["bin_left"].to_numpy(), rows["bin_right"].iloc[-1])  # every bin, the last included
+        ax.stairs(rows["density"].to_numpy(), edges, label=str(name))
+    ax.set(xlabel="grayscale value (0-255)", ylabel="fraction of pixels per grey level",
+           title="Pixel intensities per class")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -221,19 +227,23 @@ def plot_intensity_histograms(table: pd.DataFrame, out: str | Path | None = None
     return fig
 
 
-def plot_images_per_patient(per_patient: pd.DataFrame, out: str | Path | None = None) -> Figure:
-    """Histogram of images per patient, one colour per class (stacked).
+def plot_images_per_patient(per_patient: pd.DataFrame, grouped: bool = True, out: str | Path | None = None) -> Figure:
+    """Histogram of images per patient, one colour per class (stacked, legend in the stack's order).
 
-    Introduced in ``notebooks/01_explore_data.ipynb``.
+    ``grouped=False`` (data without patient ids, ``ImageIndex.has_groups``) says in the title that each image is
+    its own group, so one bar at 1 is not read as one image per patient. Introduced in
+    ``notebooks/01_explore_data.ipynb``.
     """
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
     groups = [(str(name), rows["images"].to_numpy()) for name, rows in per_patient.groupby("label", sort=False)]
     top = int(per_patient["images"].max()) if len(per_patient) else 1
     ax.hist([g[1] for g in groups], bins=np.arange(0.5, top + 1.5), stacked=True, label=[g[0] for g in groups])
-    ax.set(xlabel="images per patient", ylabel="patients", title="Images per patient (group)")
+    title = "Images per patient (group)" if grouped else "No patient ids: each image is its own group"
+    ax.set(xlabel="images per patient", ylabel="patients" if grouped else "groups", title=title)
     whole_number_ticks(ax.xaxis, range(1, top + 1))  # counts: whole numbers only
     whole_number_ticks(ax.yaxis)
-    ax.legend(fontsize="small")
+    # Beside the axes, top entry = top of the stack.
+    ax.legend(fontsize="small", reverse=True, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     save_figure(fig, out)
     return fig
