@@ -15,6 +15,7 @@ from ussf_lib.errors import UserError
 from ussf_lib.plots import (
     plot_confusion,
     plot_confusion_pair,
+    plot_fold_confusions,
     plot_learning_curves,
     plot_per_class_bars,
     plot_roc,
@@ -124,15 +125,18 @@ def test_learning_curves_lines_per_fold(tmp_path):
 
 
 def test_learning_curves_skip_epochs_without_validation():
-    hist = _history(6)
+    hist = _history(30)
     hist.loc[hist["epoch"] % 3 != 0, ["val_loss", "val_acc"]] = np.nan  # as written by --eval-every 3
     fig = plot_learning_curves({0: hist})
     for ax, metric in zip(fig.axes, ("loss", "acc")):
         train_line, val_line = ax.lines
-        assert list(train_line.get_xdata()) == [1, 2, 3, 4, 5, 6]
-        assert list(val_line.get_xdata()) == [3, 6]
+        assert list(train_line.get_xdata()) == list(range(1, 31))
+        assert list(val_line.get_xdata()) == list(range(3, 31, 3))
         np.testing.assert_allclose(val_line.get_ydata(), hist[f"val_{metric}"].dropna())
-        assert val_line.get_marker() == "o" and train_line.get_marker() in ("None", None, "")
+        assert val_line.get_marker() == "s" and train_line.get_marker() in ("None", None, "")
+    plt.close(fig)
+    fig = plot_learning_curves({0: _history(1)})  # one epoch: single points, visible only as markers
+    assert all(line.get_marker() not in ("None", None, "") for ax in fig.axes for line in ax.lines)
     plt.close(fig)
 
 
@@ -198,3 +202,16 @@ def test_per_class_bars(tmp_path):
 
     with pytest.raises(UserError, match="model"):
         plot_per_class_bars(table.drop(columns="model"))
+
+
+def test_fold_confusions_share_one_count_scale(tmp_path):
+    small, large = np.array([[2, 1], [0, 3]]), np.array([[7, 0], [1, 8]])
+    fig = plot_fold_confusions({0: small, 1: large}, ["a", "b"], title="m: each fold", out=tmp_path / "folds.png")
+    assert_png(tmp_path / "folds.png")
+    heatmaps = [ax for ax in fig.axes if ax.get_title()]  # not the colour bars
+    count_maps, fraction_maps = heatmaps[0::2], heatmaps[1::2]
+    assert [ax.get_title() for ax in count_maps] == ["fold 0: counts", "fold 1: counts"]
+    assert all(ax.collections[0].get_clim() == (0.0, 8.0) for ax in count_maps)  # equal shade, equal count
+    assert all(ax.collections[0].get_clim() == (0.0, 1.0) for ax in fraction_maps)
+    assert fig._suptitle.get_text() == "m: each fold"
+    plt.close(fig)

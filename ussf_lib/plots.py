@@ -82,11 +82,13 @@ def plot_confusion(
     title: str | None = None,
     ax: Axes | None = None,
     out: PathLike | None = None,
+    vmax: float | None = None,
 ) -> Figure:
     """Heatmap of a confusion matrix (rows = true, columns = predicted), each cell annotated.
 
     Counts are annotated as integers; with ``normalize=True`` each row is divided by its sum (the per-class
     sensitivity sits on the diagonal) and annotated with two decimals; a class with no samples shows zeros.
+    ``vmax`` fixes the top of the count scale (panels meant to be compared share it; fractions always end at 1).
     Draws on ``ax`` when given, else on a new figure. Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``.
     """
     classes = [str(c) for c in classes]
@@ -99,7 +101,7 @@ def plot_confusion(
     if normalize:
         data, fmt, vmax = _row_normalise(arr), ".2f", 1.0
     else:
-        data, fmt, vmax = np.asarray(arr).astype(np.int64), "d", None
+        data, fmt = np.asarray(arr).astype(np.int64), "d"
     sns.heatmap(
         data, annot=True, fmt=fmt, cmap="Blues", vmin=0.0, vmax=vmax, square=True, cbar=True,
         cbar_kws={"label": "fraction of the true class" if normalize else "images"},
@@ -135,6 +137,25 @@ def plot_confusion_pair(
     return fig
 
 
+def plot_fold_confusions(per_fold: Mapping[int | str, np.ndarray], classes: Sequence[str], title: str | None = None,
+                         out: PathLike | None = None) -> Figure:
+    """One row per fold: counts (one colour scale for every fold, so equal shades are equal counts) beside the
+    row-normalized matrix. Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``."""
+    if not per_fold:
+        raise UserError("no folds to plot; pass {fold: confusion matrix}")
+    top = max(float(np.max(cm)) for cm in per_fold.values()) or 1.0
+    size = max(4.0, 0.9 * len(classes) + 2.0)
+    fig, axes = plt.subplots(len(per_fold), 2, figsize=(2 * size + 2.0, size * len(per_fold) + 0.4), squeeze=False)
+    for row, (fold, cm) in zip(axes, per_fold.items()):
+        plot_confusion(cm, classes, title=f"fold {fold}: counts", ax=row[0], vmax=top)
+        plot_confusion(cm, classes, normalize=True, title=f"fold {fold}: row-normalized", ax=row[1])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, out)
+    return fig
+
+
 _HISTORY_REQUIRED = ("epoch", "train_loss", "train_acc")
 
 
@@ -155,15 +176,18 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
                             "epoch, train_loss, train_acc and optionally val_loss, val_acc")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     palette = sns.color_palette(n_colors=max(len(histories), 1))
+    # With few epochs a line is a few points (one epoch: a single point, invisible without a marker).
+    few = max((len(h) for h in histories.values()), default=0) <= 20
     for color, (fold, hist) in zip(palette, histories.items()):
         for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
             ax.plot(hist["epoch"], hist[f"train_{metric}"], color=color, linestyle="-",
-                    label=f"fold {fold} train")
+                    marker="o" if few else None, markersize=4, label=f"fold {fold} train")
             if f"val_{metric}" in hist.columns:
                 # A run made with --eval-every N has validation figures on some epochs only.
                 val = hist[["epoch", f"val_{metric}"]].dropna()
                 ax.plot(val["epoch"], val[f"val_{metric}"], color=color, linestyle="--",
-                        marker="o" if len(val) < len(hist) else None, markersize=3, label=f"fold {fold} val")
+                        marker="s" if few or len(val) < len(hist) else None, markersize=4,
+                        markerfacecolor="none", label=f"fold {fold} val")
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
     epochs = sorted({int(e) for hist in histories.values() for e in hist["epoch"]})
@@ -172,8 +196,9 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
         whole_number_ticks(ax.xaxis, epochs)
     # One legend beside both panels (colour = fold, line style = part), so no curve is hidden under it.
     handles = [Line2D([], [], color=c, label=f"fold {fold}") for c, fold in zip(palette, histories)]
-    handles += [Line2D([], [], color="0.3", linestyle="-", label="train"),
-                Line2D([], [], color="0.3", linestyle="--", label="test (val_* columns)")]
+    handles += [Line2D([], [], color="0.3", linestyle="-", marker="o" if few else None, label="train"),
+                Line2D([], [], color="0.3", linestyle="--", marker="s" if few else None, markerfacecolor="none",
+                       label="test (val_* columns)")]
     fig.tight_layout(rect=(0.0, 0.0, 0.84, 1.0))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.845, 0.5), fontsize="small", frameon=False)
     save_figure(fig, out)
@@ -199,7 +224,7 @@ def plot_roc(pred: pd.DataFrame, classes: Sequence[str], out: PathLike | None = 
     """
     classes = [str(c) for c in classes]
     y_true, probs = _frame_to_arrays(pred, classes)
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
     palette = sns.color_palette(n_colors=len(classes))
     for k, (cls, color) in enumerate(zip(classes, palette)):
         positives = y_true == k
@@ -210,9 +235,12 @@ def plot_roc(pred: pd.DataFrame, classes: Sequence[str], out: PathLike | None = 
         else:
             ax.plot([], [], color=color, label=f"{cls} (AUC n/a)")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="False positive rate (1 - specificity)",
+    # A little beyond [0, 1], so curves running along an edge are not hidden under the frame.
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.02), xlabel="False positive rate (1 - specificity)",
            ylabel="True positive rate (sensitivity)", title="One-vs-rest ROC, all predictions pooled")
-    ax.legend(loc="lower right", fontsize="small")
+    # Beside the axes: a weak model's curves run through the lower right, where a legend would sit on them.
+    ax.legend(title="pooled AUC (tables: mean over folds)", title_fontsize="small", fontsize="small",
+              loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, out)
