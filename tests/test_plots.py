@@ -162,7 +162,7 @@ def test_roc_legend_auc_matches_sklearn(tmp_path):
 
 def test_per_class_bars(tmp_path):
     rows = []
-    for model, base in (("us_sfnet", 0.9), ("resnet18", 0.8), ("paper", 0.85)):
+    for model, base in (("us_sfnet", 0.9), ("resnet18", 0.8), ("us_sfnet (paper)", 0.85)):
         for i, cls in enumerate(CLASSES):
             row = {"model": model, "class": cls}
             for m in ("precision", "sensitivity", "specificity", "f1"):
@@ -170,7 +170,7 @@ def test_per_class_bars(tmp_path):
                 row[f"{m}_std"] = 0.01
             rows.append(row)
     table = pd.DataFrame(rows)
-    table.loc[table["model"] == "paper", ["f1_mean", "f1_std"]] = np.nan  # the paper has no per-class F1
+    table.loc[table["model"] == "us_sfnet (paper)", ["f1_mean", "f1_std"]] = np.nan  # the paper has no per-class F1
     out = tmp_path / "bars.png"
     fig = plot_per_class_bars(table, out=out)
     assert_png(out)
@@ -181,8 +181,11 @@ def test_per_class_bars(tmp_path):
     heights = sorted(round(p.get_height(), 6) for p in panels[0].patches)
     assert heights == sorted(round(v, 6) for v in table["precision_mean"])
     assert all(ax.get_ylim() == (0.0, 1.02) for ax in panels)  # one bounded scale: fractions here
-    assert panels[0].get_ylabel() == "mean ± std over folds"  # what the bars and the error bars are
-    assert fig.legends and [t.get_text() for t in fig.legends[0].get_texts()] == ["us_sfnet", "resnet18", "paper"]
+    assert panels[0].get_ylabel() == "mean ± std over folds (fraction)"  # what the bars and error bars are
+    assert fig.legends and [t.get_text() for t in fig.legends[0].get_texts()] == ["us_sfnet", "resnet18",
+                                                                               "us_sfnet (paper)"]
+    hatched = [bar for bar in panels[0].patches if bar.get_hatch()]  # the reported figures, not a third model
+    assert len(hatched) == 3 and {bar.get_hatch() for bar in hatched} == {"///"}
     plt.close(fig)
 
     wide = table.assign(precision_mean=0.95, precision_std=0.2)  # a std past the bound: the bar stops at 1
@@ -193,7 +196,7 @@ def test_per_class_bars(tmp_path):
 
     fig = plot_per_class_bars(table.drop(columns=[c for c in table if c.endswith("_std")]),
                               metric_cols=("precision",))
-    assert len(fig.axes[0].patches) == 9 and fig.axes[0].get_ylabel() == "mean over folds"
+    assert len(fig.axes[0].patches) == 9 and fig.axes[0].get_ylabel() == "mean over folds (fraction)"
     plt.close(fig)
     percent = table.assign(**{c: table[c] * 100 for c in table if c.endswith(("_mean", "_std"))})
     fig = plot_per_class_bars(percent, metric_cols=("precision",))

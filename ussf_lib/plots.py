@@ -298,11 +298,14 @@ def plot_per_class_bars(
                 err = np.where(np.isfinite(err), err, 0.0)[keep]
                 err = np.vstack([np.minimum(err, heights[keep]), np.minimum(err, top - heights[keep])])
             offset = (j - (len(levels) - 1) / 2) * width
-            ax.bar(x[keep] + offset, heights[keep], width=width, yerr=err, capsize=2, color=color, label=level)
+            # Reported figures (e.g. "densenet121 (paper)", from other data) are hatched, not another model's colour.
+            reported = level.endswith("(paper)")
+            ax.bar(x[keep] + offset, heights[keep], width=width, yerr=err, capsize=2, label=level,
+                   color="white" if reported else color, edgecolor=color, hatch="///" if reported else None)
         ax.set_xticks(x, classes)
         ax.set_title(metric)
         spread = " ± std" if f"{metric}_std" in keyed.columns else ""
-        ax.set_ylabel(f"mean{spread} over folds" + (" (%)" if top == 100.0 else ""))
+        ax.set_ylabel(f"mean{spread} over folds" + (" (%)" if top == 100.0 else " (fraction)"))
         ax.grid(axis="y", alpha=0.3)
         ax.set_ylim(0.0, top * 1.02)
         ax.yaxis.set_tick_params(labelleft=True)
