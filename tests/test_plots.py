@@ -15,6 +15,7 @@ from ussf_lib.errors import UserError
 from ussf_lib.plots import (
     plot_confusion,
     plot_confusion_pair,
+    plot_feature_maps,
     plot_fold_confusions,
     plot_learning_curves,
     plot_per_class_bars,
@@ -218,3 +219,21 @@ def test_fold_confusions_share_one_count_scale(tmp_path):
     assert all(ax.collections[0].get_clim() == (0.0, 1.0) for ax in fraction_maps)
     assert fig._suptitle.get_text() == "m: each fold"
     plt.close(fig)
+
+
+def test_feature_maps_each_on_a_scale_symmetric_about_zero(tmp_path):
+    import torch
+
+    maps = {"x": torch.randn(1, 2, 8, 8), "tiny": 1e-3 * torch.randn(1, 2, 8, 8), "plain": np.arange(16.0).reshape(4, 4) - 3}
+    fig = plot_feature_maps(maps, channel=1, out=tmp_path / "maps.png")
+    assert_png(tmp_path / "maps.png")
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == ["x, channel 1", "tiny, channel 1", "plain, channel 1"]
+    for ax, value in zip(panels, (maps["x"][0, 1].numpy(), maps["tiny"][0, 1].numpy(), maps["plain"])):
+        low, high = ax.images[0].get_clim()
+        assert low == -high == pytest.approx(-np.abs(value).max())  # its own scale, white at 0
+        assert ax.images[0].get_cmap().name == "RdBu_r"
+    assert len(fig.axes) == 2 * len(maps)  # a colour bar per panel
+    plt.close(fig)
+    with pytest.raises(UserError, match="has shape"):
+        plot_feature_maps({"bad": np.zeros(5)})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import matplotlib
@@ -201,6 +202,32 @@ def plot_learning_curves(histories: Mapping[int | str, pd.DataFrame], out: PathL
                        label="test (val_* columns)")]
     fig.tight_layout(rect=(0.0, 0.0, 0.84, 1.0))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.845, 0.5), fontsize="small", frameon=False)
+    save_figure(fig, out)
+    return fig
+
+
+def plot_feature_maps(maps: Mapping[str, Any], channel: int = 0, out: PathLike | None = None) -> Figure:
+    """One panel per named feature map, each on its own colour scale symmetric about 0, with its colour bar.
+
+    A map is a tensor or array ``(B, C, H, W)`` (the first image's ``channel`` is drawn) or ``(H, W)``. Feature
+    maps are signed, hence a diverging colour map with white at 0; their amplitudes differ by orders of magnitude
+    between branches, so a shared scale would hide the small ones, and each bar gives its panel's values.
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
+    """
+    if not maps:
+        raise UserError("no feature maps to plot; pass {name: tensor (B, C, H, W) or array (H, W)}")
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.3 * len(maps), 3.2), squeeze=False, layout="constrained")
+    for ax, (name, value) in zip(axes[0], maps.items()):
+        arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value, dtype=np.float64)
+        if arr.ndim == 4:
+            arr = arr[0, channel]
+        if arr.ndim != 2:
+            raise UserError(f"feature map {name!r} has shape {arr.shape}; pass (B, C, H, W) or (H, W)")
+        spread = float(np.abs(arr).max()) or 1.0
+        shown = ax.imshow(arr, cmap="RdBu_r", vmin=-spread, vmax=spread)
+        ax.set_title(f"{name}, channel {channel}", fontsize="small")
+        ax.axis("off")
+        fig.colorbar(shown, ax=ax, shrink=0.8)
     save_figure(fig, out)
     return fig
 
