@@ -193,8 +193,6 @@ def test_a_manifests_data_are_its_folder_and_its_image_folders_so_runs_may_sit_b
     (project / "data.csv").write_text("path,label\nimages/benign/b1.png,benign\nimages/benign/deeper/b2.png,benign\n"
                                      "images/malignant/m1.png,malignant\n")
     index = data.index_manifest(project / "data.csv")
-    assert index.image_folders() == {project / "images", project / "images/benign", project / "images/benign/deeper",
-                                     project / "images/malignant"}
     assert index.check_outside(project / "runs" / "cv1", "--out") == project / "runs" / "cv1"
     assert index.check_outside(project / "other", "--out") == project / "other"
     for out, hit in ((project, project), (project / "images", project / "images"),
@@ -206,7 +204,6 @@ def test_a_manifests_data_are_its_folder_and_its_image_folders_so_runs_may_sit_b
     Image.new("L", (8, 8)).save(project / "loose.png")
     with pytest.raises(UserError, match=f"--out {project / 'runs'}: is inside the data folder {project};"):
         data.index_manifest(project / "flat.csv").check_outside(project / "runs", "--out")  # images beside it
-    assert data.index_folder(project / "images").image_folders() is None  # a tree is data throughout
     with pytest.raises(UserError, match="inside the data folder"):
         data.index_folder(project / "images").check_outside(project / "images" / "run", "--out")
 
@@ -218,24 +215,54 @@ def test_a_manifest_may_list_images_elsewhere_which_are_then_data_too(tmp_path):
         _save(shared / rel)
     project = tmp_path / "project"
     project.mkdir()
-    (project / "subset.csv").write_text(f"path,label\n../shared/busi/benign/b1.png,benign\n"
-                                        f"{shared / 'malignant' / 'm2.png'},malignant\n")
+    rows = f"path,label\n../shared/busi/benign/b1.png,benign\n{shared / 'malignant' / 'm2.png'},malignant\n"
+    (project / "subset.csv").write_text(rows)
     index = data.index_manifest(project / "subset.csv")
-    assert index.frame["relpath"].tolist() == ["../shared/busi/benign/b1.png", "../shared/busi/malignant/m2.png"]
-    assert index.image_folders() == {shared}  # the folder holding them all
+    # named by absolute path: the same images get the same names wherever the manifest is kept
+    assert index.frame["relpath"].tolist() == [str(shared / "benign/b1.png"), str(shared / "malignant/m2.png")]
+    (project / "deeper").mkdir()
+    (project / "deeper" / "subset.csv").write_text(rows.replace("../shared", "../../shared"))
+    moved = data.index_manifest(project / "deeper" / "subset.csv")
+    assert moved.frame["relpath"].tolist() == index.frame["relpath"].tolist()
+    assert data.fingerprint(moved) == data.fingerprint(index)
     assert index.check_outside(project / "runs", "--out") == project / "runs"
-    for out in (shared / "runs", shared / "benign" / "x"):
+    for out in (shared / "runs", shared / "benign" / "x"):  # the folder holding them all is data
         with pytest.raises(UserError, match=f"is inside the data folder {shared};"):
             index.check_outside(out, "--out")
-    # images from two places whose common folder (tmp_path) also holds the manifest: each image's own folder
-    _save(tmp_path / "other" / "o1.png")
-    (project / "mixed.csv").write_text(f"path,label\n../shared/busi/benign/b1.png,benign\n../other/o1.png,malignant\n")
-    mixed = data.index_manifest(project / "mixed.csv")
-    assert mixed.image_folders() == {shared / "benign", tmp_path / "other"}
-    assert mixed.check_outside(project / "runs", "--out") == project / "runs"
-    assert mixed.check_outside(tmp_path / "runs", "--out") == tmp_path / "runs"
-    with pytest.raises(UserError, match=f"is inside the data folder {tmp_path / 'other'};"):
-        mixed.check_outside(tmp_path / "other" / "run", "--out")
+
+
+def test_a_manifest_kept_inside_a_data_set_may_write_only_in_its_own_branch(tmp_path):
+    dataset = tmp_path / "dataset"
+    for rel in ("benign/b1.png", "malignant/m1.png"):
+        _save(dataset / rel)
+    (dataset / "sub").mkdir()
+    (dataset / "sub" / "data.csv").write_text("path,label\n../benign/b1.png,benign\n../malignant/m1.png,malignant\n")
+    index = data.index_manifest(dataset / "sub" / "data.csv")
+    assert index.check_outside(dataset / "sub" / "run", "--out") == dataset / "sub" / "run"
+    for out in (dataset, dataset / "runs", dataset / "benign" / "x"):
+        with pytest.raises(UserError, match=f"is inside the data folder {dataset};"):
+            index.check_outside(out, "--out")
+    with pytest.raises(UserError, match=f"is inside the data folder {dataset / 'sub'};"):
+        index.check_outside(dataset / "sub", "--out")  # the manifest's own folder
+
+
+def test_symlinked_images_make_both_their_listed_folder_and_their_target_data(tmp_path):
+    target = tmp_path / "store"
+    for name in ("b1.png", "m1.png"):
+        _save(target / name)
+    project = tmp_path / "project"
+    for cls, name in (("benign", "b1.png"), ("malignant", "m1.png")):
+        (project / "images" / cls).mkdir(parents=True)
+        (project / "images" / cls / name).symlink_to(target / name)
+    (project / "data.csv").write_text("path,label\nimages/benign/b1.png,benign\nimages/malignant/m1.png,malignant\n")
+    index = data.index_manifest(project / "data.csv")
+    assert index.frame["relpath"].tolist() == ["images/benign/b1.png", "images/malignant/m1.png"]  # as listed
+    assert index.frame["path"].tolist() == [str(target / "b1.png"), str(target / "m1.png")]  # the files read
+    assert index.check_outside(project / "runs", "--out") == project / "runs"
+    for out, hit in ((project / "images" / "benign" / "run", project / "images" / "benign"),
+                     (target / "run", target)):
+        with pytest.raises(UserError, match=f"is inside the data folder {hit};"):
+            index.check_outside(out, "--out")
 
 
 def test_decode_cache_is_not_reused_after_an_image_changes(tree, tmp_path):

@@ -102,7 +102,7 @@ def default_run_dir(name: str) -> str:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="class-folder tree ROOT/<class>/<image>")
-    src.add_argument("--manifest", help="CSV with columns path,label (paths relative to the CSV's folder)")
+    src.add_argument("--manifest", help="CSV with columns path,label (paths relative to the CSV's folder, or absolute)")
     p.add_argument("--group-col", help="manifest column with a patient/group id; folds never split a group")
     p.add_argument("--classes", type=_csv_list, help="class order, comma-separated (default: sorted names)")
 

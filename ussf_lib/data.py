@@ -2,10 +2,11 @@
 
 Two ways to describe a dataset, both read in place (nothing is ever written into a data folder):
 
-* a class-folder tree ``ROOT/<class>/*.{png,bmp,jpg,jpeg,tif,tiff}``; hidden entries (``.ipynb_checkpoints``)
-  and non-image files are skipped and counted;
+* a class-folder tree ``ROOT/<class>/**/*.{png,bmp,jpg,jpeg,tif,tiff}``; hidden entries
+  (``.ipynb_checkpoints``) and non-image files are skipped and counted;
 * a CSV manifest with columns ``path,label`` and an optional group column (patient id), paths relative to
-  the manifest's folder.
+  the manifest's folder or absolute, pointing anywhere (:meth:`ImageIndex.check_outside` says which folders
+  then count as data).
 
 Every image is converted to RGB and resized to ``image_size`` exactly once; training then reads batches from
 the uint8 array (see :func:`decode_images`) and normalizes them on the training device
@@ -43,9 +44,11 @@ MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 class ImageIndex:
     """The images of a dataset with their labels, before any pixel is read.
 
-    ``frame`` has one row per image with columns ``path`` (absolute), ``relpath`` (relative to ``root``, forward
-    slashes), ``label`` (class name), ``target`` (index into ``classes``) and ``group`` (patient id, or the
-    relative path itself when no group is known, so every image is its own group).
+    ``frame`` has one row per image with columns ``path`` (absolute, symlinks resolved: the file read),
+    ``relpath`` (the image's name in run folders: relative to ``root`` with forward slashes, or for a manifest's
+    image outside its folder the absolute path as listed), ``label`` (class name), ``target`` (index into
+    ``classes``) and ``group`` (patient id, or the name itself when no group is known, so every image is its own
+    group).
     """
 
     frame: pd.DataFrame
@@ -75,40 +78,44 @@ class ImageIndex:
         keep = np.asarray(keep, dtype=bool)
         return dataclasses.replace(self, frame=self.frame[keep].reset_index(drop=True), ignored=dict(self.ignored))
 
-    def image_folders(self) -> set[Path] | None:
-        """For a manifest, the folders that hold its data; ``None`` for a class-folder tree, which is all data.
-
-        Images under the manifest's folder: the folders holding them and those between them and the manifest's
-        folder (which is one of them only when it holds images itself). Images elsewhere (``../``, absolute
-        paths: a subset of a shared data set): the one folder holding them all, or, when that folder would
-        also hold the manifest, each image's own folder.
-        """
-        if self.source != "manifest":
-            return None
-        folders: set[Path] = set()
-        outside: set[Path] = set()
-        for folder in {Path(p).parent for p in self.frame["path"]}:
-            if folder != self.root and self.root not in folder.parents:
-                outside.add(folder)
-                continue
-            while folder not in folders:
-                folders.add(folder)
-                if folder == self.root or folder.parent == self.root:
-                    break
-                folder = folder.parent
-        if outside:
-            common = Path(os.path.commonpath([str(f) for f in outside]))
-            holds_manifest = common == self.root or common in self.root.parents
-            folders |= outside if holds_manifest or common == Path(common.anchor) else {common}
-        return folders
+    def listed_paths(self) -> list[Path]:
+        """Each image's path as the manifest lists it (``..`` folded, symlinks kept), or as the tree holds it."""
+        return [Path(name) if Path(name).is_absolute() else self.root / name for name in self.frame["relpath"]]
 
     def check_outside(self, folder: str | Path, flag: str) -> Path:
-        """Raise :class:`UserError` when ``folder`` (an output) lies inside the data; returns it resolved.
+        """Raise :class:`UserError` when ``folder`` (an output) lies in the data; returns it resolved.
 
-        The data are a tree's whole root; for a manifest, its own folder and the folders holding its images, so a
-        run folder may sit beside them (``project/runs`` next to ``project/images`` and ``project/data.csv``).
+        A tree's data are its whole root. A manifest's (``M`` its folder) are: ``M`` itself; under ``M``, the
+        folders holding its images and those between them and ``M`` (all of ``M`` if images lie directly in it),
+        so ``M/runs`` may sit beside ``M/images``; and for images elsewhere (``../``, absolute paths, the targets
+        of symlinks), the one folder holding all of those, except ``M``'s own branch when that folder also holds
+        ``M`` (a manifest kept beside or inside a data set). Nothing is ever written into a user's data.
         """
-        return check_outside(folder, self.root, flag, self.image_folders())
+        if self.source != "manifest":
+            return check_outside(folder, self.root, flag)
+        folder, root = Path(folder).expanduser().resolve(), self.root
+        image_dirs = {p.parent for p in self.listed_paths()} | {Path(p).parent for p in self.frame["path"]}
+        inner: set[Path] = set()
+        elsewhere: set[Path] = set()
+        for image_dir in image_dirs:
+            if image_dir != root and root not in image_dir.parents:
+                elsewhere.add(image_dir)
+                continue
+            while image_dir not in inner:  # the image's folder up to, not including, M (unless M holds it)
+                inner.add(image_dir)
+                if image_dir == root or image_dir.parent == root:
+                    break
+                image_dir = image_dir.parent
+        hit = root if folder == root else next((f for f in (folder, *folder.parents) if f in inner), None)
+        if hit is None and elsewhere:
+            common = Path(os.path.commonpath([str(f) for f in elsewhere]))
+            in_common = folder == common or common in folder.parents
+            in_manifests_branch = folder == root or root in folder.parents
+            hit = common if in_common and not in_manifests_branch else None
+        if hit is not None:
+            raise UserError(f"{flag} {folder}: is inside the data folder {hit}; nothing is written into the data, "
+                            "choose a folder outside it")
+        return folder
 
     def describe(self) -> str:
         """One line: how many images, per class, and what was ignored."""
@@ -120,20 +127,12 @@ class ImageIndex:
         )
 
 
-def check_outside(folder: str | Path, root: str | Path, flag: str, image_folders: set[Path] | None = None) -> Path:
-    """Raise :class:`UserError` when the output ``folder`` lies in the data; returns ``folder`` resolved.
-
-    Without ``image_folders`` (a class-folder tree) the data are ``root`` and everything inside it. With them (a
-    manifest's, :meth:`ImageIndex.image_folders`) the data are ``root`` itself, where the manifest lies, and those
-    folders with everything inside them. Nothing is ever written into a user's data.
-    """
+def check_outside(folder: str | Path, root: str | Path, flag: str) -> Path:
+    """Raise :class:`UserError` when the output ``folder`` is ``root`` (a data folder) or inside it; returns
+    ``folder`` resolved. A manifest's data are wider than its folder: :meth:`ImageIndex.check_outside`."""
     folder, root = Path(folder).expanduser().resolve(), Path(root).resolve()
-    if image_folders is None:
-        hit = root if folder == root or root in folder.parents else None
-    else:
-        hit = root if folder == root else next((f for f in (folder, *folder.parents) if f in image_folders), None)
-    if hit is not None:
-        raise UserError(f"{flag} {folder}: is inside the data folder {hit}; nothing is written into the data, "
+    if folder == root or root in folder.parents:
+        raise UserError(f"{flag} {folder}: is inside the data folder {root}; nothing is written into the data, "
                         "choose a folder outside it")
     return folder
 
@@ -254,9 +253,13 @@ def index_manifest(manifest: str | Path, group_col: str | None = None,
     if table.empty:
         raise UserError(f"{manifest}: the manifest has no rows; add one row per image")
     base = manifest.parent.resolve()
-    abs_paths, problems = [], []
+    abs_paths, names, problems = [], [], []
     for rel in table["path"]:
-        path = (base / rel).resolve()
+        listed = Path(os.path.normpath(base / rel))  # as written, ``..`` folded, symlinks kept
+        path = listed.resolve()
+        # The image's name in the run folder: its path from the manifest's folder, or its absolute path when it
+        # lies elsewhere, so that folds and fingerprints do not depend on where the manifest is kept.
+        names.append(listed.relative_to(base).as_posix() if base in listed.parents else listed.as_posix())
         if not rel.strip():
             problems.append("a row has an empty path")
         elif path.is_dir():
@@ -276,8 +279,7 @@ def index_manifest(manifest: str | Path, group_col: str | None = None,
                         "keep one row per image")
     frame = pd.DataFrame({
         "path": abs_paths,
-        # How the run folder names each image: from the manifest's folder, with ../ for images elsewhere.
-        "relpath": [Path(os.path.relpath(p, base)).as_posix() for p in abs_paths],
+        "relpath": names,
         "label": table["label"].str.strip(),
     })
     if (frame["label"] == "").any():
