@@ -189,6 +189,17 @@ def test_folds_made_here_that_test_no_image_of_a_class_say_so(phantom_dir, tmp_p
         compute_splits(_cfg(phantom_dir, tmp_path / "t", folds=3, group_col=None), log=logs.append)
 
 
+def test_reused_splits_record_their_groups_only_where_the_folds_kept_them_whole(run_dir, phantom_dir, tmp_path):
+    table = pd.read_csv(run_dir / "splits.csv")
+    table["group"] = "one_group_in_every_fold"  # a group column these folds do not keep whole
+    table.to_csv(tmp_path / "odd.csv", index=False)
+    out = run_cv(_cfg(phantom_dir, tmp_path / "tree", manifest=None, group_col=None, data=str(phantom_dir),
+                      splits=str(tmp_path / "odd.csv")), log=lambda _: None)
+    written = pd.read_csv(out / "splits.csv")
+    assert (written["group"] == written["path"]).all()  # every image its own group, not the file's false one
+    assert (written.groupby("group")["fold"].nunique() == 1).all()
+
+
 def test_splits_with_another_fold_count_are_refused_before_any_work(run_dir, phantom_dir, tmp_path):
     with pytest.raises(UserError, match=r"splits.csv: has 2 folds but --folds is 3; make them agree"):
         run_cv(_cfg(phantom_dir, tmp_path / "x", folds=3, splits=str(run_dir / "splits.csv")), log=lambda _: None)

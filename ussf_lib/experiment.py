@@ -41,7 +41,7 @@ from ussf_lib.models import build_model
 from ussf_lib.models.registry import check_image_size, list_models
 from ussf_lib.provenance import environment_info
 from ussf_lib.report import write_report
-from ussf_lib.train import DeviceImages, TrainConfig, select_device, seed_everything, train_fold
+from ussf_lib.train import DeviceImages, TrainConfig, process_batch_size, select_device, seed_everything, train_fold
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -269,10 +269,15 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
                                 f"more than one fold (e.g. {split_patients[0]!r}), so a patient would be tested on "
                                 "images it trained on; drop --splits to make grouped folds, or pass splits made "
                                 "with this group column")
-            groups = index.frame["group"].to_numpy()  # the data's own groups, not those of the file's run
-        else:
-            groups = (table["group"].astype(str).to_numpy(dtype=object) if "group" in table
+        # splits.csv records what the folds keep whole: the file's groups where its folds kept them whole (a
+        # resumed run's patients joined with duplicate clusters), joined with this data's patients.
+        file_groups = table["group"].astype(str).to_numpy(dtype=object) if "group" in table else None
+        file_whole = file_groups is not None and not cv_mod.leaking_groups(file_groups, folds)
+        if index.has_groups:
+            groups = (cv_mod.merge_groups(index.frame["group"], file_groups) if file_whole
                       else index.frame["group"].to_numpy())
+        else:
+            groups = file_groups if file_whole else index.frame["group"].to_numpy()
         if clusters is not None:
             leaks = cv_mod.leaking_groups(clusters, folds)
             if leaks:
@@ -368,8 +373,9 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
         if ctx.world == 1:
             log(f"data-parallel over 1 process ({backend}): the distributed path with nothing to split")
         else:
+            _, uneven = process_batch_size(cfg.batch_size, ctx.world)
             log(f"data-parallel over {ctx.world} processes ({backend}); "
-                f"each global batch of {cfg.batch_size} is split between them")
+                + (uneven or f"each global batch of {cfg.batch_size} is split between them"))
     dev_images = DeviceImages(prepared.images, device)
     targets = index.targets
     folds = prepared.folds
@@ -381,7 +387,7 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
             continue
         fold_dir.mkdir(parents=True, exist_ok=True)
         train_idx, test_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        seed_everything(cfg.seed * 1000 + k)  # same initial weights whatever ran before this fold
+        seed_everything(cfg.seed * 1000 + k, cfg.deterministic)  # same initial weights whatever ran before
         model = build_model(cfg.model, len(index.classes), image_size=cfg.image_size,
                             weights_path=cfg.weights_path, **cfg.model_kwargs)
         result = train_fold(model, dev_images, targets, train_idx, test_idx, train_cfg, mean, std, device=device,

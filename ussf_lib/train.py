@@ -387,9 +387,7 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
     # kernel queued before it, so copies made per step would keep the host from queueing the next step early.
     targets_dev = torch.tensor(targets, dtype=torch.int64, device=device)
     mean_t, std_t = normalization_on(device, mean, std)
-    local_batch, batch_note = process_batch_size(cfg.batch_size, ctx.world)
-    if batch_note and fold == 0:
-        log(batch_note)
+    local_batch, _ = process_batch_size(cfg.batch_size, ctx.world)  # run_cv logs a global batch that grows
     probs = np.zeros((len(test_idx), 0))
     # The checkpoint is written while the next epoch trains; leaving the block waits for the last write.
     with CheckpointWriter(background=True) as writer:
