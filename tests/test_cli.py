@@ -405,3 +405,27 @@ def test_progress_bars_only_on_a_terminal_unless_turned_off(monkeypatch):
     assert show_progress(default) is True and show_progress(off) is False
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)  # a log file: no bar fragments in it
     assert show_progress(default) is False and show_progress(argparse.Namespace(progress=None)) is False
+
+
+def test_a_broken_pipe_other_than_stdout_is_not_taken_for_a_reader_that_stopped(monkeypatch):
+    import socket
+
+    import ussf_lib.cli as cli
+
+    def send_to_a_closed_peer(args):
+        left, right = socket.socketpair()
+        right.close()
+        left.sendall(b"x" * 1_000_000)  # a worker's pipe: its failure must not end the command quietly
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser_calling(send_to_a_closed_peer))
+    with pytest.raises(BrokenPipeError):
+        cli.main(["models"])
+
+
+def _parser_calling(func):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("models").set_defaults(func=func)
+    return parser

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 import time
 import warnings
@@ -565,6 +566,17 @@ def _one_line_warnings(command: str) -> Callable[..., None]:
     return show
 
 
+def _stdout_is_broken() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it), without writing to it."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # replaced by an object without a descriptor (a notebook, a test)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -588,8 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ussf {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:
-        # The reader went away (`ussf models | head -1`): stop quietly, as shell tools do, and keep Python from
-        # complaining again when it flushes stdout at exit.
+        # The reader of stdout went away (`ussf models | head -1`): stop quietly, as shell tools do, and keep
+        # Python from complaining again when it flushes stdout at exit. Any other pipe (a worker's) is a failure.
+        if not _stdout_is_broken():
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except OSError as exc:
