@@ -203,11 +203,19 @@ def test_cli_flags_reach_the_bench_settings(monkeypatch, capsys):
 def test_profiler_chatter_is_held_back_and_other_stderr_lines_pass(capfd):
     import os
 
-    with bench._without_profiler_chatter():
-        os.write(2, b"USDT:2026-11-26 12:25:27 31517:31517 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
-        os.write(2, b"ERROR:2026-11-26 08:47:55 23978:23978 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n")
-        os.write(2, b"a real problem\n")
-    assert capfd.readouterr().err == "a real problem\n"
+    no_gpu = b"ERROR:2026-11-26 08:47:55 23978:23978 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n"
+    for device, kept in ((torch.device("cpu"), b""), (torch.device("cuda"), no_gpu)):  # on CUDA it is a problem
+        with bench._without_profiler_chatter(device):
+            os.write(2, b"USDT:2026-11-26 12:25:27 31517:31517 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
+            os.write(2, no_gpu)
+            os.write(2, b"a real problem\n")
+        assert capfd.readouterr().err == (kept + b"a real problem\n").decode()
+    with pytest.raises(RuntimeError, match="boom"):  # an error inside passes through, and stderr is restored
+        with bench._without_profiler_chatter(torch.device("cpu")):
+            os.write(2, b"said before the error\n")
+            raise RuntimeError("boom")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "said before the error\nafter\n"
     device = torch.device("cpu")  # and a real profile on this CPU: the FFT share, without Kineto's lines
     cfg = BenchConfig(models=("us_sfnet_tiny",), fft_model="us_sfnet_tiny", image_size=32, batch_size=2,
                       profile_iters=1)

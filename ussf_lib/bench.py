@@ -43,6 +43,7 @@ import re
 import resource
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,30 +252,47 @@ def _self_time(event: Any, device: torch.device) -> float:
 
 
 #: What torch's profiler back end (Kineto) writes straight to the process's stderr on every profile: its start and
-#: stop markers, and, on a machine without a GPU, that it found none. Not messages for the user.
-KINETO_NOISE = re.compile(r"^(USDT|STAGE):\S+ \S+ \S+ \S+\.cpp:\d+\] |^ERROR:.*gpuGetDeviceCount failed")
+#: stop markers. Not messages for the user.
+KINETO_MARKERS = re.compile(r"^(USDT|STAGE):\S+ \S+ \S+ \S+\.cpp:\d+\] ")
+#: Kineto's note, on a machine without a GPU, that it found none: expected there, a real problem on CUDA.
+KINETO_NO_GPU = re.compile(r"^ERROR:.*gpuGetDeviceCount failed")
 
 
 @contextlib.contextmanager
-def _without_profiler_chatter():
-    """Hold back file descriptor 2 while the profiler runs, then pass on every line but :data:`KINETO_NOISE`.
+def _without_profiler_chatter(device: torch.device):
+    """Route file descriptor 2 through a pipe while the profiler runs; a thread passes every line on as it
+    arrives except Kineto's markers (and, off CUDA, its no-GPU note).
 
-    Kineto writes from C++ to the descriptor itself, so ``sys.stderr`` redirection cannot catch it.
+    Kineto writes from C++ to the descriptor itself, so ``sys.stderr`` redirection cannot catch it. Lines are
+    forwarded at once, so a crash loses nothing already written; where descriptor 2 cannot be duplicated
+    (closed, or a host without descriptors) nothing is filtered.
     """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            for line in held.read().decode(errors="replace").splitlines():
-                if not KINETO_NOISE.search(line):
-                    print(line, file=sys.stderr)
+    noise = [KINETO_MARKERS] + ([KINETO_NO_GPU] if device.type != "cuda" else [])
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    read_end, write_end = os.pipe()
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not any(pattern.search(line.decode(errors="replace")) for pattern in noise):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the thread reads to its end
+        thread.join(timeout=5)
+        os.close(saved)
 
 
 def fft_share(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
@@ -289,7 +307,7 @@ def fft_share(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     started = time.perf_counter()
-    with _without_profiler_chatter(), profile(activities=activities) as prof:
+    with _without_profiler_chatter(device), profile(activities=activities) as prof:
         for _ in range(cfg.profile_iters):
             step()
         _sync(device)
