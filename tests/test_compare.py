@@ -47,7 +47,7 @@ def test_compare_writes_both_tables_the_chart_and_the_paired_test(comparison):
         steps = sum(pd.read_csv(f)["train_seconds"].sum() for f in (comparison / model).glob("folds/*/history.csv"))
         assert t1.set_index("model").at[model, "train_seconds"] == pytest.approx(steps, abs=0.051)
     # meta.paper_table1() prints the paper's 90.59 %
-    assert t1.set_index("model").at["densenet121", "paper_accuracy_mean"] == pytest.approx(0.9059)
+    assert t1.set_index("model").at["densenet121", "paper_accuracy_mean"] == 0.9059  # exactly, as printed
     assert pd.isna(t1.set_index("model").at["us_sfnet_tiny", "paper_accuracy_mean"])
     t2 = pd.read_csv(comparison / "table2.csv")
     assert len(t2) == 2 * 4 and set(t2["class"]) == {"normal", "benign", "primary", "metastatic"}
@@ -263,3 +263,10 @@ def test_report_on_a_comparison_folder_points_to_its_models(comparison, capsys):
     assert err == (f"ussf report: error: {comparison}: is a comparison folder; report one of its models "
                    f"(`ussf report {comparison / 'densenet121'}`, ...), or rebuild its tables with "
                    f"`ussf compare --out {comparison} --tables-only`")
+
+
+def test_predict_given_a_comparison_folder_names_a_checkpoint_inside_it(comparison, capsys):
+    assert main(["predict", "--checkpoint", str(comparison), str(comparison / "splits.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ussf predict: error: {comparison}: is a folder, not a checkpoint; pass one fold's "
+                          f"checkpoint, e.g. {comparison}/") and err.endswith("/folds/0/checkpoint.pt")

@@ -276,7 +276,10 @@ def test_frequency_branch_passes_gradcheck_in_float64(fft_norm, hw):
 
 def test_whole_model_runs_in_float64():
     model = build_model("us_sfnet_tiny", 4).double().eval()
-    assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert model(x).dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast lowers float32 only, here as in every other layer
+        assert model(x).dtype == torch.float64
 
 
 def test_torch_compile_traces_without_graph_breaks():

@@ -79,6 +79,12 @@ def _fraction(value) -> float:
     return math.nan if value is None else float(value)
 
 
+def _from_percent(value) -> float:
+    """A figure the paper prints in percent (two decimals) as a fraction, without float noise (0.9289, not
+    0.9289000000000001)."""
+    return round(float(value) / 100, 6)
+
+
 def _run_settings(run_dir: Path) -> dict:
     path = run_dir / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -112,7 +118,7 @@ def table1(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame
             stats = summary.get(m) or {}
             row[f"{m}_mean"], row[f"{m}_std"] = _fraction(stats.get("mean")), _fraction(stats.get("std"))
         for s in ("mean", "std"):  # the paper prints percent
-            row[f"paper_accuracy_{s}"] = reported[f"accuracy_{s}"].get(name, math.nan) / 100 if same_task else math.nan
+            row[f"paper_accuracy_{s}"] = _from_percent(reported[f"accuracy_{s}"].get(name, math.nan)) if same_task else math.nan
         row["train_seconds"] = round(_train_seconds(out / name), 1)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -141,7 +147,7 @@ def table2(out: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame
                 for s in ("mean", "std"):
                     key = (name, row["class"])
                     known = same_task and key in reported.index
-                    row[f"paper_{m}_{s}"] = float(reported.at[key, f"{m}_{s}"]) / 100 if known else math.nan
+                    row[f"paper_{m}_{s}"] = _from_percent(reported.at[key, f"{m}_{s}"]) if known else math.nan
             rows.append(row)
     return pd.DataFrame(rows)
 

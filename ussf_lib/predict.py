@@ -35,7 +35,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     """
     path = Path(path)
     if path.is_dir():
-        folds = sorted(path.glob("folds/*/checkpoint.pt"))
+        folds = sorted(path.glob("folds/*/checkpoint.pt")) or sorted(path.glob("*/folds/*/checkpoint.pt"))  # a run, a comparison
         hint = f"pass one fold's checkpoint, e.g. {folds[0]}" if folds else "pass RUN/folds/K/checkpoint.pt of a `ussf cv` run"
         raise UserError(f"{path}: is a folder, not a checkpoint; {hint}")
     if not path.is_file():

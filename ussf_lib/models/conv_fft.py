@@ -115,7 +115,8 @@ class FrequencyBranch(nn.Module):
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         no_autocast = torch.autocast(device_type=device_type, enabled=False)
         conv_dtype = _fft_dtype(x.dtype)
-        if self.freq_autocast and torch.is_autocast_enabled(device_type):
+        # Autocast leaves float64 alone (it lowers float32 only), so a float64 model stays float64 here too.
+        if self.freq_autocast and torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
             conv_dtype = torch.get_autocast_dtype(device_type)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         stacked = _RealSpectrum.apply(x, self.fft_norm, conv_dtype, fmt)  # (B, 2C, H, W//2+1): [real | imag]
