@@ -114,6 +114,16 @@ def test_a_global_batch_split_over_processes_says_when_it_grows():
                                     "batch holds 66; use a multiple of 3 for exactly 64")
 
 
+def test_a_batch_of_one_on_a_1x1_map_is_a_clear_error():
+    x, y = _toy(n=12)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4), nn.Flatten(),
+                        nn.Linear(4, 2))
+    with pytest.raises(UserError, match=r"--batch-size 1: a batch of 1 image\(s\) leaves BatchNorm one value"):
+        train_fold(net, x, y, np.arange(8), np.arange(8, 12), TrainConfig(epochs=1, batch_size=1, progress=False),
+                   MEAN, STD, torch.device("cpu"), log=lambda _: None)
+
+
 def test_seed_everything_sets_the_deterministic_mode_both_ways(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:

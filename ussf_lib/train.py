@@ -413,9 +413,16 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
                 if dynamic_batch:
                     mark_batch_dynamic(x)
                 y = targets_dev[chunk]
-                with autocast(device, cfg.amp):
-                    logits = step_model(x)
-                    loss = loss_fn(logits.float(), y)
+                try:
+                    with autocast(device, cfg.amp):
+                        logits = step_model(x)
+                        loss = loss_fn(logits.float(), y)
+                except ValueError as exc:
+                    if "more than 1 value per channel" not in str(exc):
+                        raise
+                    raise UserError(f"--batch-size {cfg.batch_size}: a batch of {len(chunk)} image(s) leaves "
+                                    "BatchNorm one value per channel on the model's smallest feature map; use "
+                                    "--batch-size 2 or more, or a larger --image-size") from None
                 if dist_mod.any_nonfinite(loss, ctx):
                     if ckpt_path is not None and ctx.is_main:
                         atomic_save({"model": model.state_dict(), "epoch": epoch, "batch": b},
