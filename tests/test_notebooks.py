@@ -354,6 +354,12 @@ def test_notebook_metrics_hold_the_expected_numbers(executed):
     m05 = json.loads((out / "05_evaluate_confusion_matrices" / "metrics.json").read_text())
     assert sum(map(sum, m05["confusion_pooled"])) == 64
     assert m05["accuracy"] == m04["accuracy"]
+    m06 = json.loads((out / "06_compare_baselines" / "metrics.json").read_text())
+    assert m06["reference_model"] == "us_sfnet_tiny"  # us_sfnet is not compared: the first model
+    summary = json.loads((out / "06_compare_baselines" / "compare" / "us_sfnet_tiny" / "summary.json").read_text())
+    for m in ("accuracy", "f1", "auc"):  # what a sweep of 06 collects: the reference model's summary
+        assert m06[m]["mean"] == pytest.approx(summary[m]["mean"]) and m06[m]["std"] == pytest.approx(summary[m]["std"])
+    assert set(m06["accuracy_by_model"]) == {"us_sfnet_tiny", "densenet121"}
 
 
 def _nbval(notebooks: list[Path], cwd: Path) -> subprocess.CompletedProcess:

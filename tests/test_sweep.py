@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -197,3 +198,19 @@ def test_a_notebook_without_a_parameters_cell_is_refused(tmp_path):
     with pytest.raises(UserError, match="plain.ipynb: has no cell tagged 'parameters'"):
         run_sweep(plain, {"SEED": [0]}, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_results_read_headline_metrics_and_warn_about_a_run_without_them(tmp_path):
+    import json
+
+    from ussf_lib.sweep import collect_results
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps({"accuracy": {"mean": 0.5, "std": 0.1}, "f1": 0.4}))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.json").write_text(json.dumps({"accuracy_by_model": {"m": 0.5}}))
+    with pytest.warns(UserWarning, match=r"b/metrics.json: holds none of accuracy, precision"):
+        table = collect_results(tmp_path, [("a", {"SEED": 0}), ("b", {"SEED": 1})]).set_index("run")
+    assert table.at["a", "accuracy_mean"] == 0.5 and table.at["a", "accuracy_std"] == 0.1
+    assert table.at["a", "f1_mean"] == 0.4 and np.isnan(table.at["a", "f1_std"])
+    assert np.isnan(table.at["b", "accuracy_mean"])

@@ -43,7 +43,10 @@ REFERENCE_MODEL = PAPER_MODEL
 
 
 def reference_model(models: Sequence[str]) -> str:
-    """``us_sfnet`` when compared, else the first model listed."""
+    """``us_sfnet`` when compared, else the first model listed.
+
+    Introduced in ``notebooks/06_compare_baselines.ipynb``.
+    """
     return REFERENCE_MODEL if REFERENCE_MODEL in models else models[0]
 
 

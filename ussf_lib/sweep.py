@@ -36,6 +36,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -284,8 +285,12 @@ def collect_results(out: str | os.PathLike, runs: list[tuple[str, dict[str, Any]
             continue
         record = out / name / "sweep.json"
         seconds = json.loads(record.read_text()).get("seconds") if record.is_file() else None
-        rows.append({"run": name, **params, **_metric_columns(json.loads(metrics_file.read_text())),
-                     "seconds": seconds})
+        columns = _metric_columns(json.loads(metrics_file.read_text()))
+        if all(np.isnan(v) for v in columns.values()):
+            warnings.warn(f"{metrics_file}: holds none of {', '.join(METRIC_NAMES)} (as a number or a mean/std "
+                          "pair), so its row in results.csv has no metrics; sweep a notebook that writes them "
+                          "(04, 05, 06)")
+        rows.append({"run": name, **params, **columns, "seconds": seconds})
     return pd.DataFrame(rows)
 
 
