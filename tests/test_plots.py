@@ -185,6 +185,7 @@ def test_per_class_bars(tmp_path):
     assert panels[0].get_ylabel() == "mean ± std over folds (fraction)"  # what the bars and error bars are
     assert fig.legends and [t.get_text() for t in fig.legends[0].get_texts()] == ["us_sfnet", "resnet18",
                                                                                "us_sfnet (paper)"]
+    assert [t.get_text() for t in panels[3].texts] == ["n/a"] * 3  # the paper's missing F1, not a zero
     hatched = [bar for bar in panels[0].patches if bar.get_hatch()]  # the reported figures, not a third model
     assert len(hatched) == 3 and {bar.get_hatch() for bar in hatched} == {"///"}
     plt.close(fig)

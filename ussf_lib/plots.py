@@ -285,7 +285,8 @@ def plot_per_class_bars(
     ``table`` is long-format with columns ``hue`` (default ``model``), ``class`` and ``<metric>_mean`` for each
     metric in ``metric_cols``; ``<metric>_std`` (optional) becomes error bars. Values are plotted as given
     (fractions or percent; do not mix). Class and hue order follow first appearance in the table. A metric
-    missing for some rows (NaN, e.g. F1 absent from the paper's table) leaves those bars out.
+    missing for some rows (NaN, e.g. F1 absent from the paper's table) leaves those bars out, marked "n/a" (a zero
+    is marked "0").
     Introduced in ``notebooks/06_compare_baselines.ipynb``.
     """
     if not isinstance(table, pd.DataFrame) or table.empty:
@@ -329,6 +330,11 @@ def plot_per_class_bars(
             reported = level.endswith("(paper)")
             ax.bar(x[keep] + offset, heights[keep], width=width, yerr=err, capsize=2, label=level,
                    color="white" if reported else color, edgecolor=color, hatch="///" if reported else None)
+            # A missing value and a zero both leave no bar: say which.
+            for xi, h in zip(x + offset, heights):
+                if not np.isfinite(h) or h == 0:
+                    ax.text(xi, 0.01 * top, "n/a" if not np.isfinite(h) else "0", rotation=90, ha="center",
+                            va="bottom", fontsize="x-small", color=color)
         ax.set_xticks(x, classes)
         ax.set_title(metric)
         spread = " ± std" if f"{metric}_std" in keyed.columns else ""
