@@ -226,8 +226,8 @@ def test_a_manifest_may_list_images_elsewhere_which_are_then_data_too(tmp_path):
     assert moved.frame["relpath"].tolist() == index.frame["relpath"].tolist()
     assert data.fingerprint(moved) == data.fingerprint(index)
     assert index.check_outside(project / "runs", "--out") == project / "runs"
-    for out in (shared / "runs", shared / "benign" / "x"):  # the folder holding them all is data
-        with pytest.raises(UserError, match=f"is inside the data folder {shared};"):
+    for out, hit in ((shared / "runs", shared), (shared / "benign" / "x", shared / "benign")):  # busi is data too
+        with pytest.raises(UserError, match=f"is inside the data folder {hit};"):
             index.check_outside(out, "--out")
 
 
@@ -239,11 +239,34 @@ def test_a_manifest_kept_inside_a_data_set_may_write_only_in_its_own_branch(tmp_
     (dataset / "sub" / "data.csv").write_text("path,label\n../benign/b1.png,benign\n../malignant/m1.png,malignant\n")
     index = data.index_manifest(dataset / "sub" / "data.csv")
     assert index.check_outside(dataset / "sub" / "run", "--out") == dataset / "sub" / "run"
-    for out in (dataset, dataset / "runs", dataset / "benign" / "x"):
-        with pytest.raises(UserError, match=f"is inside the data folder {dataset};"):
+    for out, hit in ((dataset, dataset), (dataset / "runs", dataset), (dataset / "benign" / "x", dataset / "benign")):
+        with pytest.raises(UserError, match=f"is inside the data folder {hit};"):
             index.check_outside(out, "--out")
     with pytest.raises(UserError, match=f"is inside the data folder {dataset / 'sub'};"):
         index.check_outside(dataset / "sub", "--out")  # the manifest's own folder
+
+
+def test_a_manifest_inside_an_image_folder_cannot_write_there(tmp_path):
+    dataset = tmp_path / "ds"
+    _save(dataset / "benign" / "b1.png"), _save(dataset / "malignant" / "m1.png")
+    (dataset / "benign" / "meta").mkdir()
+    (dataset / "benign" / "meta" / "data.csv").write_text("path,label\n../b1.png,benign\n../../malignant/m1.png,malignant\n")
+    index = data.index_manifest(dataset / "benign" / "meta" / "data.csv")
+    with pytest.raises(UserError, match=f"is inside the data folder {dataset / 'benign'};"):
+        index.check_outside(dataset / "benign" / "meta" / "runs", "--out")  # its own branch, but among images
+
+
+def test_images_from_unrelated_places_protect_their_own_folders_not_everything_above_them(tmp_path):
+    _save(tmp_path / "a" / "b" / "c" / "x.png"), _save(tmp_path / "d" / "y.png")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "data.csv").write_text("path,label\n../a/b/c/x.png,p\n../d/y.png,q\n")
+    index = data.index_manifest(project / "data.csv")
+    assert index.check_outside(tmp_path / "runs", "--out") == tmp_path / "runs"  # tmp_path is no data set's root
+    assert index.check_outside(project / "runs", "--out") == project / "runs"
+    for out, hit in ((tmp_path / "d" / "run", tmp_path / "d"), (tmp_path / "a" / "b" / "c" / "run", tmp_path / "a/b/c")):
+        with pytest.raises(UserError, match=f"is inside the data folder {hit};"):
+            index.check_outside(out, "--out")
 
 
 def test_symlinked_images_make_both_their_listed_folder_and_their_target_data(tmp_path):

@@ -87,9 +87,11 @@ class ImageIndex:
 
         A tree's data are its whole root. A manifest's (``M`` its folder) are: ``M`` itself; under ``M``, the
         folders holding its images and those between them and ``M`` (all of ``M`` if images lie directly in it),
-        so ``M/runs`` may sit beside ``M/images``; and for images elsewhere (``../``, absolute paths, the targets
-        of symlinks), the one folder holding all of those, except ``M``'s own branch when that folder also holds
-        ``M`` (a manifest kept beside or inside a data set). Nothing is ever written into a user's data.
+        so ``M/runs`` may sit beside ``M/images``; for images elsewhere (``../``, absolute paths, the targets of
+        symlinks), every folder holding one of them, and also the folder ``C`` holding them all when they lie in
+        ``C`` or its direct sub-folders (a data set's root, ``busi`` above ``busi/benign``; not ``/`` or ``/tmp``
+        above unrelated folders), except ``M``'s own branch when ``C`` also holds ``M`` (a manifest kept inside
+        a data set). Nothing is ever written into a user's data.
         """
         if self.source != "manifest":
             return check_outside(folder, self.root, flag)
@@ -106,12 +108,14 @@ class ImageIndex:
                 if image_dir == root or image_dir.parent == root:
                     break
                 image_dir = image_dir.parent
-        hit = root if folder == root else next((f for f in (folder, *folder.parents) if f in inner), None)
+        chain = (folder, *folder.parents)
+        hit = root if folder == root else next((f for f in chain if f in inner or f in elsewhere), None)
         if hit is None and elsewhere:
             common = Path(os.path.commonpath([str(f) for f in elsewhere]))
-            in_common = folder == common or common in folder.parents
+            data_set_root = common != Path(common.anchor) and all(f == common or f.parent == common
+                                                                  for f in elsewhere)
             in_manifests_branch = folder == root or root in folder.parents
-            hit = common if in_common and not in_manifests_branch else None
+            hit = common if data_set_root and common in chain and not in_manifests_branch else None
         if hit is not None:
             raise UserError(f"{flag} {folder}: is inside the data folder {hit}; nothing is written into the data, "
                             "choose a folder outside it")
