@@ -567,14 +567,14 @@ def _one_line_warnings(command: str) -> Callable[..., None]:
 
 
 def _stdout_is_broken() -> bool:
-    """Whether stdout is a pipe whose reader has gone (poll reports an error on it), without writing to it."""
+    """Whether stdout's reader has gone (poll reports an error on it, or a hang-up on a socket), without writing."""
     try:
         fd = sys.stdout.fileno()
     except (AttributeError, ValueError, OSError):  # replaced by an object without a descriptor (a notebook, a test)
         return False
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
-    return any(events & select.POLLERR for _, events in poller.poll(0))
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
