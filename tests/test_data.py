@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -185,6 +186,16 @@ def test_decode_cache_roundtrip_and_nothing_written_in_data(tree, tmp_path):
         data.decode_images(index, 12, cache_dir=tree / "cache", progress=False)
 
 
+def _check_outputs(index: data.ImageIndex, allowed: tuple = (), refused: tuple = ()) -> None:
+    """Each ``allowed`` folder passes ``index.check_outside``; each ``(out, hit)`` of ``refused`` is refused as inside
+    the data folder ``hit``."""
+    for out in allowed:
+        assert index.check_outside(out, "--out") == out
+    for out, hit in refused:
+        with pytest.raises(UserError, match=re.escape(f"--out {out}: is inside the data folder {hit};")):
+            index.check_outside(out, "--out")
+
+
 def test_a_manifests_data_are_its_folder_and_its_image_folders_so_runs_may_sit_beside_them(tmp_path):
     project = tmp_path / "project"
     for rel in ("images/benign/b1.png", "images/benign/deeper/b2.png", "images/malignant/m1.png"):
@@ -193,13 +204,10 @@ def test_a_manifests_data_are_its_folder_and_its_image_folders_so_runs_may_sit_b
     (project / "data.csv").write_text("path,label\nimages/benign/b1.png,benign\nimages/benign/deeper/b2.png,benign\n"
                                      "images/malignant/m1.png,malignant\n")
     index = data.index_manifest(project / "data.csv")
-    assert index.check_outside(project / "runs" / "cv1", "--out") == project / "runs" / "cv1"
-    assert index.check_outside(project / "other", "--out") == project / "other"
-    for out, hit in ((project, project), (project / "images", project / "images"),
-                     (project / "images" / "run", project / "images"),
-                     (project / "images" / "malignant" / "run", project / "images" / "malignant")):
-        with pytest.raises(UserError, match=f"--out {out}: is inside the data folder {hit};"):
-            index.check_outside(out, "--out")
+    _check_outputs(index, allowed=(project / "runs" / "cv1", project / "other"),
+                   refused=((project, project), (project / "images", project / "images"),
+                            (project / "images" / "run", project / "images"),
+                            (project / "images" / "malignant" / "run", project / "images" / "malignant")))
     (project / "flat.csv").write_text("path,label\nimages/benign/b1.png,benign\nloose.png,malignant\n")
     Image.new("L", (8, 8)).save(project / "loose.png")
     with pytest.raises(UserError, match=f"--out {project / 'runs'}: is inside the data folder {project};"):
@@ -225,10 +233,8 @@ def test_a_manifest_may_list_images_elsewhere_which_are_then_data_too(tmp_path):
     moved = data.index_manifest(project / "deeper" / "subset.csv")
     assert moved.frame["relpath"].tolist() == index.frame["relpath"].tolist()
     assert data.fingerprint(moved) == data.fingerprint(index)
-    assert index.check_outside(project / "runs", "--out") == project / "runs"
-    for out, hit in ((shared / "runs", shared), (shared / "benign" / "x", shared / "benign")):  # busi is data too
-        with pytest.raises(UserError, match=f"is inside the data folder {hit};"):
-            index.check_outside(out, "--out")
+    _check_outputs(index, allowed=(project / "runs",),  # busi is data too
+                   refused=((shared / "runs", shared), (shared / "benign" / "x", shared / "benign")))
 
 
 def test_a_manifest_kept_inside_a_data_set_may_write_only_in_its_own_branch(tmp_path):
@@ -238,12 +244,9 @@ def test_a_manifest_kept_inside_a_data_set_may_write_only_in_its_own_branch(tmp_
     (dataset / "sub").mkdir()
     (dataset / "sub" / "data.csv").write_text("path,label\n../benign/b1.png,benign\n../malignant/m1.png,malignant\n")
     index = data.index_manifest(dataset / "sub" / "data.csv")
-    assert index.check_outside(dataset / "sub" / "run", "--out") == dataset / "sub" / "run"
-    for out, hit in ((dataset, dataset), (dataset / "runs", dataset), (dataset / "benign" / "x", dataset / "benign")):
-        with pytest.raises(UserError, match=f"is inside the data folder {hit};"):
-            index.check_outside(out, "--out")
-    with pytest.raises(UserError, match=f"is inside the data folder {dataset / 'sub'};"):
-        index.check_outside(dataset / "sub", "--out")  # the manifest's own folder
+    _check_outputs(index, allowed=(dataset / "sub" / "run",),
+                   refused=((dataset, dataset), (dataset / "runs", dataset), (dataset / "benign" / "x", dataset / "benign"),
+                            (dataset / "sub", dataset / "sub")))  # the last: the manifest's own folder
 
 
 def test_a_manifest_inside_an_image_folder_cannot_write_there(tmp_path):
@@ -252,8 +255,7 @@ def test_a_manifest_inside_an_image_folder_cannot_write_there(tmp_path):
     (dataset / "benign" / "meta").mkdir()
     (dataset / "benign" / "meta" / "data.csv").write_text("path,label\n../b1.png,benign\n../../malignant/m1.png,malignant\n")
     index = data.index_manifest(dataset / "benign" / "meta" / "data.csv")
-    with pytest.raises(UserError, match=f"is inside the data folder {dataset / 'benign'};"):
-        index.check_outside(dataset / "benign" / "meta" / "runs", "--out")  # its own branch, but among images
+    _check_outputs(index, refused=((dataset / "benign" / "meta" / "runs", dataset / "benign"),))  # among images
 
 
 def test_images_from_unrelated_places_protect_their_own_folders_not_everything_above_them(tmp_path):
@@ -262,11 +264,9 @@ def test_images_from_unrelated_places_protect_their_own_folders_not_everything_a
     project.mkdir()
     (project / "data.csv").write_text("path,label\n../a/b/c/x.png,p\n../d/y.png,q\n")
     index = data.index_manifest(project / "data.csv")
-    assert index.check_outside(tmp_path / "runs", "--out") == tmp_path / "runs"  # tmp_path is no data set's root
-    assert index.check_outside(project / "runs", "--out") == project / "runs"
-    for out, hit in ((tmp_path / "d" / "run", tmp_path / "d"), (tmp_path / "a" / "b" / "c" / "run", tmp_path / "a/b/c")):
-        with pytest.raises(UserError, match=f"is inside the data folder {hit};"):
-            index.check_outside(out, "--out")
+    _check_outputs(index, allowed=(tmp_path / "runs", project / "runs"),  # tmp_path is no data set's root
+                   refused=((tmp_path / "d" / "run", tmp_path / "d"),
+                            (tmp_path / "a" / "b" / "c" / "run", tmp_path / "a/b/c")))
 
 
 def test_symlinked_images_make_both_their_listed_folder_and_their_target_data(tmp_path):
@@ -281,11 +281,9 @@ def test_symlinked_images_make_both_their_listed_folder_and_their_target_data(tm
     index = data.index_manifest(project / "data.csv")
     assert index.frame["relpath"].tolist() == ["images/benign/b1.png", "images/malignant/m1.png"]  # as listed
     assert index.frame["path"].tolist() == [str(target / "b1.png"), str(target / "m1.png")]  # the files read
-    assert index.check_outside(project / "runs", "--out") == project / "runs"
-    for out, hit in ((project / "images" / "benign" / "run", project / "images" / "benign"),
-                     (target / "run", target)):
-        with pytest.raises(UserError, match=f"is inside the data folder {hit};"):
-            index.check_outside(out, "--out")
+    _check_outputs(index, allowed=(project / "runs",),
+                   refused=((project / "images" / "benign" / "run", project / "images" / "benign"),
+                            (target / "run", target)))
 
 
 def test_decode_cache_is_not_reused_after_an_image_changes(tree, tmp_path):

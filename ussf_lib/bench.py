@@ -43,7 +43,6 @@ import re
 import resource
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,13 +259,12 @@ KINETO_NO_GPU = re.compile(r"^ERROR:.*gpuGetDeviceCount failed")
 
 @contextlib.contextmanager
 def _without_profiler_chatter(device: torch.device):
-    """Send file descriptor 2 to a temporary file while the profiler runs; a thread passes every line on as it
-    arrives except Kineto's markers (and, off CUDA, its no-GPU note).
+    """Send file descriptor 2 to a temporary file while the profiler runs, then pass on every line but Kineto's
+    markers (and, off CUDA, its no-GPU note).
 
-    Kineto writes from C++ to the descriptor itself, so ``sys.stderr`` redirection cannot catch it. A file,
-    unlike a pipe, never blocks a writer (C++ code may write while holding the GIL the thread needs), and lines
-    are passed on within a tenth of a second, so a crash loses little. Where descriptor 2 cannot be duplicated
-    (closed, or a host without descriptors) nothing is filtered.
+    Kineto writes from C++ to the descriptor itself, so ``sys.stderr`` redirection cannot catch it; a file, unlike
+    a pipe, never blocks a writer. The profile lasts a few training steps; an exception inside still has its lines
+    passed on. Where descriptor 2 cannot be duplicated (closed, or a host without descriptors) nothing is filtered.
     """
     noise = [KINETO_MARKERS] + ([KINETO_NO_GPU] if device.type != "cuda" else [])
     try:
@@ -275,41 +273,19 @@ def _without_profiler_chatter(device: torch.device):
     except (OSError, ValueError, AttributeError):  # AttributeError: sys.stderr is None when fd 2 is closed
         yield
         return
-    held = tempfile.TemporaryFile()
-    done = threading.Event()
-
-    def keep(line: bytes) -> bool:
-        return not any(pattern.search(line.decode(errors="replace")) for pattern in noise)
-
-    def forward() -> None:
-        position, pending = 0, b""
-        while True:
-            finishing = done.is_set()  # read once more after the block has ended
-            chunk = os.pread(held.fileno(), 1 << 16, position)
-            if chunk:
-                position += len(chunk)
-                *lines, pending = (pending + chunk).split(b"\n")
-                os.write(saved, b"".join(line + b"\n" for line in lines if keep(line)))
-            elif finishing:
-                break
-            else:
-                done.wait(0.1)
-        if pending and keep(pending):
-            os.write(saved, pending)
-
-    os.dup2(held.fileno(), 2)
-    thread = threading.Thread(target=forward, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            sys.stderr.flush()
-        os.dup2(saved, 2)
-        done.set()
-        thread.join()  # it only reads a file and writes what it read: it ends
-        os.close(saved)
-        held.close()
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True)
+                    if not any(pattern.search(line.decode(errors="replace")) for pattern in noise)]
+            os.write(2, b"".join(kept))
 
 
 def fft_share(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:

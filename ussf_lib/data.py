@@ -117,8 +117,7 @@ class ImageIndex:
             in_manifests_branch = folder == root or root in folder.parents
             hit = common if data_set_root and common in chain and not in_manifests_branch else None
         if hit is not None:
-            raise UserError(f"{flag} {folder}: is inside the data folder {hit}; nothing is written into the data, "
-                            "choose a folder outside it")
+            raise _inside_the_data(flag, folder, hit)
         return folder
 
     def describe(self) -> str:
@@ -136,9 +135,13 @@ def check_outside(folder: str | Path, root: str | Path, flag: str) -> Path:
     ``folder`` resolved. A manifest's data are wider than its folder: :meth:`ImageIndex.check_outside`."""
     folder, root = Path(folder).expanduser().resolve(), Path(root).resolve()
     if folder == root or root in folder.parents:
-        raise UserError(f"{flag} {folder}: is inside the data folder {root}; nothing is written into the data, "
-                        "choose a folder outside it")
+        raise _inside_the_data(flag, folder, root)
     return folder
+
+
+def _inside_the_data(flag: str, folder: Path, data_folder: Path) -> UserError:
+    return UserError(f"{flag} {folder}: is inside the data folder {data_folder}; nothing is written into the data, "
+                     "choose a folder outside it")
 
 
 def _is_hidden(name: str) -> bool:

@@ -262,6 +262,10 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
             raise UserError(f"{splits_file}: has {int(folds.max()) + 1} folds but --folds is {cfg.folds}; make them agree")
         cv_mod.check_fold_feasible(index.frame["label"], None, cfg.folds, classes=index.classes)
         notes += cv_mod.check_split_composition(index.frame["label"], folds, cfg.folds, str(splits_file))
+        # splits.csv records what the folds keep whole: the file's groups where its folds kept them whole (a
+        # resumed run's patients joined with duplicate clusters), joined with this data's patients.
+        file_groups = table["group"].astype(str).to_numpy(dtype=object) if "group" in table else None
+        file_whole = file_groups is not None and not cv_mod.leaking_groups(file_groups, folds)
         if index.has_groups:
             split_patients = cv_mod.leaking_groups(index.frame["group"], folds)
             if split_patients:
@@ -269,11 +273,6 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
                                 f"more than one fold (e.g. {split_patients[0]!r}), so a patient would be tested on "
                                 "images it trained on; drop --splits to make grouped folds, or pass splits made "
                                 "with this group column")
-        # splits.csv records what the folds keep whole: the file's groups where its folds kept them whole (a
-        # resumed run's patients joined with duplicate clusters), joined with this data's patients.
-        file_groups = table["group"].astype(str).to_numpy(dtype=object) if "group" in table else None
-        file_whole = file_groups is not None and not cv_mod.leaking_groups(file_groups, folds)
-        if index.has_groups:
             groups = (cv_mod.merge_groups(index.frame["group"], file_groups) if file_whole
                       else index.frame["group"].to_numpy())
         else:

@@ -63,16 +63,22 @@ def absolute_path_parameters(parameters: Mapping[str, Any], base: str | os.PathL
     return out
 
 
-def check_out_outside_data(out: str | os.PathLike, parameters: Mapping[str, Any], flag: str = "--out") -> None:
-    """Refuse an output folder inside the data a notebook will read (``DATA``, or ``MANIFEST``'s folder and the
-    folders of its images), before anything is written: the notebooks would refuse it too, but only after a
-    kernel had written there. ``parameters`` are absolute (:func:`absolute_path_parameters`)."""
+def check_out_outside_data(out: str | os.PathLike, parameter_sets: Iterable[Mapping[str, Any]],
+                           flag: str = "--out") -> None:
+    """Refuse an output folder inside the data the notebooks will read (``DATA``, or what ``MANIFEST`` lists),
+    before anything is written: the notebooks would refuse it too, but only after a kernel had written there.
+    ``parameter_sets`` (one per notebook or grid point) are absolute (:func:`absolute_path_parameters`); each
+    distinct data set is checked once, since a manifest's check reads it."""
     from ussf_lib.data import check_outside, index_manifest
 
-    if isinstance(parameters.get("DATA"), str) and parameters["DATA"].strip():
-        check_outside(out, parameters["DATA"], flag)
-    if isinstance(parameters.get("MANIFEST"), str) and parameters["MANIFEST"].strip():
-        index_manifest(parameters["MANIFEST"]).check_outside(out, flag)
+    def given(value: Any) -> str | None:
+        return value if isinstance(value, str) and value.strip() else None
+
+    for data, manifest in {(given(p.get("DATA")), given(p.get("MANIFEST"))) for p in parameter_sets}:
+        if data:
+            check_outside(out, data, flag)
+        if manifest:
+            index_manifest(manifest).check_outside(out, flag)
 
 
 def check_values(values: Mapping[str, Any], where: str) -> None:
@@ -214,11 +220,10 @@ def check_parameters(notebook: str | os.PathLike, parameters: Mapping[str, Any],
     out = {}
     for key, value in parameters.items():
         default = declared[key]
-        if isinstance(default, (bool, int)):
+        if isinstance(default, (bool, int, float)):
             ok = same_kind(value, default)
-        elif isinstance(default, float):
-            ok = same_kind(value, default)
-            value = float(value) if ok else value
+            if ok and isinstance(default, float):
+                value = float(value)  # an int given for a float parameter
         elif isinstance(default, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = str(value)
@@ -296,7 +301,7 @@ def run_notebooks(out: str | os.PathLike, *, parameters: Mapping[str, Any] | Non
                for path in paths}  # all checked before anything is written
     for path in paths:
         check_values({**declared[path], **checked[path]}, path.stem)
-        check_out_outside_data(out, checked[path])
+    check_out_outside_data(out, checked.values())
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder; choose a folder for the executed notebooks")
     out.mkdir(parents=True, exist_ok=True)

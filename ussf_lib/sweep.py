@@ -196,8 +196,7 @@ def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str
     jobs = len(placed) if placed is not None else (jobs or 1)
     _, runs = _check_grid(notebook, grid)
     out = Path(out).resolve()
-    for _, params in runs:
-        check_out_outside_data(out, params)
+    check_out_outside_data(out, [params for _, params in runs])
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder; choose a folder for the sweep")
     out.mkdir(parents=True, exist_ok=True)
