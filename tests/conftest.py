@@ -54,7 +54,7 @@ def paper_dir() -> Path:
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """20 images per class at 32 px, 2-3 synthetic patients per class (grouped 2-fold CV is possible)."""
-    from ussf_lib.phantom import generate_phantom
+    from ussf_lib.data.phantom import generate_phantom
 
     out = tmp_path_factory.mktemp("phantom") / "data"
     generate_phantom(out, n_per_class=20, image_size=32, seed=0)

@@ -1,4 +1,4 @@
-"""ussf_lib.audit and ``ussf audit``: exact and near-duplicate clusters, label conflicts, duplicate-aware folds."""
+"""ussf_lib.data.audit and ``ussf audit``: exact and near-duplicate clusters, label conflicts, duplicate-aware folds."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ussf_lib import audit, cv
+from ussf_lib.data import audit
+from ussf_lib.data import folds as cv
 from ussf_lib.cli import main
-from ussf_lib.data import decode_index, index_folder, index_manifest
+from ussf_lib.data.index import decode_index, index_folder, index_manifest
 from ussf_lib.errors import UserError
-from ussf_lib.experiment import CVConfig, compute_splits, prepare_data
+from ussf_lib.training.experiment import CVConfig, compute_splits, prepare_data
 
 
 def _pattern(seed: int, size: int = 48) -> Image.Image:

@@ -1,4 +1,4 @@
-"""ussf_lib.checkpoints: snapshots are taken at save time, written whole, in the background, errors surface."""
+"""ussf_lib.training.checkpoints: snapshots are taken at save time, written whole, in the background, errors surface."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
-import ussf_lib.checkpoints as checkpoints
-from ussf_lib.checkpoints import CheckpointWriter, atomic_save, host_snapshot
+import ussf_lib.training.checkpoints as checkpoints
+from ussf_lib.training.checkpoints import CheckpointWriter, atomic_save, host_snapshot
 from ussf_lib.errors import UserError
 
 

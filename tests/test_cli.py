@@ -343,8 +343,8 @@ def test_a_plain_pickle_given_as_weights_or_checkpoint_is_one_line(phantom_dir, 
 
 @pytest.mark.parametrize("command", ["cv", "compare"])
 def test_ctrl_c_says_how_to_continue_once_the_run_folder_exists(command, phantom_dir, tmp_path, monkeypatch, capsys):
-    import ussf_lib.compare as compare_mod
-    import ussf_lib.experiment as experiment_mod
+    import ussf_lib.training.compare as compare_mod
+    import ussf_lib.training.experiment as experiment_mod
 
     out = tmp_path / "run"
     started = {"cv": "config.json", "compare": "splits.csv"}[command]

@@ -1,4 +1,4 @@
-"""ussf_lib.compare and `ussf compare`: identical folds for every model, Tables 1 and 2, paired tests, reruns."""
+"""ussf_lib.training.compare and `ussf compare`: identical folds for every model, Tables 1 and 2, paired tests, reruns."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from ussf_lib.cli import main
-from ussf_lib.compare import compare, parse_models
-from ussf_lib.compare_tables import fold_test_train_ratio, reference_model, write_comparison
+from ussf_lib.training.compare import compare, parse_models
+from ussf_lib.evaluation.tables import fold_test_train_ratio, reference_model, write_comparison
 from ussf_lib.errors import UserError
-from ussf_lib.experiment import CVConfig
+from ussf_lib.training.experiment import CVConfig
 
 # The two cheapest registered models at 32 px on CPU (densenet121 is the cheapest torchvision baseline there).
 MODELS = ["us_sfnet_tiny", "densenet121"]
@@ -246,8 +246,8 @@ def test_tables_only_names_the_models_that_did_finish(comparison, capsys):
 
 
 def test_a_paired_test_without_spread_reads_undefined_not_significant():
-    from ussf_lib.compare_tables import paired_markdown
-    from ussf_lib.stats import paired_comparison
+    from ussf_lib.evaluation.tables import paired_markdown
+    from ussf_lib.evaluation.stats import paired_comparison
 
     res = paired_comparison([0.25, 0.25], [0.28125, 0.28125], test_train_ratio=1.0)  # one image apart, both folds
     row = {"reference": "a", "model": "b", "metric": "accuracy", "diff_fold_0": -3.125, "diff_fold_1": -3.125,

@@ -1,4 +1,4 @@
-"""ussf_lib.cv: stratified and grouped folds, saved and reused splits."""
+"""ussf_lib.data.folds: stratified and grouped folds, saved and reused splits."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ussf_lib import cv
-from ussf_lib.data import index_folder, index_manifest
+from ussf_lib.data import folds as cv
+from ussf_lib.data.index import index_folder, index_manifest
 from ussf_lib.errors import UserError
 
 

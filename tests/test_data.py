@@ -1,4 +1,4 @@
-"""ussf_lib.data: indexing folders and manifests, decoding, caching, normalization."""
+"""ussf_lib.data.index: indexing folders and manifests, decoding, caching, normalization."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ussf_lib import data
+from ussf_lib.data import index as data
 from ussf_lib.errors import UserError
-from ussf_lib.meta import PAPER_MEAN, PAPER_STD
+from ussf_lib.paper import PAPER_MEAN, PAPER_STD
 
 
 def _save(path: Path, mode: str = "RGB", size=(20, 12), value=128) -> Path:

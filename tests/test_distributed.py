@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ussf_lib.distributed import DistContext, all_reduce_sum, epoch_order, gather_rows, shard
+from ussf_lib.training.distributed import DistContext, all_reduce_sum, epoch_order, gather_rows, shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_single_process_helpers_are_identities():
 
 
 def test_only_a_torchrun_launch_turns_the_distributed_path_on(monkeypatch):
-    from ussf_lib.distributed import context_from_env
+    from ussf_lib.training.distributed import context_from_env
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "4")  # left over in a shell, no torchrun: stay single-process

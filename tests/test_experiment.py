@@ -1,4 +1,4 @@
-"""ussf_lib.experiment + report: a complete run folder, reproducible, resumable, rebuilt from predictions."""
+"""ussf_lib.training.experiment + report: a complete run folder, reproducible, resumable, rebuilt from predictions."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 import pytest
 
 from ussf_lib.errors import UserError
-from ussf_lib.experiment import CVConfig, load_config, run_cv
-from ussf_lib.meta import METRIC_NAMES, PAPER_CLASSES, paper_headline
-from ussf_lib.report import table2_beside_paper, write_report
+from ussf_lib.training.experiment import CVConfig, load_config, run_cv
+from ussf_lib.paper import METRIC_NAMES, PAPER_CLASSES, paper_headline
+from ussf_lib.evaluation.report import table2_beside_paper, write_report
 
 QUIET = dict(progress=False)
 
@@ -153,7 +153,7 @@ def test_saved_splits_are_reused(run_dir, phantom_dir, tmp_path):
 
 def test_splits_that_split_a_patient_are_refused_and_reused_splits_record_the_patients(run_dir, phantom_dir,
                                                                                       tmp_path):
-    from ussf_lib.experiment import compute_splits
+    from ussf_lib.training.experiment import compute_splits
 
     # Folds made from the folder tree know no patients, so they spread each patient's images over both folds.
     ungrouped = compute_splits(CVConfig(out=str(tmp_path / "t"), data=str(phantom_dir), folds=2, image_size=32,
@@ -173,8 +173,8 @@ def test_splits_that_split_a_patient_are_refused_and_reused_splits_record_the_pa
 
 
 def test_folds_made_here_that_test_no_image_of_a_class_say_so(phantom_dir, tmp_path, monkeypatch):
-    import ussf_lib.cv as cv_mod
-    from ussf_lib.experiment import compute_splits
+    import ussf_lib.data.folds as cv_mod
+    from ussf_lib.training.experiment import compute_splits
 
     manifest = pd.read_csv(phantom_dir / "manifest.csv")
     # Few patients of a class can all land outside one fold; the folds below put no metastatic image in fold 2.
@@ -257,7 +257,7 @@ def test_a_damaged_predictions_file_is_named(run_dir, tmp_path):
 
 
 def test_a_config_with_an_unknown_setting_is_named(run_dir, tmp_path):
-    from ussf_lib.experiment import load_config
+    from ussf_lib.training.experiment import load_config
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

@@ -1,4 +1,4 @@
-"""ussf_lib.explore on a hand-made folder tree (known sizes and modes) and on the phantom."""
+"""ussf_lib.analysis.explore on a hand-made folder tree (known sizes and modes) and on the phantom."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ussf_lib import explore
-from ussf_lib.data import decode_images, load_index
+from ussf_lib.analysis import explore
+from ussf_lib.data.index import decode_images, load_index
 
 
 @pytest.fixture()
@@ -76,7 +76,7 @@ def test_patients_and_fold_check_on_the_phantom(phantom_dir):
     assert (explore.images_per_patient(folder_index)["images"] == 1).all()
     assert "images" in explore.fold_check(folder_index, 5)
     # classes in the index's order (here the paper's: normal, benign, ...), as every per-class figure draws them
-    from ussf_lib.meta import PAPER_CLASSES
+    from ussf_lib.paper import PAPER_CLASSES
 
     index = load_index(manifest=phantom_dir / "manifest.csv", group_col="patient", classes=list(PAPER_CLASSES))
     per_patient = explore.images_per_patient(index)

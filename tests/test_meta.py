@@ -1,11 +1,12 @@
-"""ussf_lib.meta: the paper's numbers are written once, and they are the paper's."""
+"""ussf_lib.paper: the paper's numbers are written once, and they are the paper's."""
 
 from __future__ import annotations
 
 import re
 
-from ussf_lib import compare_tables, metrics
-from ussf_lib.meta import (METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS, PER_CLASS_METRICS,
+from ussf_lib.evaluation import tables as compare_tables
+from ussf_lib.evaluation import metrics
+from ussf_lib.paper import (METRIC_NAMES, PAPER_CLASSES, PAPER_MODEL, PAPER_TABLE2_METRICS, PER_CLASS_METRICS,
                            TABLE2_METRICS, paper_headline, paper_table1, paper_table2)
 
 

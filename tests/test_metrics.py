@@ -1,4 +1,4 @@
-"""Worked examples for ussf_lib.metrics, checked against scikit-learn and against counts written out by hand."""
+"""Worked examples for ussf_lib.evaluation.metrics, checked against scikit-learn and against counts written out by hand."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 
 from ussf_lib.errors import UserError
-from ussf_lib.meta import METRIC_NAMES
-from ussf_lib.metrics import (
+from ussf_lib.paper import METRIC_NAMES
+from ussf_lib.evaluation.metrics import (
     classification_metrics,
     confusion,
     fold_confusions,

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ussf_lib.complexity import count_macs, count_parameters, fft_flops, mac_breakdown
+from ussf_lib.models.complexity import count_macs, count_parameters, fft_flops, mac_breakdown
 from ussf_lib.errors import UserError
-from ussf_lib.meta import paper_table1
+from ussf_lib.paper import paper_table1
 from ussf_lib.models import (
     FFT_NORMS,
     MODEL_NAMES,
@@ -509,7 +509,7 @@ def test_tiny_trains_one_step_and_is_small(paper_model):
 
 @pytest.mark.parametrize("module", ["ussf_lib.models", "ussf_lib.models.conv_fft", "ussf_lib.models.us_sfnet",
                                     "ussf_lib.models.dropblock", "ussf_lib.models.baselines",
-                                    "ussf_lib.models.registry", "ussf_lib.models.weights", "ussf_lib.complexity"])
+                                    "ussf_lib.models.registry", "ussf_lib.models.weights", "ussf_lib.models.complexity"])
 def test_docstrings_name_the_notebook(module):
     assert "notebooks/03_build_conv_fft_block.ipynb" in importlib.import_module(module).__doc__
 

@@ -1,7 +1,7 @@
 """The numbered notebooks: structure and committed state (fast), then one headless run of all of them.
 
 The structure tests read the .ipynb files only. ``executed`` runs every notebook once with its defaults through
-``ussf_lib.notebooks.run_notebooks`` (papermill) into a temporary folder, for the whole module.
+``ussf_lib.nbrun.helpers.run_notebooks`` (papermill) into a temporary folder, for the whole module.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import nbformat
 import pytest
 from PIL import Image
 
-from ussf_lib import notebook_runner as runner
-from ussf_lib import notebooks as nbs
+from ussf_lib.nbrun import runner
+from ussf_lib.nbrun import helpers as nbs
 from ussf_lib.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,7 +290,7 @@ def test_phantom_is_generated_once_per_setting(tmp_path):
 
 
 def test_resume_or_replace_keeps_a_matching_run_and_replaces_another(tmp_path):
-    from ussf_lib.experiment import CVConfig
+    from ussf_lib.training.experiment import CVConfig
 
     cfg = CVConfig(out=str(tmp_path / "run"), data="d", model="us_sfnet_tiny", epochs=1, folds=2, image_size=32)
     assert nbs.resume_or_replace(cfg) is False  # nothing there yet
@@ -334,7 +334,7 @@ def test_run_notebooks_executes_every_notebook_with_its_outputs(executed):
 
 @pytest.mark.slow
 def test_notebook_metrics_hold_the_expected_numbers(executed):
-    from ussf_lib.complexity import count_parameters
+    from ussf_lib.models.complexity import count_parameters
     from ussf_lib.models import build_model
 
     out, _ = executed

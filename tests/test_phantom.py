@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from ussf_lib.errors import UserError
-from ussf_lib.meta import PAPER_CLASSES
-from ussf_lib.phantom import (
+from ussf_lib.paper import PAPER_CLASSES
+from ussf_lib.data.phantom import (
     MASK_LABELS,
     NODE_MASK_VALUES,
     PHANTOM_CLASSES,
@@ -324,7 +324,7 @@ def test_a_tiny_cnn_learns_the_phantom_in_one_epoch_but_not_perfectly(tmp_path, 
 
 def test_data_readme_table_mirrors_the_class_priors():
     """data_README.md's criteria table quotes CLASS_PRIORS; a change to one must show in the other."""
-    from ussf_lib.phantom import CLASS_PRIORS
+    from ussf_lib.data.phantom import CLASS_PRIORS
 
     readme = (Path(__file__).resolve().parents[1] / "data_README.md").read_text()
     first_words = {line: (line.split("|")[1].split() or [""])[0] for line in readme.splitlines() if line.startswith("| ")}

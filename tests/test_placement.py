@@ -1,4 +1,4 @@
-"""ussf_lib.placement: --devices parsing and its messages, pinned workers, and the CLI on a machine without CUDA."""
+"""ussf_lib.training.placement: --devices parsing and its messages, pinned workers, and the CLI on a machine without CUDA."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ussf_lib import placement
+from ussf_lib.training import placement
 from ussf_lib.cli import main
 from ussf_lib.errors import UserError
-from ussf_lib.placement import PLACED_ENV, cpu_threads, parse_devices, run_placed, worker_log
+from ussf_lib.training.placement import PLACED_ENV, cpu_threads, parse_devices, run_placed, worker_log
 
 
 def test_parse_devices_values():

@@ -1,4 +1,4 @@
-"""ussf_lib.plots: figures are written as PNGs and show the numbers they were given."""
+"""ussf_lib.evaluation.plots: figures are written as PNGs and show the numbers they were given."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from ussf_lib import plots  # noqa: F401  (selects Agg before pyplot is imported below)
+from ussf_lib.evaluation import plots  # noqa: F401  (selects Agg before pyplot is imported below)
 from ussf_lib.errors import UserError
-from ussf_lib.plots import (
+from ussf_lib.evaluation.plots import (
     plot_confusion,
     plot_confusion_pair,
     plot_feature_maps,

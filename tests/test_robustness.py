@@ -23,7 +23,7 @@ from PIL import Image
 
 from ussf_lib.cli import main
 from ussf_lib.errors import UserError
-from ussf_lib.experiment import CVConfig, run_cv
+from ussf_lib.training.experiment import CVConfig, run_cv
 from ussf_lib.predict import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""ussf_lib.spectra on images whose spectra are known: cosines, constants, white noise."""
+"""ussf_lib.analysis.spectra on images whose spectra are known: cosines, constants, white noise."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ussf_lib import spectra
+from ussf_lib.analysis import spectra
 from ussf_lib.errors import UserError
 
 N = 64

@@ -1,4 +1,4 @@
-"""ussf_lib.stats: the Nadeau–Bengio corrected resampled t-test and the bootstrap CI of a paired difference."""
+"""ussf_lib.evaluation.stats: the Nadeau–Bengio corrected resampled t-test and the bootstrap CI of a paired difference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ussf_lib.errors import UserError
-from ussf_lib.stats import bootstrap_ci, corrected_resampled_ttest, paired_comparison
+from ussf_lib.evaluation.stats import bootstrap_ci, corrected_resampled_ttest, paired_comparison
 
 # Worked example: 5-fold CV, per-fold accuracy differences (model A - model B).
 DIFFS = [0.02, 0.03, 0.01, 0.04, 0.00]

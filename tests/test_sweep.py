@@ -1,4 +1,4 @@
-"""ussf_lib.sweep: grid files, run names, and a 2 models x 2 seeds sweep of notebook 04 on the phantom."""
+"""ussf_lib.nbrun.sweep: grid files, run names, and a 2 models x 2 seeds sweep of notebook 04 on the phantom."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ussf_lib.errors import UserError
-from ussf_lib.sweep import Grid, load_grid, run_name, run_sweep
+from ussf_lib.nbrun.sweep import Grid, load_grid, run_name, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "04_train_cross_validation.ipynb"
@@ -176,7 +176,7 @@ def test_an_out_folder_inside_the_data_is_refused_before_anything_is_written(tmp
     value, inside = (str(data), data) if where == "DATA" else (str(data / "m.csv"), data / "a")
     with pytest.raises(UserError, match=f"--out {inside / 'sweep'}: is inside the data folder {inside}"):
         run_sweep(NOTEBOOK, {"SEED": [0], "fixed": {**FIXED, where: value}}, inside / "sweep")
-    from ussf_lib.notebook_runner import run_notebooks
+    from ussf_lib.nbrun.runner import run_notebooks
 
     with pytest.raises(UserError, match=f"--out {inside / 'nb'}: is inside the data folder {inside}"):
         run_notebooks(inside / "nb", parameters={where: value}, notebooks=["01"])
@@ -203,7 +203,7 @@ def test_a_notebook_without_a_parameters_cell_is_refused(tmp_path):
 def test_results_read_headline_metrics_and_warn_about_a_run_without_them(tmp_path):
     import json
 
-    from ussf_lib.sweep import collect_results
+    from ussf_lib.nbrun.sweep import collect_results
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "metrics.json").write_text(json.dumps({"accuracy": {"mean": 0.5, "std": 0.1}, "f1": 0.4}))

@@ -1,4 +1,4 @@
-"""ussf_lib.train: one fold learns, checkpoints, resumes exactly, and stops on a non-finite loss."""
+"""ussf_lib.training.loop: one fold learns, checkpoints, resumes exactly, and stops on a non-finite loss."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ussf_lib.errors import UserError
-from ussf_lib.train import (DeviceImages, NonFiniteLossError, TrainConfig, batch_bounds, evaluate,
+from ussf_lib.training.loop import (DeviceImages, NonFiniteLossError, TrainConfig, batch_bounds, evaluate,
                             process_batch_size, seed_everything, select_device, train_fold)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -138,7 +138,7 @@ def test_seed_everything_sets_the_deterministic_mode_both_ways(monkeypatch):
 
 
 def test_eval_every_and_checkpoint_every_skip_work_without_changing_training(tmp_path, monkeypatch):
-    import ussf_lib.checkpoints as checkpoints_mod
+    import ussf_lib.training.checkpoints as checkpoints_mod
 
     x, y = _toy()
     saved_epochs: list[int] = []
@@ -271,7 +271,7 @@ def test_whole_model_compile_needs_no_new_graph_for_the_last_smaller_batch(scope
 
 
 def test_optimizer_is_fused_adam_on_cuda_only():
-    from ussf_lib.train import make_optimizer
+    from ussf_lib.training.loop import make_optimizer
 
     model = torch.nn.Linear(3, 2)
     cpu = make_optimizer(model, 1e-3, (0.9, 0.999), 1e-4, torch.device("cpu"))

@@ -5,8 +5,8 @@ figures. Measured side by side in one process, on synthetic batches already on t
 timed, not the data loading):
 
 * training and inference images/s of each model at one image size (training step = forward, cross-entropy,
-  backward, Adam step, exactly as :func:`ussf_lib.train.train_fold` does it, with ``--amp`` / ``--channels-last``),
-  the forward GMACs per image (:func:`ussf_lib.complexity.count_macs`) and the achieved GMAC/s
+  backward, Adam step, exactly as :func:`ussf_lib.training.loop.train_fold` does it, with ``--amp`` / ``--channels-last``),
+  the forward GMACs per image (:func:`ussf_lib.models.complexity.count_macs`) and the achieved GMAC/s
   (inference: GMACs × img/s; training: 3 × GMACs × img/s, the usual forward + backward ≈ 3 × forward rule);
 * the share of US-SFNet's training step spent in its FFTs: ``torch.profiler`` self time of every
   ``aten::_fft_*`` operator (``_fft_r2c``: rfft2 and the backward of irfft2; ``_fft_c2r``: irfft2 and the
@@ -14,15 +14,15 @@ timed, not the data loading):
   device time on CUDA);
 * how US-SFNet's cost grows with the image size: training time per image relative to the smallest size, next
   to the ratio of MACs;
-* the data pipeline's images/s: batches gathered from the uint8 cache (:class:`ussf_lib.train.DeviceImages`)
-  and normalized on the device (:func:`ussf_lib.data.normalize_batch`), against the model's training images/s
+* the data pipeline's images/s: batches gathered from the uint8 cache (:class:`ussf_lib.training.loop.DeviceImages`)
+  and normalized on the device (:func:`ussf_lib.data.index.normalize_batch`), against the model's training images/s
   (target: at least 20 × US-SFNet's training throughput, so the input never starves the model);
 * peak memory: ``torch.cuda.max_memory_allocated`` per model on CUDA; on CPU the process's peak resident set
   (``resource.getrusage``), which only grows, so a model's figure includes the models measured before it;
-* the training loop itself (:func:`~ussf_lib.train.train_fold` on synthetic cached images, its evaluation not
+* the training loop itself (:func:`~ussf_lib.training.loop.train_fold` on synthetic cached images, its evaluation not
   counted) against the bare training step: what gathering, normalizing and the loop's per-step work cost;
 * the time to write the reference model's training checkpoint (weights and Adam's moments, written as
-  :func:`~ussf_lib.train.train_fold` writes it, into the system's temporary folder) and the time of the host
+  :func:`~ussf_lib.training.loop.train_fold` writes it, into the system's temporary folder) and the time of the host
   copy that training waits for while the write goes on in the background, and from them and the
   measured loop an estimate of the paper's protocol (5 folds x 150 epochs on its 3,392 images) for a few
   ``--eval-every`` / ``--checkpoint-every`` settings. The estimate counts only the measured steps and writes:
@@ -53,14 +53,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ussf_lib.checkpoints import atomic_save, host_snapshot
-from ussf_lib.complexity import count_macs, count_parameters
-from ussf_lib.data import normalization_on, normalize_batch
+from ussf_lib.training.checkpoints import atomic_save, host_snapshot
+from ussf_lib.models.complexity import count_macs, count_parameters
+from ussf_lib.data.index import normalization_on, normalize_batch
 from ussf_lib.errors import UserError
-from ussf_lib.meta import PAPER_DATASET, PAPER_MEAN, PAPER_PROTOCOL, PAPER_STD
+from ussf_lib.paper import PAPER_DATASET, PAPER_MEAN, PAPER_PROTOCOL, PAPER_STD
 from ussf_lib.models import build_model, check_image_size
 from ussf_lib.models.compiling import check_compile_settings, compile_model
-from ussf_lib.train import AMP_DTYPES, DeviceImages, TrainConfig, autocast, make_optimizer, select_device, train_fold
+from ussf_lib.training.loop import AMP_DTYPES, DeviceImages, TrainConfig, autocast, make_optimizer, select_device, train_fold
 
 #: Pipeline throughput wanted, as a multiple of US-SFNet's training throughput (docs/performance.md).
 PIPELINE_TARGET_RATIO = 20.0
@@ -173,7 +173,7 @@ def _input(batch: int, size: int, device: torch.device, channels_last: bool) -> 
 
 def train_step_fn(model: nn.Module, batch: int, size: int, device: torch.device, amp: str = "off",
                   channels_last: bool = False, num_classes: int = 4) -> Callable[[], None]:
-    """One training step as :func:`~ussf_lib.train.train_fold` takes it, on a fixed synthetic batch."""
+    """One training step as :func:`~ussf_lib.training.loop.train_fold` takes it, on a fixed synthetic batch."""
     model.train()
     x = _input(batch, size, device, channels_last)
     y = torch.randint(0, num_classes, (batch,), device=device)
@@ -368,7 +368,7 @@ def pipeline_throughput(cfg: BenchConfig, device: torch.device) -> float:
 
 
 def loop_throughput(name: str, cfg: BenchConfig, device: torch.device) -> dict[str, float]:
-    """Training images/s of :func:`~ussf_lib.train.train_fold` itself on synthetic cached images: batches gathered
+    """Training images/s of :func:`~ussf_lib.training.loop.train_fold` itself on synthetic cached images: batches gathered
     and normalized on the device, the per-step checks, the loss bookkeeping; the median of the epochs after
     the first (``train_seconds`` of its history, so the evaluation of the test images is not counted)."""
     rng = np.random.default_rng(cfg.seed)
@@ -390,8 +390,8 @@ def loop_throughput(name: str, cfg: BenchConfig, device: torch.device) -> dict[s
 
 def checkpoint_write(name: str, cfg: BenchConfig, device: torch.device) -> dict[str, float]:
     """Median seconds to write one training checkpoint of ``name`` (weights and Adam's moments, from the device,
-    by :func:`~ussf_lib.checkpoints.atomic_save` into a temporary folder, deleted afterwards), the median seconds of
-    the host copy that is all training waits for when :class:`~ussf_lib.checkpoints.CheckpointWriter` writes in
+    by :func:`~ussf_lib.training.checkpoints.atomic_save` into a temporary folder, deleted afterwards), the median seconds of
+    the host copy that is all training waits for when :class:`~ussf_lib.training.checkpoints.CheckpointWriter` writes in
     the background, and the file's megabytes."""
     torch.manual_seed(cfg.seed)
     model = build_model(name, cfg.num_classes, image_size=cfg.image_size).to(device)

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from ussf_lib.errors import UserError
-from ussf_lib.meta import PAPER_CLASSES, PAPER_PROTOCOL
+from ussf_lib.paper import PAPER_CLASSES, PAPER_PROTOCOL
 
 if TYPE_CHECKING:
-    from ussf_lib.experiment import CVConfig
+    from ussf_lib.training.experiment import CVConfig
 
 EXIT_USER_ERROR = 2
 #: A shell's status for a process stopped by SIGPIPE (128 + 13): what `ussf ... | head` ends with.
@@ -61,7 +61,7 @@ def _positive_int(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    from ussf_lib.train import MAX_SEED
+    from ussf_lib.training.loop import MAX_SEED
 
     try:
         value = int(text)
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from ussf_lib.phantom import generate_phantom
+    from ussf_lib.data.phantom import generate_phantom
 
     manifest = generate_phantom(args.out, n_per_class=args.n_per_class, image_size=args.image_size, seed=args.seed,
                                 progress=sys.stderr.isatty())
@@ -298,7 +298,7 @@ _CV_FLAG_SETTINGS = ("data", "manifest", "group_col", "classes", "weights_path",
 
 def cv_config_from_args(args: argparse.Namespace, **settings: Any) -> CVConfig:
     """The :class:`CVConfig` the shared training flags describe, plus ``settings`` (out, model)."""
-    from ussf_lib.experiment import CVConfig
+    from ussf_lib.training.experiment import CVConfig
 
     values = {name: getattr(args, name) for name in _CV_FLAG_SETTINGS}
     values["progress"] = show_progress(args)
@@ -312,7 +312,7 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from ussf_lib.experiment import absolute_path, load_config, run_cv
+    from ussf_lib.training.experiment import absolute_path, load_config, run_cv
 
     if args.resume:
         cfg = load_config(args.resume)
@@ -335,7 +335,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 def _resume_free_flags() -> set[str]:
     """Settings whose flags a resumed run may change (the run folder itself is ``--resume``'s, not ``--out``'s)."""
-    from ussf_lib.experiment import RESUME_FREE_SETTINGS
+    from ussf_lib.training.experiment import RESUME_FREE_SETTINGS
 
     return set(RESUME_FREE_SETTINGS) - {"out"}
 
@@ -354,7 +354,7 @@ def _typed_settings(args: argparse.Namespace) -> set[str]:
 
 def _refuse_changed_settings(args: argparse.Namespace, saved: CVConfig, typed: set[str]) -> None:
     """``--resume RUN`` continues with RUN's own settings: a flag given with another value is refused, not ignored."""
-    from ussf_lib.experiment import PATH_SETTINGS, absolute_path
+    from ussf_lib.training.experiment import PATH_SETTINGS, absolute_path
 
     changed = []
     for name in sorted(typed - _resume_free_flags()):
@@ -372,8 +372,8 @@ def _refuse_changed_settings(args: argparse.Namespace, saved: CVConfig, typed: s
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ussf_lib.compare import compare, parse_models
-    from ussf_lib.compare_tables import write_comparison
+    from ussf_lib.training.compare import compare, parse_models
+    from ussf_lib.evaluation.tables import write_comparison
 
     if args.tables_only:
         if not args.out:
@@ -438,7 +438,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ussf_lib.report import write_report
+    from ussf_lib.evaluation.report import write_report
 
     summary = write_report(args.run)
     print(f"report rebuilt in {Path(args.run).resolve()}: accuracy {summary['accuracy']['mean']:.3f}")
@@ -446,8 +446,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from ussf_lib.audit import audit_index, check_hash_settings, write_audit
-    from ussf_lib.data import load_index
+    from ussf_lib.data.audit import audit_index, check_hash_settings, write_audit
+    from ussf_lib.data.index import load_index
 
     check_hash_settings(args.hash_size, args.threshold, "--dup-threshold")
     if args.data and args.data_dir and args.data != args.data_dir:
@@ -471,8 +471,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_main_job(args: argparse.Namespace) -> int:
     """`make run`: the numbered notebooks in order (04 trains the main job's cross-validation, 05 evaluates it),
     or with ``--no-notebooks`` the same cross-validation through :func:`run_cv` directly."""
-    from ussf_lib.notebook_runner import NotebookError, notebook_paths, run_notebooks
-    from ussf_lib.notebooks import RUN_SUBDIR, notebooks_dir
+    from ussf_lib.nbrun.runner import NotebookError, notebook_paths, run_notebooks
+    from ussf_lib.nbrun.helpers import RUN_SUBDIR, notebooks_dir
 
     out = Path(args.out or default_run_dir("main"))
     settings = {"MODEL": args.model, "N_PER_CLASS": args.n_per_class, "IMAGE_SIZE": args.image_size,
@@ -499,10 +499,10 @@ def cmd_main_job(args: argparse.Namespace) -> int:
 
 def _main_job_cv(out: Path, settings: dict) -> Path:
     """OUT/phantom (the data, generated unless there) and OUT/run (the run folder): everything stays in OUT."""
-    from ussf_lib.experiment import CVConfig, run_cv
+    from ussf_lib.training.experiment import CVConfig, run_cv
     from ussf_lib.models.registry import check_image_size
-    from ussf_lib.notebooks import RUN_SUBDIR, phantom_manifest
-    from ussf_lib.phantom import min_images_per_class, patients_per_class
+    from ussf_lib.nbrun.helpers import RUN_SUBDIR, phantom_manifest
+    from ussf_lib.data.phantom import min_images_per_class, patients_per_class
 
     n, size, seed = settings["N_PER_CLASS"], settings["IMAGE_SIZE"], settings["SEED"]
     # Checked before the phantom is written: folds never split a patient.
@@ -523,7 +523,7 @@ def _main_job_cv(out: Path, settings: dict) -> Path:
 
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
-    from ussf_lib.notebook_runner import NotebookError, parse_assignments, run_notebooks
+    from ussf_lib.nbrun.runner import NotebookError, parse_assignments, run_notebooks
 
     try:
         done = run_notebooks(args.out, parameters=parse_assignments(args.param), notebooks=args.only)
@@ -535,7 +535,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ussf_lib.sweep import run_sweep
+    from ussf_lib.nbrun.sweep import run_sweep
 
     result = run_sweep(args.notebook, args.grid, args.out, jobs=args.jobs, devices=args.devices)
     return 1 if result.failed else 0

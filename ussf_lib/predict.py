@@ -16,14 +16,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ussf_lib.data import read_image
+from ussf_lib.data.index import read_image
 from ussf_lib.errors import UserError
-from ussf_lib.meta import IMAGE_EXTENSIONS
+from ussf_lib.paper import IMAGE_EXTENSIONS
 from ussf_lib.models import build_model
-from ussf_lib.train import DeviceImages, evaluate, select_device
+from ussf_lib.training.loop import DeviceImages, evaluate, select_device
 
 
-#: What a fold checkpoint's ``meta`` must hold (written by :func:`ussf_lib.experiment.run_cv`).
+#: What a fold checkpoint's ``meta`` must hold (written by :func:`ussf_lib.training.experiment.run_cv`).
 META_KEYS: tuple[str, ...] = ("model_name", "classes", "image_size", "mean", "std", "model_kwargs")
 
 

@@ -1,6 +1,6 @@
 """``torch.compile`` for training and benchmarking: the whole model, or each repeated block on its own.
 
-Used by ``ussf cv --compile`` (:func:`ussf_lib.train.train_fold`) and ``ussf bench --compile``; measured in
+Used by ``ussf cv --compile`` (:func:`ussf_lib.training.loop.train_fold`) and ``ussf bench --compile``; measured in
 ``docs/performance.md``.
 
 ``scope="model"`` (default) hands inductor the whole network as one graph. On an H100 that trained US-SFNet

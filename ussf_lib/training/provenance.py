@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ussf_lib.placement import PLACED_ENV
+from ussf_lib.training.placement import PLACED_ENV
 
 PACKAGES = ("ussf", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "scipy", "pillow", "imagehash",
             "matplotlib", "seaborn", "papermill")
@@ -68,7 +68,7 @@ def environment_info(device: torch.device | str, data_fingerprint: str | None = 
         **device_info(device),
         "git_commit": git_commit(),
         "data_fingerprint": data_fingerprint,
-        # Where `--devices` placed this run (ussf_lib.placement): the GPUs this process was allowed to see
+        # Where `--devices` placed this run (ussf_lib.training.placement): the GPUs this process was allowed to see
         # (None: not restricted, "": none) and the --devices entry; None for a run started by hand.
         "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "placed_device": os.environ.get(PLACED_ENV),
@@ -80,7 +80,7 @@ def environment_line(device: torch.device | str | None = None) -> str:
 
     Introduced in ``notebooks/01_explore_data.ipynb``.
     """
-    from ussf_lib.train import select_device
+    from ussf_lib.training.loop import select_device
 
     device = torch.device(device) if device is not None else select_device()
     versions = package_versions()

@@ -55,7 +55,7 @@ from PIL import Image
 from scipy import fft as sfft
 
 from ussf_lib.errors import UserError
-from ussf_lib.meta import PAPER_CLASSES
+from ussf_lib.paper import PAPER_CLASSES
 
 __all__ = [
     "PHANTOM_CLASSES",
@@ -589,7 +589,7 @@ def is_phantom_folder(out: str | Path) -> bool:
         return False
     try:
         stamp = json.loads(marker.read_text(encoding="utf-8"))
-        return (isinstance(stamp, dict) and stamp.get("generator") == "ussf_lib.phantom"
+        return (isinstance(stamp, dict) and stamp.get("generator") == "ussf_lib.data.phantom"
                 and stamp.get("manifest_sha256") == _sha256(manifest))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
@@ -689,13 +689,13 @@ def generate_phantom(out: str | Path, n_per_class: int = 250, image_size: int = 
     writer.writerows(rows)
     manifest = out / "manifest.csv"
     manifest.write_text(buf.getvalue(), encoding="utf-8")
-    marker = {"generator": "ussf_lib.phantom", "manifest_sha256": _sha256(manifest), "n_per_class": int(n_per_class),
+    marker = {"generator": "ussf_lib.data.phantom", "manifest_sha256": _sha256(manifest), "n_per_class": int(n_per_class),
               "image_size": int(image_size), "seed": int(seed), "classes": list(classes)}
     (out / PHANTOM_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
     return manifest
 
 
-if __name__ == "__main__":  # python -m ussf_lib.phantom [N_PER_CLASS] [IMAGE_SIZE]: timing of one generation
+if __name__ == "__main__":  # python -m ussf_lib.data.phantom [N_PER_CLASS] [IMAGE_SIZE]: timing of one generation
     import sys
     import tempfile
     import time

@@ -5,12 +5,12 @@ images and a :class:`TrainConfig`, and returns the per-epoch history and the tes
 probabilities. Batches are gathered from the uint8 cache and normalized on the training device, so no image
 is decoded inside the loop. A checkpoint (model, optimizer, GradScaler and RNG states, epoch, fold, and what the
 caller adds: the run's config) is written atomically after every epoch (or every ``checkpoint_every`` epochs, and
-always after the last), in the background while the next epoch trains (:mod:`ussf_lib.checkpoints`), so an
+always after the last), in the background while the next epoch trains (:mod:`ussf_lib.training.checkpoints`), so an
 interrupted fold resumes from its last checkpoint with the same results. The learning rate is constant: section 2.4
 gives an "initial learning rate" of 0.001 but names no schedule, so none is guessed (and there is no scheduler
 state to keep). Introduced in ``notebooks/03_build_conv_fft_block.ipynb`` (:func:`select_device`,
 :func:`seed_everything`); the fold loop in ``notebooks/04_train_cross_validation.ipynb`` (through
-:func:`ussf_lib.experiment.run_cv`).
+:func:`ussf_lib.training.experiment.run_cv`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ussf_lib import distributed as dist_mod
-from ussf_lib.checkpoints import CheckpointWriter, atomic_save
-from ussf_lib.data import normalization_on, normalize_batch
-from ussf_lib.distributed import DistContext
+from ussf_lib.training import distributed as dist_mod
+from ussf_lib.training.checkpoints import CheckpointWriter, atomic_save
+from ussf_lib.data.index import normalization_on, normalize_batch
+from ussf_lib.training.distributed import DistContext
 from ussf_lib.errors import UserError
-from ussf_lib.meta import PAPER_PROTOCOL
+from ussf_lib.paper import PAPER_PROTOCOL
 from ussf_lib.models.compiling import check_compile_settings, compile_model, mark_batch_dynamic
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -330,7 +330,7 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
     after the last (temporary file, then rename) and, if one is already there, training resumes from it.
     Returns the history and the last epoch's test probabilities.
 
-    With ``dist_ctx`` of a torchrun launch (:mod:`ussf_lib.distributed`) every process calls this with the same
+    With ``dist_ctx`` of a torchrun launch (:mod:`ussf_lib.training.distributed`) every process calls this with the same
     arguments: the model is wrapped in ``DistributedDataParallel``, each global batch of ``cfg.batch_size`` is
     split across the processes by a ``DistributedSampler``, the test images are split for evaluation and their
     probabilities gathered, and only rank 0 writes the checkpoint.

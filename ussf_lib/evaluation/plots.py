@@ -46,7 +46,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from ussf_lib.errors import UserError  # noqa: E402
-from ussf_lib.metrics import _frame_to_arrays  # noqa: E402
+from ussf_lib.evaluation.metrics import _frame_to_arrays  # noqa: E402
 
 PathLike = str | os.PathLike
 

@@ -7,7 +7,7 @@ paper's protocol; docs/performance.md), so :class:`CheckpointWriter` takes a sna
 training waits for) and writes it in a background thread while the next epoch trains. torch's own
 asynchronous saving (``torch.distributed.checkpoint.async_save``) writes a folder of shards, not the single
 ``checkpoint.pt`` that ``ussf predict`` and ``--resume`` read, so a thread of our own does it here.
-Introduced in ``notebooks/04_train_cross_validation.ipynb`` (through :func:`ussf_lib.train.train_fold`).
+Introduced in ``notebooks/04_train_cross_validation.ipynb`` (through :func:`ussf_lib.training.loop.train_fold`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ folder) and ``sweep.json`` (parameters, seconds). A run whose ``metrics.json`` e
 when the sweep is called again (with other fixed values it is an error: use a new ``--out``); an unfinished run
 starts again, and notebook 04 resumes its cross-validation fold by fold. ``--jobs N`` executes N runs at once in
 separate processes, each kernel limited to ``cpu_count // N`` threads. ``--devices 0,1`` instead places the runs
-on GPUs, one run per GPU at a time (:mod:`ussf_lib.placement`): each worker is pinned to its GPU for its whole life
+on GPUs, one run per GPU at a time (:mod:`ussf_lib.training.placement`): each worker is pinned to its GPU for its whole life
 and the notebook kernel it starts inherits ``CUDA_VISIBLE_DEVICES``, so the notebook's device ``auto`` is that GPU;
 ``--devices cpu,cpu`` runs two at once on the CPU. ``sweep.json`` records the entry a run was placed on
 (``device``, null without ``--devices``).
@@ -48,11 +48,11 @@ import numpy as np
 import pandas as pd
 
 from ussf_lib.errors import UserError
-from ussf_lib.meta import METRIC_NAMES
-from ussf_lib.metrics import format_mean_std
-from ussf_lib.notebook_runner import (NotebookError, absolute_path_parameters, check_out_outside_data, check_parameters,
+from ussf_lib.paper import METRIC_NAMES
+from ussf_lib.evaluation.metrics import format_mean_std
+from ussf_lib.nbrun.runner import (NotebookError, absolute_path_parameters, check_out_outside_data, check_parameters,
                                       check_values, declared_parameters, execute_notebook, notebook_paths)
-from ussf_lib.placement import Placed, parse_devices, placed_device, run_placed
+from ussf_lib.training.placement import Placed, parse_devices, placed_device, run_placed
 
 #: The axis averaged over in ``summary.md``.
 SEED_AXIS = "SEED"
@@ -180,7 +180,7 @@ def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str
     """Execute ``notebook`` once per grid point into ``out/<run name>/`` and write ``results.csv`` and ``summary.md``.
 
     Finished runs (``metrics.json`` present) are skipped; ``jobs`` > 1 runs that many at once in processes
-    (default 1). ``devices`` (``"0,1"``, ``["cpu", "cpu"]``, see :func:`~ussf_lib.placement.parse_devices`) runs
+    (default 1). ``devices`` (``"0,1"``, ``["cpu", "cpu"]``, see :func:`~ussf_lib.training.placement.parse_devices`) runs
     one at a time per entry in worker processes pinned to it; ``jobs``, if given too, must equal their number.
     A failing run does not stop the others: it is reported in ``SweepResult.failed`` and left out of the tables.
     Grid names that are not parameters of the notebook are a :class:`UserError` naming them.

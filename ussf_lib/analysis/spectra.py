@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from ussf_lib.errors import UserError
-from ussf_lib.plots import Figure, plt, save_figure
+from ussf_lib.evaluation.plots import Figure, plt, save_figure
 
 
 def to_gray(images: np.ndarray) -> np.ndarray:

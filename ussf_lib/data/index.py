@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ussf_lib.errors import UserError
-from ussf_lib.meta import IMAGE_EXTENSIONS, NORMALIZATIONS
+from ussf_lib.paper import IMAGE_EXTENSIONS, NORMALIZATIONS
 
 #: Pillow warns above ``MAX_IMAGE_PIXELS`` and raises above twice that; both are treated as a decompression bomb.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -374,7 +374,7 @@ def read_image(path: str | Path, image_size: int) -> np.ndarray:
         raise UserError(f"{path}: {problem}; {_fix_for(problem)}") from None
 
 
-#: Columns of the per-image hashes (:func:`decode_index` with ``hash_size``, and :mod:`ussf_lib.audit`).
+#: Columns of the per-image hashes (:func:`decode_index` with ``hash_size``, and :mod:`ussf_lib.data.audit`).
 HASH_COLUMNS: tuple[str, ...] = ("sha256", "pixels", "phash")
 
 
@@ -576,7 +576,7 @@ def normalization_on(device: torch.device, mean: Sequence[float], std: Sequence[
 
 
 def resolve_normalization(name_or_values: str | Iterable[Sequence[float]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``"paper"`` or ``"imagenet"`` (see :data:`ussf_lib.meta.NORMALIZATIONS`), or an explicit ``(mean, std)``."""
+    """``"paper"`` or ``"imagenet"`` (see :data:`ussf_lib.paper.NORMALIZATIONS`), or an explicit ``(mean, std)``."""
     if isinstance(name_or_values, str):
         if name_or_values not in NORMALIZATIONS:
             raise UserError(f"unknown normalization {name_or_values!r}; use one of {sorted(NORMALIZATIONS)}")

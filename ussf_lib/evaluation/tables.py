@@ -1,6 +1,6 @@
 """The paper's Tables 1 and 2, the paired comparison and the per-class chart, rebuilt from a comparison folder.
 
-:func:`write_comparison` reads only the run folders that :func:`ussf_lib.compare.compare` left in ``OUT``
+:func:`write_comparison` reads only the run folders that :func:`ussf_lib.training.compare.compare` left in ``OUT``
 (``summary.json``, ``per_class.csv``, ``history.csv``, ``splits.csv``), so the tables can be rebuilt at any time
 without a model (``ussf compare --tables-only``)::
 
@@ -9,7 +9,7 @@ without a model (``ussf compare --tables-only``)::
     OUT/table2.csv/.md        Table 2 layout: one-vs-rest precision, sensitivity, specificity, F1 per model and class
     OUT/per_class_bars.png    Table 2 as grouped bars
     OUT/paired.csv/.md        every model against the reference (us_sfnet, else the first model) fold by fold:
-                              differences, Nadeau–Bengio corrected t-test, bootstrap CI (see ussf_lib.stats)
+                              differences, Nadeau–Bengio corrected t-test, bootstrap CI (see ussf_lib.evaluation.stats)
 
 The CSVs hold fractions, as every run folder does (``accuracy_mean`` 0.83, not 83), the paper's reported
 figures included (divided by 100 here); the markdown tables print percent.
@@ -27,12 +27,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ussf_lib import plots
+from ussf_lib.evaluation import plots
 from ussf_lib.errors import UserError
-from ussf_lib.meta import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_MODEL, PAPER_TABLE2_METRICS, TABLE2_METRICS,
+from ussf_lib.paper import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_MODEL, PAPER_TABLE2_METRICS, TABLE2_METRICS,
                            is_papers_task, paper_table1, paper_table2)
-from ussf_lib.metrics import format_mean_std
-from ussf_lib.stats import N_BOOT, paired_comparison
+from ussf_lib.evaluation.metrics import format_mean_std
+from ussf_lib.evaluation.stats import N_BOOT, paired_comparison
 
 #: Macro metrics of Table 1, in column order.
 TABLE1_METRICS: tuple[str, ...] = METRIC_NAMES
@@ -308,7 +308,7 @@ PAIRED_NOTE = (
 
 
 def per_class_long(t2: pd.DataFrame, include_paper: bool = True) -> pd.DataFrame:
-    """Table 2 in the long layout :func:`~ussf_lib.plots.plot_per_class_bars` reads; the paper's rows as
+    """Table 2 in the long layout :func:`~ussf_lib.evaluation.plots.plot_per_class_bars` reads; the paper's rows as
     ``<model> (paper)``. Introduced in ``notebooks/06_compare_baselines.ipynb``.
     """
     cols = ["model", "class", *[f"{m}_{s}" for m in TABLE2_METRICS for s in ("mean", "std")]]

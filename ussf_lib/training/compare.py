@@ -1,18 +1,18 @@
 """Cross-validate several models on identical folds, then lay the results out as the paper's Tables 1 and 2.
 
 ``ussf compare`` and ``notebooks/06_compare_baselines.ipynb`` call :func:`compare`: the folds are computed
-once and saved as ``OUT/splits.csv``; every model then runs :func:`~ussf_lib.experiment.run_cv` into its own
+once and saved as ``OUT/splits.csv``; every model then runs :func:`~ussf_lib.training.experiment.run_cv` into its own
 run folder ``OUT/<model>/`` with ``splits=OUT/splits.csv``, so all models are trained and tested on exactly
 the same images. A model whose ``summary.json`` exists is finished and skipped on a rerun; a model whose folder
 exists without it was interrupted and is resumed (finished folds are kept). With ``--devices 0,1,...``
 (``devices=`` here) the models' runs go at once, one per device, in worker processes pinned to their device
-(:mod:`ussf_lib.placement`; ``cpu,cpu`` runs two at once on the CPU); their log lines come back prefixed with the
-model name. :func:`~ussf_lib.compare_tables.write_comparison` then writes the tables from the run folders::
+(:mod:`ussf_lib.training.placement`; ``cpu,cpu`` runs two at once on the CPU); their log lines come back prefixed with the
+model name. :func:`~ussf_lib.evaluation.tables.write_comparison` then writes the tables from the run folders::
 
     OUT/compare.json          the models and the shared settings
     OUT/splits.csv            path,label,group,fold: the one set of folds
     OUT/<model>/              a complete `ussf cv` run folder per model
-    OUT/table1, table2, paired (.csv/.md), per_class_bars.png   see ussf_lib.compare_tables
+    OUT/table1, table2, paired (.csv/.md), per_class_bars.png   see ussf_lib.evaluation.tables
 
 Introduced in ``notebooks/06_compare_baselines.ipynb``.
 """
@@ -25,13 +25,13 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ussf_lib import cv as cv_mod
-from ussf_lib.compare_tables import same_folds, write_comparison
+from ussf_lib.data import folds as cv_mod
+from ussf_lib.evaluation.tables import same_folds, write_comparison
 from ussf_lib.errors import UserError
-from ussf_lib.experiment import PATH_SETTINGS, CVConfig, absolute_path, prepare_data, run_cv
+from ussf_lib.training.experiment import PATH_SETTINGS, CVConfig, absolute_path, prepare_data, run_cv
 from ussf_lib.models.registry import check_image_size
-from ussf_lib.placement import Placed, parse_devices, run_placed, worker_log
-from ussf_lib.train import select_device
+from ussf_lib.training.placement import Placed, parse_devices, run_placed, worker_log
+from ussf_lib.training.loop import select_device
 
 # Settings that may differ between the models' configs without changing what a finished run means.
 _FREE_SETTINGS = {"out", "model", "progress", "device", "cache_dir", "splits"}
@@ -54,7 +54,7 @@ def parse_models(models: str | Sequence[str]) -> list[str]:
 def make_splits(cfg: CVConfig, path: str | Path, log: Callable[[str], None] = print) -> Path:
     """Make the folds of ``cfg``'s data once, exactly as ``run_cv`` would, and save them as ``splits.csv``.
 
-    The folds come from :func:`~ussf_lib.experiment.prepare_data`, so they follow ``run_cv``'s fold policy
+    The folds come from :func:`~ussf_lib.training.experiment.prepare_data`, so they follow ``run_cv``'s fold policy
     (patient groups, and duplicate clusters kept inside one fold with ``dedup_folds``); with ``cfg.splits`` set,
     that file's folds are checked against the data and used instead.
     """
@@ -77,7 +77,7 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
     are a :class:`UserError`, or, with ``replace_changed`` (notebooks, which own their folder), delete the
     old comparison first. Finishes with :func:`write_comparison`.
 
-    ``devices`` (``"0,1"``, ``["cpu", "cpu"]``, see :func:`~ussf_lib.placement.parse_devices`) runs the models
+    ``devices`` (``"0,1"``, ``["cpu", "cpu"]``, see :func:`~ussf_lib.training.placement.parse_devices`) runs the models
     concurrently, one per entry at a time, each in a worker pinned to its device (``base_cfg.device`` must then be
     ``auto``, which in the worker is its device; progress bars are off there). The folds are still made here first.
     A model that stops with a :class:`UserError` does not stop the others: the tables are written for those that

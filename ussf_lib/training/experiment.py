@@ -12,7 +12,7 @@ The run folder (see README "Run folder")::
 
 Everything about the input is checked before the run folder is created: a bad path, too few images, an
 unreadable image (all of them listed at once) stop the run with one :class:`UserError` and nothing is
-written. By default the folds keep every exact or near-duplicate cluster (:mod:`ussf_lib.audit`) inside one
+written. By default the folds keep every exact or near-duplicate cluster (:mod:`ussf_lib.data.audit`) inside one
 fold, joined with the patient groups (``dedup_folds``). A fold whose ``predictions.csv`` exists is finished
 and skipped on ``resume``; an unfinished fold continues from its last checkpoint, after checking that the
 checkpoint was made for the same model and class list.
@@ -31,17 +31,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from ussf_lib import cv as cv_mod
-from ussf_lib import distributed as dist_mod
-from ussf_lib.audit import HASH_SIZE, THRESHOLD, check_hash_settings, clusters_from_hashes
-from ussf_lib.data import ImageIndex, decode_index, fingerprint, load_index, resolve_normalization
+from ussf_lib.data import folds as cv_mod
+from ussf_lib.training import distributed as dist_mod
+from ussf_lib.data.audit import HASH_SIZE, THRESHOLD, check_hash_settings, clusters_from_hashes
+from ussf_lib.data.index import ImageIndex, decode_index, fingerprint, load_index, resolve_normalization
 from ussf_lib.errors import UserError, same_kind
-from ussf_lib.meta import PAPER_PROTOCOL
+from ussf_lib.paper import PAPER_PROTOCOL
 from ussf_lib.models import build_model
 from ussf_lib.models.registry import check_image_size, list_models
-from ussf_lib.provenance import environment_info
-from ussf_lib.report import write_report
-from ussf_lib.train import DeviceImages, TrainConfig, process_batch_size, select_device, seed_everything, train_fold
+from ussf_lib.training.provenance import environment_info
+from ussf_lib.evaluation.report import write_report
+from ussf_lib.training.loop import DeviceImages, TrainConfig, process_batch_size, select_device, seed_everything, train_fold
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -307,7 +307,7 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
     """Run (or resume) k-fold cross-validation and write the complete run folder; returns its path.
 
     Launched by ``torchrun --nproc_per_node N -m ussf_lib cv ...`` every process runs this with the same
-    settings: all of them read the data and train data-parallel (:mod:`ussf_lib.distributed`), and only rank 0
+    settings: all of them read the data and train data-parallel (:mod:`ussf_lib.training.distributed`), and only rank 0
     logs and writes the run folder. Introduced in ``notebooks/04_train_cross_validation.ipynb``.
     """
     from ussf_lib.predict import check_meta, check_weights_fit, read_checkpoint

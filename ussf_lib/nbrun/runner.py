@@ -3,7 +3,7 @@
 ``run_notebooks(out)`` executes ``notebooks/NN_*.ipynb`` in order, each into ``OUT/NN_name.ipynb`` (the executed
 copy, outputs included) with its figures, tables and ``metrics.json`` under ``OUT/NN_name/`` (the notebook's
 ``OUT_DIR`` parameter). ``ussf notebooks --out DIR [--param KEY=VALUE ...]`` is the same from the shell, and
-:mod:`ussf_lib.sweep` runs one notebook over a grid of parameters. Parameters are checked against those a
+:mod:`ussf_lib.nbrun.sweep` runs one notebook over a grid of parameters. Parameters are checked against those a
 notebook declares, and the values it would refuse in its first cells are refused here, before a kernel starts.
 Relative ``DATA``, ``MANIFEST`` and ``RUN_DIR`` values are taken from the folder the command runs in and passed
 on absolute (:func:`absolute_path_parameters`).
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ussf_lib.errors import UserError, same_kind
-from ussf_lib.notebooks import RUN_SUBDIR, notebooks_dir, resolve_path
+from ussf_lib.nbrun.helpers import RUN_SUBDIR, notebooks_dir, resolve_path
 
 #: The executed notebooks' kernel (see the module docstring for how it resolves to this interpreter).
 KERNEL_NAME = "python3"
@@ -69,7 +69,7 @@ def check_out_outside_data(out: str | os.PathLike, parameter_sets: Iterable[Mapp
     before anything is written: the notebooks would refuse it too, but only after a kernel had written there.
     ``parameter_sets`` (one per notebook or grid point) are absolute (:func:`absolute_path_parameters`); each
     distinct data set is checked once, since a manifest's check reads it."""
-    from ussf_lib.data import check_outside, index_manifest
+    from ussf_lib.data.index import check_outside, index_manifest
 
     def given(value: Any) -> str | None:
         return value if isinstance(value, str) and value.strip() else None
@@ -90,8 +90,8 @@ def check_values(values: Mapping[str, Any], where: str) -> None:
     on the built-in phantom needs as many synthetic patients per class as ``FOLDS``.
     """
     from ussf_lib.models.registry import check_image_size
-    from ussf_lib.phantom import min_images_per_class, patients_per_class
-    from ussf_lib.train import AMP_DTYPES, check_seed
+    from ussf_lib.data.phantom import min_images_per_class, patients_per_class
+    from ussf_lib.training.loop import AMP_DTYPES, check_seed
 
     size = values.get("IMAGE_SIZE", 224)
     models = [values["MODEL"]] if "MODEL" in values else []

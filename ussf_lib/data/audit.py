@@ -10,10 +10,10 @@ Two images are related when
 A *cluster* is a connected component of that relation (so duplicates of duplicates join one cluster); a
 cluster whose images carry more than one label is a *conflict*: at least one of its labels is wrong, or the
 picture is ambiguous. BUSI (``../shared/datasets/busi``) holds both kinds, and identical files under two
-labels. Cross-validation keeps every cluster inside one fold (:func:`ussf_lib.cv.index_groups`), otherwise a
+labels. Cross-validation keeps every cluster inside one fold (:func:`ussf_lib.data.folds.index_groups`), otherwise a
 copy of a test image would be in the training set.
 
-The hashes are computed in the same pass that decodes the images for training (:func:`ussf_lib.data.decode_index`),
+The hashes are computed in the same pass that decodes the images for training (:func:`ussf_lib.data.index.decode_index`),
 so deduplicated folds cost about one perceptual hash per image (BUSI's 780: a couple of seconds on 2 cores).
 Introduced in ``notebooks/01_explore_data.ipynb``.
 """
@@ -30,7 +30,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ussf_lib.data import ImageIndex, decode_index
+from ussf_lib.data.index import ImageIndex, decode_index
 from ussf_lib.errors import UserError
 
 #: Defaults shared by ``ussf audit`` and the deduplicated folds of ``ussf cv``.

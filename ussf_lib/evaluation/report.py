@@ -16,11 +16,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ussf_lib import plots
+from ussf_lib.evaluation import plots
 from ussf_lib.errors import UserError
-from ussf_lib.meta import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_MODEL, PAPER_TABLE2_METRICS, PER_CLASS_METRICS,
+from ussf_lib.paper import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_MODEL, PAPER_TABLE2_METRICS, PER_CLASS_METRICS,
                            TABLE2_METRICS, is_papers_task, paper_headline, paper_table2)
-from ussf_lib.metrics import fold_confusions, format_mean_std, summarize_predictions
+from ussf_lib.evaluation.metrics import fold_confusions, format_mean_std, summarize_predictions
 
 
 def run_classes(run_dir: str | Path) -> list[str]:
@@ -76,7 +76,7 @@ def beside_the_paper(model: str | None, classes: Iterable[str]) -> bool:
     """Whether a single run's tables show the paper's US-SFNet figures: for a US-SFNet run (``us_sfnet`` or a
     smaller variant such as ``us_sfnet_tiny``; the columns are labelled as the paper's model) on the paper's four
     lymph-node classes. A baseline's run gets none (the columns would be another model's), nor does other data
-    (a "benign" breast lesion is not a "benign" lymph node). Comparisons (:mod:`ussf_lib.compare_tables`) match
+    (a "benign" breast lesion is not a "benign" lymph node). Comparisons (:mod:`ussf_lib.evaluation.tables`) match
     each model to its own row of the paper's tables instead.
     """
     return bool(model) and str(model).startswith(PAPER_MODEL) and is_papers_task(classes)

@@ -39,7 +39,7 @@ from numpy.typing import ArrayLike
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from ussf_lib.errors import UserError
-from ussf_lib.meta import METRIC_NAMES, PER_CLASS_METRICS
+from ussf_lib.paper import METRIC_NAMES, PER_CLASS_METRICS
 
 #: Tolerance on ``probs`` rows summing to 1 (CSV rounding is fine; logits are not).
 _PROB_SUM_TOL = 1e-2
@@ -311,7 +311,7 @@ def fold_confusions(pred: pd.DataFrame, classes: Sequence[str]) -> dict[int, np.
     """
     if not isinstance(pred, pd.DataFrame) or "fold" not in pred.columns:
         raise UserError("predictions table lacks a fold column; read every fold's predictions.csv with "
-                        "ussf_lib.report.load_predictions")
+                        "ussf_lib.evaluation.report.load_predictions")
     out: dict[int, np.ndarray] = {}
     for fold_id, rows in pred.groupby("fold", sort=True):
         y_true, probs = _frame_to_arrays(rows, classes)

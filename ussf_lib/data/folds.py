@@ -3,7 +3,7 @@
 ``cv`` knows folds, not pixels: it takes labels and groups and returns a fold number per image, using
 scikit-learn's ``StratifiedKFold`` / ``StratifiedGroupKFold``. The groups that folds keep whole are the
 connected components of two relations: *same patient* (the manifest's group column) and *same duplicate
-cluster* (exact or near-duplicate images, found by :mod:`ussf_lib.audit`), so neither a patient nor a copy of
+cluster* (exact or near-duplicate images, found by :mod:`ussf_lib.data.audit`), so neither a patient nor a copy of
 an image is ever on both sides of a split. Splits are saved as ``splits.csv`` (``path,label,group,fold``, where
 ``group`` is the group actually kept whole) and can be reused so that several models see identical folds.
 Introduced in ``notebooks/04_train_cross_validation.ipynb``.
@@ -21,9 +21,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from ussf_lib.data import ImageIndex
+from ussf_lib.data.index import ImageIndex
 from ussf_lib.errors import UserError
-from ussf_lib.meta import LABEL_SAFE_CSV
+from ussf_lib.paper import LABEL_SAFE_CSV
 
 
 def check_fold_feasible(labels: Sequence[str], groups: Sequence[str] | None, n_folds: int,
@@ -101,7 +101,7 @@ def index_groups(index: ImageIndex, clusters: Sequence[int] | np.ndarray | None 
     """The group of every image that folds keep whole, or ``None`` when every image stands alone.
 
     Patient groups (a manifest's group column) merged with duplicate ``clusters`` (one id per image, e.g. from
-    :func:`ussf_lib.audit.cluster_ids`); a folder tree without duplicates gives ``None`` (plain stratified folds).
+    :func:`ussf_lib.data.audit.cluster_ids`); a folder tree without duplicates gives ``None`` (plain stratified folds).
     """
     base = index.frame["group"].to_numpy().astype(str)
     if clusters is None:
@@ -114,7 +114,7 @@ def index_groups(index: ImageIndex, clusters: Sequence[int] | np.ndarray | None 
 
 def folds_for_index(index: ImageIndex, n_folds: int, seed: int,
                     clusters: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-    """Folds for an :class:`~ussf_lib.data.ImageIndex`, grouped by its group column when it has one.
+    """Folds for an :class:`~ussf_lib.data.index.ImageIndex`, grouped by its group column when it has one.
 
     With ``clusters`` (a duplicate-cluster id per image) every cluster also stays inside one fold, joined with
     the patient groups (see :func:`index_groups`).

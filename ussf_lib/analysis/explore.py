@@ -1,9 +1,9 @@
 """Look at a dataset before training on it: class balance, image sizes and modes, intensities, patients.
 
-Introduced in ``notebooks/01_explore_data.ipynb``. Every function takes an :class:`~ussf_lib.data.ImageIndex`
-(file list with labels and groups) or the decoded uint8 stack of :func:`~ussf_lib.data.decode_images`, and
+Introduced in ``notebooks/01_explore_data.ipynb``. Every function takes an :class:`~ussf_lib.data.index.ImageIndex`
+(file list with labels and groups) or the decoded uint8 stack of :func:`~ussf_lib.data.index.decode_images`, and
 returns a table (``pandas.DataFrame``) or a matplotlib figure; ``out=`` also saves a figure. Exact and
-near-duplicate images are :mod:`ussf_lib.audit`'s job (the same notebook calls it).
+near-duplicate images are :mod:`ussf_lib.data.audit`'s job (the same notebook calls it).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ussf_lib.data import ImageIndex
+from ussf_lib.data.index import ImageIndex
 from ussf_lib.errors import UserError
-from ussf_lib.plots import Figure, plt, save_figure, whole_number_ticks
+from ussf_lib.evaluation.plots import Figure, plt, save_figure, whole_number_ticks
 
 
 def class_table(index: ImageIndex) -> pd.DataFrame:
@@ -144,7 +144,7 @@ def fold_check(index: ImageIndex, folds: int) -> str:
 
     Introduced in ``notebooks/01_explore_data.ipynb``.
     """
-    from ussf_lib.cv import check_fold_feasible
+    from ussf_lib.data.folds import check_fold_feasible
 
     groups = index.frame["group"].to_numpy() if index.has_groups else None
     unit = "patients" if groups is not None else "images"

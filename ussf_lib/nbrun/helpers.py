@@ -1,12 +1,12 @@
 """The helpers every numbered notebook shares: repository paths, its data, its output folder, rerun logic.
 
 Notebook conventions (``tests/test_notebooks.py`` checks them): a markdown title first, one imports cell that
-prints :func:`ussf_lib.provenance.environment_line`, exactly one cell tagged ``parameters`` holding only
+prints :func:`ussf_lib.training.provenance.environment_line`, exactly one cell tagged ``parameters`` holding only
 literals with tiny CPU defaults (the built-in phantom when ``DATA`` and ``MANIFEST`` are empty), and no
 outputs in the committed file. Inside a notebook, relative paths in parameters (``DATA``, ``MANIFEST``,
 ``OUT_DIR``, ``RUN_DIR``) are relative to the repository root (:func:`repo_root`), whatever folder the kernel
 starts in (JupyterLab and nbval start it in ``notebooks/``, papermill wherever it is told). Running them
-headless (``ussf notebooks``, ``ussf sweep``) is :mod:`ussf_lib.notebook_runner`'s job.
+headless (``ussf notebooks``, ``ussf sweep``) is :mod:`ussf_lib.nbrun.runner`'s job.
 Used by every notebook (``notebooks/01_explore_data.ipynb`` introduces it).
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 from ussf_lib.errors import UserError
 
 #: Sub-folder of a notebook's ``OUT_DIR`` holding the cross-validation run folder it trains (04, and 05 when
-#: it has no ``RUN_DIR``); :func:`ussf_lib.notebook_runner.run_notebooks` hands 04's to 05 as ``RUN_DIR``.
+#: it has no ``RUN_DIR``); :func:`ussf_lib.nbrun.runner.run_notebooks` hands 04's to 05 as ``RUN_DIR``.
 RUN_SUBDIR = "run"
 #: Classes and group column of the built-in phantom.
 PHANTOM_GROUP_COL = "patient"
@@ -35,7 +35,7 @@ PHANTOM_GROUP_COL = "patient"
 
 def repo_root() -> Path:
     """The ussf checkout: the folder above ``ussf_lib`` when it holds ``notebooks/``, else the current folder."""
-    here = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve().parents[2]
     return here if (here / "notebooks").is_dir() else Path.cwd()
 
 
@@ -72,7 +72,7 @@ def resolve_out_dir(out_dir: str | os.PathLike) -> Path:
 
 @dataclass
 class NotebookData:
-    """The dataset a notebook works on: its index, the matching :class:`~ussf_lib.experiment.CVConfig` keywords
+    """The dataset a notebook works on: its index, the matching :class:`~ussf_lib.training.experiment.CVConfig` keywords
     (``data`` / ``manifest`` / ``group_col`` / ``classes``) and a one-line description."""
 
     index: Any
@@ -86,8 +86,8 @@ def prepare_data(data: str = "", manifest: str = "", group_col: str = "", out_di
     when both are empty, the built-in phantom generated into ``OUT_DIR/phantom`` (reused while its settings
     ``n_per_class``, ``image_size`` and ``seed`` stay the same). Introduced in ``notebooks/01_explore_data.ipynb``.
     """
-    from ussf_lib.data import load_index
-    from ussf_lib.meta import PAPER_CLASSES
+    from ussf_lib.data.index import load_index
+    from ussf_lib.paper import PAPER_CLASSES
 
     data_path, manifest_path = resolve_path(data), resolve_path(manifest)
     if data_path is not None or manifest_path is not None:
@@ -106,7 +106,7 @@ def prepare_data(data: str = "", manifest: str = "", group_col: str = "", out_di
 
 def phantom_manifest(folder: str | os.PathLike, n_per_class: int, image_size: int, seed: int) -> Path:
     """The manifest of a phantom in ``folder`` with these settings, generated unless it is already there."""
-    from ussf_lib.phantom import generate_phantom
+    from ussf_lib.data.phantom import generate_phantom
 
     folder = Path(folder)
     settings = {"n_per_class": int(n_per_class), "image_size": int(image_size), "seed": int(seed)}
@@ -124,11 +124,11 @@ def example_image(data: str = "", manifest: str = "", image_size: int = 32, seed
     """One RGB uint8 image ``(image_size, image_size, 3)`` and its description: a phantom node of class ``label``
     when ``data`` and ``manifest`` are empty, else the first image of class ``label`` (or of the first class).
     Introduced in ``notebooks/03_build_conv_fft_block.ipynb``."""
-    from ussf_lib.data import load_index, read_image
+    from ussf_lib.data.index import load_index, read_image
 
     data_path, manifest_path = resolve_path(data), resolve_path(manifest)
     if data_path is None and manifest_path is None:
-        from ussf_lib.phantom import render_node
+        from ussf_lib.data.phantom import render_node
 
         gray = render_node(label, np.random.default_rng(seed), image_size)
         return np.repeat(gray[..., None], 3, axis=-1), f"phantom {label} node (seed {seed})"
@@ -149,7 +149,7 @@ def resume_or_replace(cfg: Any, log: Callable[[str], None] = print) -> bool:
     """
     import shutil
 
-    from ussf_lib.experiment import RESUME_FREE_SETTINGS
+    from ussf_lib.training.experiment import RESUME_FREE_SETTINGS
 
     run_dir = Path(cfg.out)
     config = run_dir / "config.json"

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, statistics, tables, reports and figures, read from run folders; never touches a model."""

@@ -1,0 +1,1 @@
+"""Notebook running: helpers the notebooks call, the papermill runner, and parameter sweeps."""

@@ -1,0 +1,1 @@
+"""Training: one fold (loop, runtime, checkpoints, distributed) and one experiment (run folder)."""
