@@ -156,7 +156,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, make_args, match):
 
 @pytest.mark.parametrize("argv,match", [
     (["cv", "--data", "d", "--epochs", "0"], "ussf cv: error: argument --epochs: 0 must be at least 1"),
-    (["cv", "--data", "d", "--lr", "abc"], "ussf cv: error: argument --lr: invalid float value: 'abc'"),
+    (["cv", "--data", "d", "--lr", "abc"], "ussf cv: error: argument --lr: 'abc' is not a number"),
     (["cv", "--data", "d", "--manifest", "m.csv"], "ussf cv: error: argument --manifest: not allowed with argument --data"),
     (["cv", "--data", "d", "--amp", "fp8"], "ussf cv: error: argument --amp: invalid choice: 'fp8'"),
     (["cv", "--data", "d", "--compile-mode", "reduce-overhead"],
@@ -165,7 +165,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, make_args, match):
     (["phantom", "--out", "x", "--n-per-class", "0"], "ussf phantom: error: argument --n-per-class"),
     (["sweep", "--notebook", "a", "--grid", "b", "--out", "c", "--jobs", "0"], "ussf sweep: error: argument --jobs"),
     (["frobnicate"], "ussf: error: argument command: invalid choice: 'frobnicate'"),
-    (["cv", "--data", "d", "--seed", "-1"], "ussf cv: error: argument --seed: -1 is not between 0 and 4294967295"),
+    (["cv", "--data", "d", "--seed", "-1"], "ussf cv: error: argument --seed: -1 must be 0 or more"),
     (["bench", "--sizes", ""], "ussf bench: error: argument --sizes: '' names nothing; give comma-separated values"),
     (["bench", "--models", ","], "ussf bench: error: argument --models: ',' names nothing"),
     (["notebooks", "--out", "x", "--only", ","], "ussf notebooks: error: argument --only: ',' names nothing"),
@@ -216,7 +216,7 @@ def test_main_job_without_notebooks_writes_the_results_it_prints(tmp_path, monke
 def test_main_job_checks_its_settings_before_writing(tmp_path, capsys):
     out = tmp_path / "main"
     assert main(["main-job", "--no-notebooks", "--out", str(out), *TINY_MAIN_JOB, "--folds", "1"]) == 2
-    assert "--folds 1: cross-validation needs at least 2 folds" in capsys.readouterr().err and not out.exists()
+    assert "argument --folds: 1 must be at least 2" in capsys.readouterr().err and not out.exists()
     # 10 images per class make one synthetic patient per class, and folds never split a patient
     assert main(["main-job", "--no-notebooks", "--out", str(out), *TINY_MAIN_JOB, "--n-per-class", "10"]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -405,27 +405,3 @@ def test_progress_bars_only_on_a_terminal_unless_turned_off(monkeypatch):
     assert show_progress(default) is True and show_progress(off) is False
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)  # a log file: no bar fragments in it
     assert show_progress(default) is False and show_progress(argparse.Namespace(progress=None)) is False
-
-
-def test_a_broken_pipe_other_than_stdout_is_not_taken_for_a_reader_that_stopped(monkeypatch):
-    import socket
-
-    import ussf_lib.cli as cli
-
-    def send_to_a_closed_peer(args):
-        left, right = socket.socketpair()
-        right.close()
-        left.sendall(b"x" * 1_000_000)  # a worker's pipe: its failure must not end the command quietly
-
-    monkeypatch.setattr(cli, "build_parser", lambda: _parser_calling(send_to_a_closed_peer))
-    with pytest.raises(BrokenPipeError):
-        cli.main(["models"])
-
-
-def _parser_calling(func):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("models").set_defaults(func=func)
-    return parser

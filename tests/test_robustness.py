@@ -24,7 +24,7 @@ from PIL import Image
 from ussf_lib.cli import main
 from ussf_lib.errors import UserError
 from ussf_lib.training.experiment import CVConfig, run_cv
-from ussf_lib.predict import load_checkpoint
+from ussf_lib.training.checkpoints import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model", "us_sfnet_tiny", "--folds", "2", "--epochs", "1", "--image-size", "16", "--batch-size", "8",

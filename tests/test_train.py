@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ussf_lib.errors import UserError
-from ussf_lib.training.loop import (DeviceImages, NonFiniteLossError, TrainConfig, batch_bounds, evaluate,
-                            process_batch_size, seed_everything, select_device, train_fold)
+from ussf_lib.training.loop import NonFiniteLossError, TrainConfig, batch_bounds, evaluate, train_fold
+from ussf_lib.training.runtime import DeviceImages, process_batch_size, seed_everything, select_device
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -14,7 +14,7 @@ timed, not the data loading):
   device time on CUDA);
 * how US-SFNet's cost grows with the image size: training time per image relative to the smallest size, next
   to the ratio of MACs;
-* the data pipeline's images/s: batches gathered from the uint8 cache (:class:`ussf_lib.training.loop.DeviceImages`)
+* the data pipeline's images/s: batches gathered from the uint8 cache (:class:`ussf_lib.training.runtime.DeviceImages`)
   and normalized on the device (:func:`ussf_lib.data.index.normalize_batch`), against the model's training images/s
   (target: at least 20 × US-SFNet's training throughput, so the input never starves the model);
 * peak memory: ``torch.cuda.max_memory_allocated`` per model on CUDA; on CPU the process's peak resident set
@@ -34,12 +34,10 @@ a shared machine are noisy; compare figures only within one run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import platform
-import re
 import resource
 import sys
 import tempfile
@@ -60,7 +58,8 @@ from ussf_lib.errors import UserError
 from ussf_lib.paper import PAPER_DATASET, PAPER_MEAN, PAPER_PROTOCOL, PAPER_STD
 from ussf_lib.models import build_model, check_image_size
 from ussf_lib.models.compiling import check_compile_settings, compile_model
-from ussf_lib.training.loop import AMP_DTYPES, DeviceImages, TrainConfig, autocast, make_optimizer, select_device, train_fold
+from ussf_lib.training.loop import TrainConfig, make_optimizer, train_fold
+from ussf_lib.training.runtime import AMP_DTYPES, DeviceImages, autocast, select_device
 
 #: Pipeline throughput wanted, as a multiple of US-SFNet's training throughput (docs/performance.md).
 PIPELINE_TARGET_RATIO = 20.0
@@ -250,44 +249,6 @@ def _self_time(event: Any, device: torch.device) -> float:
     return float(event.self_cpu_time_total)
 
 
-#: What torch's profiler back end (Kineto) writes straight to the process's stderr on every profile: its start and
-#: stop markers. Not messages for the user.
-KINETO_MARKERS = re.compile(r"^(USDT|STAGE):\S+ \S+ \S+ \S+\.cpp:\d+\] ")
-#: Kineto's note, on a machine without a GPU, that it found none: expected there, a real problem on CUDA.
-KINETO_NO_GPU = re.compile(r"^ERROR:.*gpuGetDeviceCount failed")
-
-
-@contextlib.contextmanager
-def _without_profiler_chatter(device: torch.device):
-    """Send file descriptor 2 to a temporary file while the profiler runs, then pass on every line but Kineto's
-    markers (and, off CUDA, its no-GPU note).
-
-    Kineto writes from C++ to the descriptor itself, so ``sys.stderr`` redirection cannot catch it; a file, unlike
-    a pipe, never blocks a writer. The profile lasts a few training steps; an exception inside still has its lines
-    passed on. Where descriptor 2 cannot be duplicated (closed, or a host without descriptors) nothing is filtered.
-    """
-    noise = [KINETO_MARKERS] + ([KINETO_NO_GPU] if device.type != "cuda" else [])
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # AttributeError: sys.stderr is None when fd 2 is closed
-        yield
-        return
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(AttributeError, ValueError, OSError):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            kept = [line for line in held.read().splitlines(keepends=True)
-                    if not any(pattern.search(line.decode(errors="replace")) for pattern in noise)]
-            os.write(2, b"".join(kept))
-
-
 def fft_share(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     """Share of ``cfg.fft_model``'s training-step time spent in FFT operators (``aten::_fft_*``), via torch.profiler."""
     from torch.autograd import DeviceType
@@ -300,7 +261,7 @@ def fft_share(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     started = time.perf_counter()
-    with _without_profiler_chatter(device), profile(activities=activities) as prof:
+    with profile(activities=activities) as prof:
         for _ in range(cfg.profile_iters):
             step()
         _sync(device)
@@ -452,16 +413,12 @@ def _cpu_name() -> str:
 def _load_avg() -> list[float] | None:
     """1/5/15-minute load averages (how busy a shared machine was), None where unavailable."""
     try:
-        import os
-
         return [round(v, 2) for v in os.getloadavg()]
     except (OSError, AttributeError):
         return None
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    import os
-
     info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                             "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_avg_start": _load_avg()}

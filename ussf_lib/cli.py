@@ -7,16 +7,18 @@ becomes one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import select
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
+from ussf_lib import settings
 from ussf_lib.errors import UserError
-from ussf_lib.paper import PAPER_CLASSES, PAPER_PROTOCOL
+from ussf_lib.settings import absolute_path
+from ussf_lib.paper import PAPER_CLASSES
 
 if TYPE_CHECKING:
     from ussf_lib.training.experiment import CVConfig
@@ -27,6 +29,8 @@ EXIT_BROKEN_PIPE = 141
 
 #: The CPU-sized main job of `make run`: under 10 minutes on 2 cores (README "Two commands" gives the measured time).
 MAIN_JOB = {"model": "us_sfnet_tiny", "n_per_class": 100, "image_size": 64, "epochs": 8, "folds": 5, "batch_size": 32}
+#: The run settings `ussf main-job` takes as flags (with MAIN_JOB's defaults).
+MAIN_JOB_SETTINGS = ("model", "image_size", "epochs", "folds", "seed")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -60,18 +64,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _seed(text: str) -> int:
-    from ussf_lib.training.loop import MAX_SEED
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and {MAX_SEED}")
-    return value
-
-
 def _csv_list(text: str) -> list[str]:
     values = [t.strip() for t in text.split(",") if t.strip()]
     if not values:  # "" or "," would otherwise mean "the default", silently
@@ -100,114 +92,64 @@ def default_run_dir(name: str) -> str:
     return str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{name}")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="class-folder tree ROOT/<class>/<image>")
-    src.add_argument("--manifest", help="CSV with columns path,label (paths relative to the CSV's folder, or absolute)")
-    p.add_argument("--group-col", help="manifest column with a patient/group id; folds never split a group")
-    p.add_argument("--classes", type=_csv_list, help="class order, comma-separated (default: sorted names)")
-
-
-#: ussf_lib.models.compiling.COMPILE_SCOPES / COMPILE_MODES, spelled out so that --help does not import torch.
-_COMPILE_SCOPES = ("blocks", "model")
-_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-
-
-def _add_compile_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile-scope", choices=_COMPILE_SCOPES, default="model",
-                   help="with --compile: the whole model (fastest steps) or each repeated block alone (compiles faster)")
-    p.add_argument("--compile-mode", choices=_COMPILE_MODES, default="default",
-                   help="with --compile: torch.compile mode (max-autotune-no-cudagraphs also times kernel choices)")
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--folds", type=_positive_int, default=PAPER_PROTOCOL["folds"],
-                   help="cross-validation folds, stratified by class and grouped by patient")
-    p.add_argument("--epochs", type=_positive_int, default=PAPER_PROTOCOL["epochs"], help="epochs per fold")
-    p.add_argument("--image-size", type=_positive_int, default=PAPER_PROTOCOL["image_size"],
-                   help="images are resized to this many pixels square")
-    p.add_argument("--batch-size", type=_positive_int, default=PAPER_PROTOCOL["batch_size"],
-                   help="training batch; under torchrun, split between the processes")
-    p.add_argument("--lr", type=float, default=PAPER_PROTOCOL["lr"], help="Adam learning rate, constant")
-    p.add_argument("--weight-decay", type=float, default=PAPER_PROTOCOL["weight_decay"],
-                   help="Adam weight decay")
-    p.add_argument("--seed", type=_seed, default=0, help="folds, weight initialisation and batch order")
-    p.add_argument("--normalization", default="paper", help="paper (section 2.4) or imagenet")
-    p.add_argument("--splits", help="reuse the folds of an earlier run's splits.csv")
-    p.add_argument("--cache-dir", help="keep decoded images here (memory-mapped) for later runs on the same data")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (FFT stays float32)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    _add_compile_options(p)
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
-    p.add_argument("--weights", dest="weights_path", metavar="FILE", help="local state-dict file to start from (nothing is downloaded)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bars (default: bars only when stderr is a terminal)")
-    p.add_argument("--eval-every", type=_positive_int, default=1, metavar="N",
-                   help="evaluate on the test fold every N epochs and after the last")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="N",
-                   help="write the resumable checkpoint every N epochs and after the last")
-
-
-def add_cv_args(p: argparse.ArgumentParser) -> None:
-    add_data_args(p)
-    p.add_argument("--model", default="us_sfnet", help="registry name: us_sfnet, us_sfnet_tiny, densenet121, ...")
-    add_train_args(p)
-    p.add_argument("--out", help="run folder to create (default runs/<time>_<model>)")
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder with its own settings")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave unreadable images out (listed in RUN/skipped.csv) instead of stopping")
-    p.add_argument("--no-dedup-folds", dest="dedup_folds", action="store_false",
-                   help="let exact and near-duplicate images fall into different folds (default: kept together)")
-    p.add_argument("--dup-threshold", type=int, default=4,
-                   help="near-duplicate: perceptual-hash distance in bits at most this (as ussf audit)")
-    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits")
+def add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """The run settings' flags (:func:`ussf_lib.settings.add_flags`): ``ussf cv`` and ``ussf compare`` share them."""
+    settings.add_flags(p, command)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="ussf", description="US-SFNet toolkit: phantom data, cross-validation, "
                                      "prediction and reports. See README.md.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_phantom_parser(sub)
+    _add_cv_parser(sub)
+    _add_compare_parser(sub)
+    _add_bench_parser(sub)
+    _add_predict_parser(sub)
+    _add_report_parser(sub)
+    _add_audit_parser(sub)
+    _add_main_job_parser(sub)
+    _add_notebooks_parser(sub)
+    _add_sweep_parser(sub)
+    _add_models_parser(sub)
+    return parser
 
+
+def _add_phantom_parser(sub: Any) -> None:
     p = sub.add_parser("phantom", help="write the built-in synthetic lymph-node dataset")
     p.add_argument("--out", required=True, help="folder to create (class folders + manifest.csv)")
     p.add_argument("--n-per-class", type=_positive_int, default=250, help="images per class")
     p.add_argument("--image-size", type=_positive_int, default=224, help="pixels, square")
-    p.add_argument("--seed", type=_seed, default=0, help="the same seed writes the same images")
+    p.add_argument("--seed", type=settings.flag_type("seed"), default=0, help="the same seed writes the same images")
     p.set_defaults(func=cmd_phantom)
 
+
+def _add_cv_parser(sub: Any) -> None:
     p = sub.add_parser("cv", help="k-fold cross-validation of one model into a run folder",
                        description="k-fold cross-validation of one model into a run folder. The defaults are the "
                        "paper's protocol (section 2.4): Adam, constant lr, 150 epochs, batch 64, 224 px, 5 folds.")
-    add_cv_args(p)
+    add_cv_parser_flags(p)
     p.set_defaults(func=cmd_cv)
 
+
+def _add_compare_parser(sub: Any) -> None:
     p = sub.add_parser("compare", help="cross-validate several models on identical folds: Tables 1 and 2, paired tests")
-    add_data_args(p)
     p.add_argument("--models", type=_csv_list, help="comma-separated registry names, e.g. us_sfnet,densenet121,resnet101 "
                    "(default with --tables-only: those of the comparison)")
-    add_train_args(p)
+    add_run_flags(p, "compare")
     p.add_argument("--out", help="comparison folder: splits.csv, <model>/, table1/table2/paired .csv/.md "
                    "(default runs/<time>_compare); rerun to continue it")
     p.add_argument("--tables-only", action="store_true", help="rebuild the tables and chart of --out from its run folders")
-    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
-    p.add_argument("--no-dedup-folds", dest="dedup_folds", action="store_false",
-                   help="let exact and near-duplicate images fall into different folds (default: kept together)")
-    p.add_argument("--dup-threshold", type=int, default=4, help="near-duplicate: phash distance in bits at most this")
-    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits")
     p.add_argument("--devices", help="run the models at once, one per entry, each in a process pinned to it: GPU ids "
                    "(--devices 0,1,2,3) or cpu slots (--devices cpu,cpu); default: one after the other here")
     p.set_defaults(func=cmd_compare)
 
+
+def _add_bench_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="training/inference images/s, GMAC/s, FFT share, size scaling, pipeline speed")
     p.add_argument("--quick", action="store_true", help="CPU-sized preset: us_sfnet and densenet121, small batches")
     p.add_argument("--json", metavar="FILE", help="also write every figure to this JSON file")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision in the measured steps")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format in the measured steps")
-    p.add_argument("--compile", action="store_true", help="torch.compile each timed model (compilation is not timed)")
-    _add_compile_options(p)
+    settings.add_flags(p, "bench", only=("device", "amp", "channels_last", "compile", "compile_scope", "compile_mode"))
     p.add_argument("--sizes", type=_csv_list, help="image sizes of the cost-growth sweep (default 64,128,224,448)")
     p.add_argument("--models", type=_csv_list, help="models in the throughput table (default us_sfnet,densenet121[,resnet101]); "
                    "the FFT share and the size sweep always measure US-SFNet")
@@ -217,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 2)")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_predict_parser(sub: Any) -> None:
     p = sub.add_parser("predict", help="class probabilities for images, from a fold checkpoint")
     p.add_argument("--checkpoint", required=True, help="RUN/folds/K/checkpoint.pt")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders read recursively")
@@ -224,10 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_report_parser(sub: Any) -> None:
     p = sub.add_parser("report", help="rebuild a run folder's tables and figures from its predictions")
     p.add_argument("run", metavar="RUN", help="a run folder written by ussf cv")
     p.set_defaults(func=cmd_report)
 
+
+def _add_audit_parser(sub: Any) -> None:
     p = sub.add_parser("audit", help="find exact and near-duplicate images, and duplicates under different labels")
     p.add_argument("data_dir", nargs="?", metavar="DATA_DIR", help="the same as --data DATA_DIR")
     p.add_argument("--data", help="class-folder tree ROOT/<class>/<image>")
@@ -242,19 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar (default: a bar only when stderr is a terminal)")
     p.set_defaults(func=cmd_audit)
 
+
+def _add_main_job_parser(sub: Any) -> None:
     p = sub.add_parser("main-job", help="`make run`: the notebooks on phantom data; 04 cross-validates a CPU-sized US-SFNet")
     p.add_argument("--out", default=None, help="folder to create (default runs/<time>_main)")
-    p.add_argument("--model", default=MAIN_JOB["model"], help="registry name")
+    settings.add_flags(p, "main-job", defaults=MAIN_JOB, only=MAIN_JOB_SETTINGS)
     p.add_argument("--n-per-class", type=_positive_int, default=MAIN_JOB["n_per_class"], help="phantom images per class")
-    p.add_argument("--image-size", type=_positive_int, default=MAIN_JOB["image_size"], help="pixels, square")
-    p.add_argument("--epochs", type=_positive_int, default=MAIN_JOB["epochs"], help="epochs per fold")
-    p.add_argument("--folds", type=_positive_int, default=MAIN_JOB["folds"], help="cross-validation folds")
-    p.add_argument("--seed", type=_seed, default=0, help="phantom, folds, weights and batch order")
     p.add_argument("--no-notebooks", dest="notebooks", action="store_false",
                    help="run the cross-validation directly instead of executing the numbered notebooks")
     p.add_argument("--only", type=_csv_list, help="notebooks to execute, e.g. 04,05 (default: all, in order)")
     p.set_defaults(func=cmd_main_job)
 
+
+def _add_notebooks_parser(sub: Any) -> None:
     p = sub.add_parser("notebooks", help="run the numbered notebooks headless (papermill) into a folder")
     p.add_argument("--out", required=True, help="folder for the executed notebooks (NN_name.ipynb) and their outputs")
     p.add_argument("--param", action="append", default=[], metavar="[NN:]KEY=VALUE",
@@ -263,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", type=_csv_list, help="notebooks to run, e.g. 01,03 (default: all, in order)")
     p.set_defaults(func=cmd_notebooks)
 
+
+def _add_sweep_parser(sub: Any) -> None:
     p = sub.add_parser("sweep", help="run one notebook over a grid of parameters and collect its metrics")
     p.add_argument("--notebook", required=True, help="e.g. notebooks/04_train_cross_validation.ipynb")
     p.add_argument("--grid", required=True, help="YAML: PARAM: [values, ...] per axis, optional fixed: {PARAM: value}")
@@ -274,10 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--devices cpu,cpu)")
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_models_parser(sub: Any) -> None:
     p = sub.add_parser("models", help="list the registered model names")
     p.set_defaults(func=cmd_models)
-    return parser
-
 
 def cmd_phantom(args: argparse.Namespace) -> int:
     from ussf_lib.data.phantom import generate_phantom
@@ -288,21 +238,19 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-#: CVConfig settings that `ussf cv` and `ussf compare` take from flags of the same name.
-_CV_FLAG_SETTINGS = ("data", "manifest", "group_col", "classes", "weights_path", "folds", "image_size",
-                     "normalization", "splits", "cache_dir", "device", "epochs", "batch_size", "lr", "weight_decay",
-                     "seed", "amp", "channels_last", "compile", "compile_scope", "compile_mode", "deterministic",
-                     "progress", "eval_every", "checkpoint_every", "skip_bad", "dedup_folds", "dup_threshold",
-                     "hash_size")
+def add_cv_parser_flags(p: argparse.ArgumentParser) -> None:
+    """``ussf cv``'s flags: the run settings, the run folder and ``--resume``."""
+    add_run_flags(p, "cv")
+    p.add_argument("--out", help="run folder to create (default runs/<time>_<model>)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder with its own settings")
 
 
-def cv_config_from_args(args: argparse.Namespace, **settings: Any) -> CVConfig:
-    """The :class:`CVConfig` the shared training flags describe, plus ``settings`` (out, model)."""
+def cv_config_from_args(args: argparse.Namespace, **values: Any) -> CVConfig:
+    """The :class:`CVConfig` the run flags describe, plus ``values`` (out, model)."""
     from ussf_lib.training.experiment import CVConfig
 
-    values = {name: getattr(args, name) for name in _CV_FLAG_SETTINGS}
-    values["progress"] = show_progress(args)
-    return CVConfig(**values, **settings)
+    flags = settings.values_from_flags(args, args.command if args.command in ("cv", "compare") else "cv")
+    return CVConfig(**{**flags, "progress": show_progress(args), **values})
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -312,16 +260,10 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from ussf_lib.training.experiment import absolute_path, load_config, run_cv
+    from ussf_lib.training.experiment import run_cv
 
     if args.resume:
-        cfg = load_config(args.resume)
-        typed = _typed_settings(args)
-        _refuse_changed_settings(args, cfg, typed)
-        cfg.out, cfg.progress = absolute_path(args.resume), show_progress(args)
-        for name in sorted(_resume_free_flags() & typed):  # where it runs, not what it computes: the new value wins
-            value = getattr(args, name)
-            setattr(cfg, name, absolute_path(value) if name == "cache_dir" else value)
+        cfg = _resumed_config(args)
         args.continue_hint = (Path(cfg.out) / "config.json", f"continue with: ussf cv --resume {cfg.out}")
         run_cv(cfg, resume=True)
         return 0
@@ -333,42 +275,37 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resume_free_flags() -> set[str]:
-    """Settings whose flags a resumed run may change (the run folder itself is ``--resume``'s, not ``--out``'s)."""
-    from ussf_lib.training.experiment import RESUME_FREE_SETTINGS
-
-    return set(RESUME_FREE_SETTINGS) - {"out"}
-
-
 def _typed_settings(args: argparse.Namespace) -> set[str]:
     """The settings among the `ussf cv` flags that were given on the command line (not left at their defaults)."""
     # argparse leaves a setting that already has a value alone unless its flag is given.
     unset = object()
-    names = (*_CV_FLAG_SETTINGS, "model", "out")
+    names = (*settings.names(), "out")
     typed = argparse.Namespace(**{name: unset for name in names})
     cv_flags = OneLineErrorParser(prog="ussf cv")
-    add_cv_args(cv_flags)
+    add_cv_parser_flags(cv_flags)
     cv_flags.parse_known_args(list(args.argv)[1:], typed)
     return {name for name in names if getattr(typed, name) is not unset}
 
 
-def _refuse_changed_settings(args: argparse.Namespace, saved: CVConfig, typed: set[str]) -> None:
-    """``--resume RUN`` continues with RUN's own settings: a flag given with another value is refused, not ignored."""
-    from ussf_lib.training.experiment import PATH_SETTINGS, absolute_path
+def _resumed_config(args: argparse.Namespace) -> CVConfig:
+    """``--resume RUN`` continues with RUN's own settings: a flag given with another value is refused, not
+    ignored; the settings free to change on resume (where it runs, what it prints) take the new value."""
+    from ussf_lib.training.experiment import load_config
 
-    changed = []
-    for name in sorted(typed - _resume_free_flags()):
-        given = getattr(args, name)
-        if name in PATH_SETTINGS:
-            given = absolute_path(given)
-        if name == "out" and given == absolute_path(args.resume):
-            continue
-        if given != getattr(saved, name):
-            flag = "--weights" if name == "weights_path" else "--" + name.replace("_", "-")
-            changed.append(f"{flag} {given} (the run has {getattr(saved, name)})")
+    saved = load_config(args.resume)
+    run = absolute_path(args.resume)
+    typed = _typed_settings(args)
+    given = {name: absolute_path(getattr(args, name)) if name in settings.path_settings() else getattr(args, name)
+             for name in typed}
+    changed = settings.resume_changes(saved.to_dict(), {**saved.to_dict(), **given})
+    changed += ["out"] if given.get("out", run) != run else []
     if changed:
-        raise UserError(f"--resume {args.resume} continues with the run's own settings, but "
-                        f"{'; '.join(changed)}; drop those flags, or start a new run with another --out")
+        detail = "; ".join(f"{'--out' if n == 'out' else settings.get(n).option} {given[n]} "
+                           f"(the run has {run if n == 'out' else getattr(saved, n)})" for n in changed)
+        raise UserError(f"--resume {args.resume} continues with the run's own settings, but {detail}; drop those "
+                        "flags, or start a new run with another --out")
+    free = {name: given[name] for name in typed & settings.resume_free() if name != "out"}
+    return dataclasses.replace(saved, **free, out=run, progress=show_progress(args))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -475,16 +412,16 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     from ussf_lib.nbrun.helpers import RUN_SUBDIR, notebooks_dir
 
     out = Path(args.out or default_run_dir("main"))
-    settings = {"MODEL": args.model, "N_PER_CLASS": args.n_per_class, "IMAGE_SIZE": args.image_size,
+    job = {"MODEL": args.model, "N_PER_CLASS": args.n_per_class, "IMAGE_SIZE": args.image_size,
                 "EPOCHS": args.epochs, "FOLDS": args.folds, "BATCH_SIZE": MAIN_JOB["batch_size"], "SEED": args.seed}
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not an empty folder; choose a new --out")
     if not args.notebooks or not notebooks_dir().is_dir():
-        run_dir = _main_job_cv(out, settings)
+        run_dir = _main_job_cv(out, job)
     else:
         train_nb = "04_train_cross_validation"
         chosen = notebook_paths(args.only)
-        scoped = {f"{train_nb}:{k}": v for k, v in settings.items()} if any(p.stem == train_nb for p in chosen) else {}
+        scoped = {f"{train_nb}:{k}": v for k, v in job.items()} if any(p.stem == train_nb for p in chosen) else {}
         try:
             run_notebooks(out, parameters=scoped, notebooks=chosen)
         except NotebookError as exc:
@@ -497,17 +434,17 @@ def cmd_main_job(args: argparse.Namespace) -> int:
     return 0
 
 
-def _main_job_cv(out: Path, settings: dict) -> Path:
+def _main_job_cv(out: Path, job: dict) -> Path:
     """OUT/phantom (the data, generated unless there) and OUT/run (the run folder): everything stays in OUT."""
     from ussf_lib.training.experiment import CVConfig, run_cv
     from ussf_lib.models.registry import check_image_size
     from ussf_lib.nbrun.helpers import RUN_SUBDIR, phantom_manifest
     from ussf_lib.data.phantom import min_images_per_class, patients_per_class
 
-    n, size, seed = settings["N_PER_CLASS"], settings["IMAGE_SIZE"], settings["SEED"]
+    n, size, seed = job["N_PER_CLASS"], job["IMAGE_SIZE"], job["SEED"]
     # Checked before the phantom is written: folds never split a patient.
-    check_image_size(settings["MODEL"], size)
-    n_patients, folds = patients_per_class(n), settings["FOLDS"]
+    check_image_size(job["MODEL"], size)
+    n_patients, folds = patients_per_class(n), job["FOLDS"]
     if folds < 2:
         raise UserError(f"--folds {folds}: cross-validation needs at least 2 folds")
     if n_patients < folds:
@@ -516,8 +453,8 @@ def _main_job_cv(out: Path, settings: dict) -> Path:
                         "or more")
     manifest = out / "phantom" / "manifest.csv"
     cfg = CVConfig(out=str(out / RUN_SUBDIR), manifest=str(manifest), group_col="patient", classes=list(PAPER_CLASSES),
-                   model=settings["MODEL"], folds=settings["FOLDS"], epochs=settings["EPOCHS"], image_size=size,
-                   batch_size=settings["BATCH_SIZE"], seed=seed, progress=sys.stderr.isatty())
+                   model=job["MODEL"], folds=job["FOLDS"], epochs=job["EPOCHS"], image_size=size,
+                   batch_size=job["BATCH_SIZE"], seed=seed, progress=sys.stderr.isatty())
     phantom_manifest(out / "phantom", n, size, seed)
     return run_cv(cfg)
 
@@ -566,17 +503,6 @@ def _one_line_warnings(command: str) -> Callable[..., None]:
     return show
 
 
-def _stdout_is_broken() -> bool:
-    """Whether stdout's reader has gone (poll reports an error on it, or a hang-up on a socket), without writing."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, ValueError, OSError):  # replaced by an object without a descriptor (a notebook, a test)
-        return False
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -600,10 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ussf {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:
-        # The reader of stdout went away (`ussf models | head -1`): stop quietly, as shell tools do, and keep
-        # Python from complaining again when it flushes stdout at exit. Any other pipe (a worker's) is a failure.
-        if not _stdout_is_broken():
-            raise
+        # The reader of stdout went away (`ussf models | head -1`): stop quietly as shell tools do (Python's own
+        # recipe), and keep Python from complaining again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except OSError as exc:

@@ -233,3 +233,38 @@ def check_split_composition(labels: Sequence[str], folds: Sequence[int], n_folds
 def load_splits(path: str | Path, index: ImageIndex) -> np.ndarray:
     """Fold numbers from a saved ``splits.csv``, aligned to ``index``; every image must be listed with its label."""
     return read_splits(path, index)["fold"].to_numpy(dtype=np.int64)
+
+
+def folds_from_file(splits_file: str | Path, index: ImageIndex, n_folds: int, clusters: np.ndarray | None,
+                    group_col: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The folds of a saved ``splits.csv`` (``--splits``, or a resumed run's own) for ``index``: each image's fold,
+    the groups those folds keep whole (``splits.csv``'s ``group``), and notes to log.
+
+    The groups are the file's where its folds kept them whole (a resumed run's patients joined with duplicate
+    clusters), joined with this data's patients. Folds that split one of this data's patients are refused;
+    duplicate clusters split across folds are a warning.
+    """
+    table = read_splits(splits_file, index)
+    folds = table["fold"].to_numpy(dtype=np.int64)
+    if int(folds.max()) + 1 != n_folds:
+        raise UserError(f"{splits_file}: has {int(folds.max()) + 1} folds but --folds is {n_folds}; make them agree")
+    check_fold_feasible(index.frame["label"], None, n_folds, classes=index.classes)
+    notes = check_split_composition(index.frame["label"], folds, n_folds, str(splits_file))
+    file_groups = table["group"].astype(str).to_numpy(dtype=object) if "group" in table else None
+    file_whole = file_groups is not None and not leaking_groups(file_groups, folds)
+    own = index.frame["group"].to_numpy()
+    if index.has_groups:
+        split_patients = leaking_groups(own, folds)
+        if split_patients:
+            raise UserError(f"{splits_file}: {len(split_patients)} {group_col!r} group(s) have images in more than "
+                            f"one fold (e.g. {split_patients[0]!r}), so a patient would be tested on images it "
+                            "trained on; drop --splits to make grouped folds, or pass splits made with this group "
+                            "column")
+        groups = merge_groups(own, file_groups) if file_whole else own
+    else:
+        groups = file_groups if file_whole else own
+    if clusters is not None and leaking_groups(clusters, folds):
+        notes.append(f"warning: {len(leaking_groups(clusters, folds))} duplicate cluster(s) are split across the "
+                     f"folds of {splits_file}; results may be optimistic (make new splits to keep duplicates "
+                     "together)")
+    return folds, np.asarray(groups), notes

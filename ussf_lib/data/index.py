@@ -451,6 +451,67 @@ def _scan(paths: Sequence[str], image_size: int | None, hash_size: int | None, w
     return out, hashes, {i: e for i, e in enumerate(results) if e}
 
 
+def _cache_files(index: ImageIndex, cache_dir: str | Path | None, image_size: int | None,
+                 hash_size: int | None) -> tuple[Path | None, Path | None]:
+    """The pixel and hash cache files of ``index`` in ``cache_dir`` (``None`` for what is not asked or kept)."""
+    if cache_dir is None:
+        return None, None
+    cache_dir = index.check_outside(cache_dir, "--cache-dir")
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UserError(f"--cache-dir {cache_dir}: is a file, not a folder; choose a folder for the decoded images")
+    return (cache_dir / f"images_{_cache_key(index, image_size)}.npy" if image_size else None,
+            cache_dir / f"hashes_{_cache_key(index, hash_size, 'h1')}.csv" if hash_size else None)
+
+
+def _read_pixel_cache(img_file: Path, n: int, bad: dict[int, str]) -> np.ndarray | None:
+    """The cached pixels (memory-mapped), adding the files it found unreadable to ``bad``; ``None`` if damaged."""
+    try:
+        images = np.load(img_file, mmap_mode="r")
+        meta_file = img_file.with_suffix(".json")
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if images.shape[0] != n:
+            raise ValueError(f"{images.shape[0]} images for {n} files")
+        bad.update({int(i): why for i, why in meta.get("bad", {}).items()})
+        return images
+    except (ValueError, OSError, EOFError) as exc:
+        # The cache is ours (never the user's data): a damaged one (a disk filled up mid-write, a copy cut
+        # short) is decoded again and replaced, not trusted or fatal.
+        warnings.warn(f"{img_file}: damaged cache ({exc}); decoding the images again", stacklevel=3)
+        return None
+
+
+def _write_pixel_cache(img_file: Path, index: ImageIndex, images: np.ndarray, image_size: int,
+                       bad: dict[int, str]) -> None:
+    img_file.parent.mkdir(parents=True, exist_ok=True)
+    # The sidecar goes first and both are renamed into place whole, so a reader (another process filling the same
+    # cache) never finds the pixels without it or half a file.
+    sidecar = img_file.with_suffix(".json")
+    tmp_json = sidecar.with_suffix(f".tmp{os.getpid()}.json")
+    tmp_json.write_text(json.dumps({"root": str(index.root), "n": len(images), "image_size": image_size,
+                                    "bad": {str(i): why for i, why in sorted(bad.items())}}))
+    os.replace(tmp_json, sidecar)
+    tmp = img_file.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, images)
+    os.replace(tmp, img_file)
+
+
+def _write_hash_cache(hash_file: Path, hashes: list, bad: dict[int, str]) -> None:
+    hash_file.parent.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame([h or ("", "", "") for h in hashes], columns=list(HASH_COLUMNS))
+    table["problem"] = [bad.get(i, "") for i in range(len(hashes))]
+    tmp = hash_file.with_suffix(f".tmp{os.getpid()}.csv")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, hash_file)
+
+
+def _refuse_unreadable(paths: Sequence[str], bad: dict[int, str]) -> None:
+    """Every bad file in one message, before any training starts, so one pass fixes them all."""
+    items = [f"{paths[i]}: {bad[i]}" for i in sorted(bad)]
+    listing = " | ".join(items[:5]) + (f" | ... {len(items) - 5} more" if len(items) > 5 else "")
+    raise UserError(f"{len(items)} unreadable image(s): {listing}; replace or remove them, "
+                    "or pass --skip-bad to leave them out")
+
+
 def decode_index(index: ImageIndex, image_size: int | None, cache_dir: str | Path | None = None,
                  workers: int | None = None, progress: bool = True, skip_bad: bool = False,
                  hash_size: int | None = None) -> Decoded:
@@ -464,31 +525,12 @@ def decode_index(index: ImageIndex, image_size: int | None, cache_dir: str | Pat
     """
     paths = list(index.frame["path"])
     n = len(paths)
-    img_file = hash_file = None
-    if cache_dir is not None:
-        cache_dir = index.check_outside(cache_dir, "--cache-dir")
-        if cache_dir.exists() and not cache_dir.is_dir():
-            raise UserError(f"--cache-dir {cache_dir}: is a file, not a folder; choose a folder for the decoded images")
-        if image_size:
-            img_file = cache_dir / f"images_{_cache_key(index, image_size)}.npy"
-        if hash_size:
-            hash_file = cache_dir / f"hashes_{_cache_key(index, hash_size, 'h1')}.csv"
+    img_file, hash_file = _cache_files(index, cache_dir, image_size, hash_size)
     images: np.ndarray | None = None
     hashes: list | None = None
     bad: dict[int, str] = {}
     if img_file is not None and img_file.is_file():
-        try:
-            images = np.load(img_file, mmap_mode="r")
-            meta_file = img_file.with_suffix(".json")
-            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-            if images.shape[0] != n:
-                raise ValueError(f"{images.shape[0]} images for {n} files")
-            bad.update({int(i): why for i, why in meta.get("bad", {}).items()})
-        except (ValueError, OSError, EOFError) as exc:
-            # The cache is ours (never the user's data): a damaged one (a disk filled up mid-write, a copy cut
-            # short) is decoded again and replaced, not trusted or fatal.
-            warnings.warn(f"{img_file}: damaged cache ({exc}); decoding the images again", stacklevel=2)
-            images = None
+        images = _read_pixel_cache(img_file, n, bad)
     if hash_file is not None and hash_file.is_file():
         table = pd.read_csv(hash_file, dtype=str, keep_default_na=False)
         hashes = [tuple(r) if r[0] else None for r in table[list(HASH_COLUMNS)].itertuples(index=False)]
@@ -499,35 +541,14 @@ def decode_index(index: ImageIndex, image_size: int | None, cache_dir: str | Pat
         new_images, new_hashes, new_bad = _scan(paths, image_size if need_pixels else None,
                                                 hash_size if need_hashes else None, workers, progress)
         bad.update(new_bad)
-        if need_pixels:
-            images = new_images
-        if need_hashes:
-            hashes = new_hashes
+        images = new_images if need_pixels else images
+        hashes = new_hashes if need_hashes else hashes
     if bad and not skip_bad:
-        # Every bad file in one message, before any training starts, so one pass fixes them all.
-        items = [f"{paths[i]}: {bad[i]}" for i in sorted(bad)]
-        listing = " | ".join(items[:5]) + (f" | ... {len(items) - 5} more" if len(items) > 5 else "")
-        raise UserError(f"{len(items)} unreadable image(s): {listing}; replace or remove them, "
-                        "or pass --skip-bad to leave them out")
+        _refuse_unreadable(paths, bad)
     if need_pixels and img_file is not None:
-        img_file.parent.mkdir(parents=True, exist_ok=True)
-        # The sidecar goes first and both are renamed into place whole, so a reader (another process filling
-        # the same cache) never finds the pixels without it or half a file.
-        sidecar = img_file.with_suffix(".json")
-        tmp_json = sidecar.with_suffix(f".tmp{os.getpid()}.json")
-        tmp_json.write_text(json.dumps({"root": str(index.root), "n": n, "image_size": image_size,
-                                        "bad": {str(i): why for i, why in sorted(bad.items())}}))
-        os.replace(tmp_json, sidecar)
-        tmp = img_file.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, images)
-        os.replace(tmp, img_file)
+        _write_pixel_cache(img_file, index, images, image_size, bad)
     if need_hashes and hash_file is not None:
-        hash_file.parent.mkdir(parents=True, exist_ok=True)
-        table = pd.DataFrame([h or ("", "", "") for h in hashes], columns=list(HASH_COLUMNS))
-        table["problem"] = [bad.get(i, "") for i in range(n)]
-        tmp = hash_file.with_suffix(f".tmp{os.getpid()}.csv")
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, hash_file)
+        _write_hash_cache(hash_file, hashes, bad)
     keep = np.ones(n, dtype=bool)
     keep[list(bad)] = False
     skipped = pd.DataFrame({"path": [index.frame["relpath"].iloc[i] for i in sorted(bad)],

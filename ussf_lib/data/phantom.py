@@ -335,6 +335,8 @@ def render_view(patient: NodePatient, rng: np.random.Generator, image_size: int 
     Returns a uint8 array of shape ``(image_size, image_size)`` (rows = depth); with ``return_mask`` also a
     uint8 label mask of the same shape (values in :data:`MASK_LABELS`).
     """
+    # Long on purpose: one image's physics reads top to bottom in four marked sections (view, background anatomy,
+    # node, acoustics) that share dozens of intermediate arrays; split into functions they would pass them all.
     if image_size < 8:
         raise UserError(f"image size {image_size} is too small for the phantom; use at least 8 px")
     p = patient

@@ -24,15 +24,16 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.models.swin_transformer import SwinTransformerBlock
 from torchvision.models.vision_transformer import EncoderBlock
 
+from ussf_lib import settings
 from ussf_lib.errors import UserError
 from ussf_lib.models.conv_fft import ConvFFTBlock
 
 #: ``--compile-scope`` values: each repeated block compiled on its own, or the model as one graph.
-COMPILE_SCOPES: tuple[str, ...] = ("blocks", "model")
+COMPILE_SCOPES: tuple[str, ...] = settings.get("compile_scope").choices
 #: ``--compile-mode`` values, torch.compile's own ("default" passes no mode). The modes that capture CUDA graphs
 #: (reduce-overhead, max-autotune) are left out: a training step and the evaluation after it overwrote the
 #: graphs' outputs on an H100 (docs/performance.md), which needs step markers this loop does not place.
-COMPILE_MODES: tuple[str, ...] = ("default", "max-autotune-no-cudagraphs")
+COMPILE_MODES: tuple[str, ...] = settings.get("compile_mode").choices
 #: Blocks that ``scope="blocks"`` compiles: US-SFNet's and those of every baseline (ResNet, DenseNet, ConvNeXt,
 #: Swin and Swin V2, ViT).
 REPEATED_BLOCKS: tuple[type[nn.Module], ...] = (ConvFFTBlock, Bottleneck, _DenseLayer, CNBlock,

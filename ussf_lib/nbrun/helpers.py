@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ussf_lib import settings
 from ussf_lib.errors import UserError
 
 #: Sub-folder of a notebook's ``OUT_DIR`` holding the cross-validation run folder it trains (04, and 05 when
@@ -149,15 +150,11 @@ def resume_or_replace(cfg: Any, log: Callable[[str], None] = print) -> bool:
     """
     import shutil
 
-    from ussf_lib.training.experiment import RESUME_FREE_SETTINGS
-
     run_dir = Path(cfg.out)
     config = run_dir / "config.json"
     if not config.is_file():
         return False
-    previous, current = json.loads(config.read_text()), cfg.to_dict()
-    changed = sorted(k for k in set(previous) | set(current)
-                     if k not in RESUME_FREE_SETTINGS and previous.get(k) != current.get(k))
+    changed = settings.resume_changes(json.loads(config.read_text()), cfg.to_dict())
     if not changed:
         return True
     log(f"{run_dir}: settings changed ({', '.join(changed)}); replacing the previous run")

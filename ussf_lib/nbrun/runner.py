@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ussf_lib import settings
 from ussf_lib.errors import UserError, same_kind
 from ussf_lib.nbrun.helpers import RUN_SUBDIR, notebooks_dir, resolve_path
 
@@ -84,30 +85,28 @@ def check_out_outside_data(out: str | os.PathLike, parameter_sets: Iterable[Mapp
 def check_values(values: Mapping[str, Any], where: str) -> None:
     """Refuse, before a kernel starts, the values a notebook's first cells would refuse (``where`` names it).
 
-    ``values`` are a notebook's parameters with its defaults filled in: ``MODEL`` / ``MODELS`` must be registry
-    names that take ``IMAGE_SIZE``, ``FOLDS`` at least 2, ``EPOCHS``, ``BATCH_SIZE``, ``N_PER_CLASS`` and
-    ``EVAL_EVERY`` at least 1, ``AMP`` one of off, bf16, fp16, ``SEED`` a valid seed, and a notebook that trains
-    on the built-in phantom needs as many synthetic patients per class as ``FOLDS``.
+    ``values`` are a notebook's parameters with its defaults filled in. A parameter named after a run setting
+    (``IMAGE_SIZE`` for ``image_size``) is checked as that setting is (:mod:`ussf_lib.settings`); ``MODEL`` /
+    ``MODELS`` must be registry names that take ``IMAGE_SIZE``; ``N_PER_CLASS`` is at least 1, and a notebook
+    that trains on the built-in phantom needs as many synthetic patients per class as ``FOLDS``.
     """
-    from ussf_lib.models.registry import check_image_size
     from ussf_lib.data.phantom import min_images_per_class, patients_per_class
-    from ussf_lib.training.loop import AMP_DTYPES, check_seed
+    from ussf_lib.models.registry import check_image_size
 
+    declared = set(settings.names())
+    for key, value in values.items():
+        if key.lower() in declared and key != "OUT_DIR":
+            settings.check_value(key.lower(), value, f"{where}: {key}={value!r}")
+    if "N_PER_CLASS" in values and values["N_PER_CLASS"] < 1:
+        raise UserError(f"{where}: N_PER_CLASS={values['N_PER_CLASS']} must be at least 1")
     size = values.get("IMAGE_SIZE", 224)
     models = [values["MODEL"]] if "MODEL" in values else []
     models += [m.strip() for m in str(values.get("MODELS", "")).split(",") if m.strip()]
     try:
         for name in models:
             check_image_size(name, size)
-        if "SEED" in values:
-            check_seed(values["SEED"])
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    if "AMP" in values and values["AMP"] not in AMP_DTYPES:
-        raise UserError(f"{where}: AMP={values['AMP']!r}; use one of {', '.join(map(repr, AMP_DTYPES))}")
-    for key, least in (("FOLDS", 2), ("EPOCHS", 1), ("BATCH_SIZE", 1), ("N_PER_CLASS", 1), ("EVAL_EVERY", 1)):
-        if key in values and values[key] < least:
-            raise UserError(f"{where}: {key}={values[key]} must be at least {least}")
     trains_on_phantom = models and not values.get("DATA") and not values.get("MANIFEST") and not values.get("RUN_DIR")
     if trains_on_phantom and "N_PER_CLASS" in values and "FOLDS" in values:
         n, folds = values["N_PER_CLASS"], values["FOLDS"]
@@ -115,7 +114,6 @@ def check_values(values: Mapping[str, Any], where: str) -> None:
             raise UserError(f"{where}: the phantom's N_PER_CLASS={n} images per class make {patients_per_class(n)} "
                             f"patient(s), fewer than FOLDS={folds}; use N_PER_CLASS={min_images_per_class(folds)} "
                             "or more")
-
 
 
 # --------------------------------------------------------------------------------------------- parameters

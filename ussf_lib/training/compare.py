@@ -31,7 +31,7 @@ from ussf_lib.errors import UserError
 from ussf_lib.training.experiment import PATH_SETTINGS, CVConfig, absolute_path, prepare_data, run_cv
 from ussf_lib.models.registry import check_image_size
 from ussf_lib.training.placement import Placed, parse_devices, run_placed, worker_log
-from ussf_lib.training.loop import select_device
+from ussf_lib.training.runtime import select_device
 
 # Settings that may differ between the models' configs without changing what a finished run means.
 _FREE_SETTINGS = {"out", "model", "progress", "device", "cache_dir", "splits"}
@@ -86,65 +86,20 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
     """
     names = parse_models(models)
     placed = parse_devices(devices) if devices is not None else None
-    if placed is not None and base_cfg.device != "auto":
-        raise UserError(f"--device {base_cfg.device} and --devices {','.join(placed)}: --devices pins each model's run "
-                        "to one device, where --device auto finds it; leave --device out")
-    if base_cfg.weights_path and len(names) > 1:
-        raise UserError(f"--weights {base_cfg.weights_path} fits one architecture, but {len(names)} models are "
-                        "compared; compare from scratch, or run `ussf cv --weights ... --splits OUT/splits.csv` per model")
-    for name in names:  # every name, size and the device are checked before hours of training start
-        check_image_size(name, base_cfg.image_size)
-    if placed is None:
-        select_device(base_cfg.device)
+    _check_before_training(names, base_cfg, placed)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, not a folder; choose a folder for the comparison")
-    settings = _shared_settings(base_cfg)
-    manifest = out / "compare.json"
-    if out.exists() and any(out.iterdir()):
-        if not manifest.is_file():
-            raise UserError(f"{out}: folder exists and is not a `ussf compare` folder; choose a new --out")
-        previous = json.loads(manifest.read_text())
-        # A comparison made before paths were stored absolute holds them as typed.
-        previous["settings"].update({k: absolute_path(v) for k, v in previous["settings"].items()
-                                     if k in PATH_SETTINGS and v})
-        changed = sorted(k for k in set(previous["settings"]) | set(settings)
-                         if previous["settings"].get(k) != settings.get(k))
-        if changed and replace_changed:
-            log(f"{out}: settings changed ({', '.join(changed)}); replacing the previous comparison")
-            shutil.rmtree(out)
-        elif changed:
-            raise UserError(f"{out}: settings {changed} differ from the comparison already there; "
-                            "rerun with the same settings to continue it, or choose a new --out")
-        else:
-            names = previous["models"] + [m for m in names if m not in previous["models"]]
+    names = _open_comparison(out, names, base_cfg, replace_changed, log)
     splits = out / "splits.csv"
     if not splits.is_file():
         make_splits(base_cfg, splits, log=log)  # creates OUT only once the data and folds have passed every check
         log(f"folds: {base_cfg.folds} folds saved to {splits} (shared by every model)")
     elif base_cfg.splits and not same_folds(Path(base_cfg.splits), splits):
         raise UserError(f"--splits {base_cfg.splits} differs from {splits} already used here; choose a new --out")
-    manifest.write_text(json.dumps({"models": names, "settings": settings}, indent=2))
-    splits_abs = str(splits.resolve())
+    (out / "compare.json").write_text(json.dumps({"models": names, "settings": _shared_settings(base_cfg)}, indent=2))
+    where = f" (--devices {','.join(placed)})" if placed is not None else ""
 
     def plan(i: int, name: str) -> tuple[CVConfig, bool] | None:
-        """The config and resume flag of one model's run (None: finished), logging what happens to it."""
-        run_dir = out / name
-        if (run_dir / "summary.json").is_file():
-            log(f"[{i}/{len(names)}] {name}: already finished, skipped")
-            return None
-        cfg = dataclasses.replace(base_cfg, model=name, out=str(run_dir), splits=splits_abs)
-        resume = (run_dir / "config.json").is_file()
-        if resume:
-            # A resumed run keeps its own splits.csv; if the comparison folder was moved since, the recorded path
-            # differs while the folds are the same: keep the recorded path so that the run can be resumed.
-            own = run_dir / "splits.csv"
-            if own.is_file() and not same_folds(own, splits):
-                raise UserError(f"{run_dir} was started on other folds than {splits}; delete {run_dir} to rerun it")
-            cfg.splits = json.loads((run_dir / "config.json").read_text()).get("splits", splits_abs)
-        where = f" (--devices {','.join(placed)})" if placed is not None else ""
-        log(f"[{i}/{len(names)}] {name}: {'resuming' if resume else 'starting'} in {run_dir}{where}")
-        return cfg, resume
+        return _plan_model(i, name, names, base_cfg, out, log, where)
 
     if placed is None:
         for i, name in enumerate(names, 1):
@@ -156,6 +111,67 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
     write_comparison(out, names)
     log(f"comparison tables in {out.resolve()}: table1.md, table2.md, paired.md, per_class_bars.png")
     return out
+
+
+def _check_before_training(names: list[str], base_cfg: CVConfig, placed: list[str] | None) -> None:
+    """Every name, size, the device and the weights are checked before hours of training start."""
+    if placed is not None and base_cfg.device != "auto":
+        raise UserError(f"--device {base_cfg.device} and --devices {','.join(placed)}: --devices pins each model's run "
+                        "to one device, where --device auto finds it; leave --device out")
+    if base_cfg.weights_path and len(names) > 1:
+        raise UserError(f"--weights {base_cfg.weights_path} fits one architecture, but {len(names)} models are "
+                        "compared; compare from scratch, or run `ussf cv --weights ... --splits OUT/splits.csv` per model")
+    for name in names:
+        check_image_size(name, base_cfg.image_size)
+    if placed is None:
+        select_device(base_cfg.device)
+
+
+def _open_comparison(out: Path, names: list[str], base_cfg: CVConfig, replace_changed: bool,
+                     log: Callable[[str], None]) -> list[str]:
+    """Check that ``out`` can take this comparison (new, or the same settings); returns every model it holds."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder; choose a folder for the comparison")
+    manifest = out / "compare.json"
+    if not (out.exists() and any(out.iterdir())):
+        return names
+    if not manifest.is_file():
+        raise UserError(f"{out}: folder exists and is not a `ussf compare` folder; choose a new --out")
+    previous = json.loads(manifest.read_text())
+    shared = _shared_settings(base_cfg)
+    # A comparison made before paths were stored absolute holds them as typed.
+    previous["settings"].update({k: absolute_path(v) for k, v in previous["settings"].items()
+                                 if k in PATH_SETTINGS and v})
+    changed = sorted(k for k in set(previous["settings"]) | set(shared)
+                     if previous["settings"].get(k) != shared.get(k))
+    if changed and replace_changed:
+        log(f"{out}: settings changed ({', '.join(changed)}); replacing the previous comparison")
+        shutil.rmtree(out)
+        return names
+    if changed:
+        raise UserError(f"{out}: settings {changed} differ from the comparison already there; "
+                        "rerun with the same settings to continue it, or choose a new --out")
+    return previous["models"] + [m for m in names if m not in previous["models"]]
+
+
+def _plan_model(i: int, name: str, names: list[str], base_cfg: CVConfig, out: Path, log: Callable[[str], None],
+                where: str) -> tuple[CVConfig, bool] | None:
+    """The config and resume flag of one model's run (None: finished), logging what happens to it."""
+    run_dir, splits = out / name, out / "splits.csv"
+    if (run_dir / "summary.json").is_file():
+        log(f"[{i}/{len(names)}] {name}: already finished, skipped")
+        return None
+    cfg = dataclasses.replace(base_cfg, model=name, out=str(run_dir), splits=str(splits.resolve()))
+    resume = (run_dir / "config.json").is_file()
+    if resume:
+        # A resumed run keeps its own splits.csv; if the comparison folder was moved since, the recorded path
+        # differs while the folds are the same: keep the recorded path so that the run can be resumed.
+        own = run_dir / "splits.csv"
+        if own.is_file() and not same_folds(own, splits):
+            raise UserError(f"{run_dir} was started on other folds than {splits}; delete {run_dir} to rerun it")
+        cfg.splits = json.loads((run_dir / "config.json").read_text()).get("splits", str(splits.resolve()))
+    log(f"[{i}/{len(names)}] {name}: {'resuming' if resume else 'starting'} in {run_dir}{where}")
+    return cfg, resume
 
 
 def _run_model(cfg: CVConfig, resume: bool) -> str:

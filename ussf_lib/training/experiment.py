@@ -33,70 +33,28 @@ import pandas as pd
 
 from ussf_lib.data import folds as cv_mod
 from ussf_lib.training import distributed as dist_mod
-from ussf_lib.data.audit import HASH_SIZE, THRESHOLD, check_hash_settings, clusters_from_hashes
+from ussf_lib.data.audit import check_hash_settings, clusters_from_hashes
 from ussf_lib.data.index import ImageIndex, decode_index, fingerprint, load_index, resolve_normalization
+from ussf_lib import settings
 from ussf_lib.errors import UserError, same_kind
-from ussf_lib.paper import PAPER_PROTOCOL
+from ussf_lib.settings import absolute_path
 from ussf_lib.models import build_model
 from ussf_lib.models.registry import check_image_size, list_models
+from ussf_lib.training.checkpoints import check_meta, check_weights_fit, read_checkpoint
 from ussf_lib.training.provenance import environment_info
 from ussf_lib.evaluation.report import write_report
-from ussf_lib.training.loop import DeviceImages, TrainConfig, process_batch_size, select_device, seed_everything, train_fold
-
-TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+from ussf_lib.training.loop import TrainConfig, train_fold
+from ussf_lib.training.runtime import DeviceImages, process_batch_size, select_device, seed_everything
 
 #: Settings that are paths: stored absolute, so a run folder can be resumed or reported from any folder.
-PATH_SETTINGS: tuple[str, ...] = ("out", "data", "manifest", "splits", "cache_dir", "weights_path")
+PATH_SETTINGS: tuple[str, ...] = settings.path_settings()
+#: Settings that may differ when a run is resumed without changing its results.
+RESUME_FREE_SETTINGS = settings.resume_free()
 
 
-def absolute_path(path: str | os.PathLike) -> str:
-    """``path`` made absolute against the current folder, ``~`` expanded, symbolic links kept as written."""
-    return os.path.abspath(os.path.expanduser(os.fspath(path)))
-
-
-@dataclass
-class CVConfig:
-    """Every setting of a cross-validated run; ``config.json`` is this, resolved. Defaults are the paper's.
-
-    ``skip_bad`` leaves unreadable images out (listed in ``skipped.csv``) instead of stopping;
-    ``dedup_folds`` keeps exact and near-duplicate images (phash distance <= ``dup_threshold`` of
-    ``hash_size**2`` bits) inside one fold. Introduced in ``notebooks/04_train_cross_validation.ipynb``.
-    """
-
-    out: str = "runs/cv"
-    data: str | None = None
-    manifest: str | None = None
-    group_col: str | None = None
-    classes: list[str] | None = None
-    model: str = "us_sfnet"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    weights_path: str | None = None
-    folds: int = int(PAPER_PROTOCOL["folds"])
-    image_size: int = int(PAPER_PROTOCOL["image_size"])
-    normalization: str = "paper"
-    splits: str | None = None
-    cache_dir: str | None = None
-    device: str = "auto"
-    epochs: int = int(PAPER_PROTOCOL["epochs"])
-    batch_size: int = int(PAPER_PROTOCOL["batch_size"])
-    lr: float = float(PAPER_PROTOCOL["lr"])
-    betas: tuple[float, float] = tuple(PAPER_PROTOCOL["betas"])  # type: ignore[assignment]
-    weight_decay: float = float(PAPER_PROTOCOL["weight_decay"])
-    seed: int = 0
-    amp: str = "off"
-    channels_last: bool = False
-    compile: bool = False
-    compile_backend: str = "inductor"
-    compile_scope: str = "model"
-    compile_mode: str = "default"
-    deterministic: bool = False
-    progress: bool = True
-    eval_every: int = 1
-    checkpoint_every: int = 1
-    skip_bad: bool = False
-    dedup_folds: bool = True
-    dup_threshold: int = THRESHOLD
-    hash_size: int = HASH_SIZE
+class _RunChecks:
+    """Checks of :class:`CVConfig` beyond each setting's own range: paths made absolute, the image size the model
+    takes, the duplicate hash, and the training settings (before any data is read)."""
 
     def __post_init__(self) -> None:
         for name in PATH_SETTINGS:
@@ -107,36 +65,36 @@ class CVConfig:
         elif self.image_size < 8:
             raise UserError(f"--image-size {self.image_size}: use at least 8 pixels")
         check_hash_settings(self.hash_size, self.dup_threshold, "--dup-threshold")
-        self.train_config()  # validates the optimization settings early, before any data is read
+        settings.check_values(self.to_dict(), "run")
+        self.train_config()
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(**{k: getattr(self, k) for k in TRAIN_FIELDS})
+    def train_config(self) -> Any:
+        return TrainConfig(**{k: getattr(self, k) for k in settings.names("train")})
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(d["betas"])
-        return d
+        return settings.config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CVConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        known = set(settings.names())
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"unknown setting(s) {unknown}; valid settings are {sorted(known)}")
-        for f in dataclasses.fields(cls):  # a hand-edited value of the wrong kind fails here, not mid-run
-            default = f.default
-            if d.get(f.name) is None or default is None or default is dataclasses.MISSING:
-                continue
-            value = d[f.name]
-            if not same_kind(value, default):
-                raise UserError(f"setting {f.name}={value!r} should be of type {type(default).__name__} "
-                                f"(like {default!r})")
+        for s in settings.SETTINGS:  # a hand-edited value of the wrong kind fails here, not mid-run
+            if d.get(s.name) is not None and s.default is not None and not same_kind(d[s.name], s.default):
+                raise UserError(f"setting {s.name}={d[s.name]!r} should be of type {type(s.default).__name__} "
+                                f"(like {s.default!r})")
         return cls(**d)
 
 
-#: Settings that may differ when a run is resumed without changing its results: where it runs, what it prints
-#: and how often it saves.
-RESUME_FREE_SETTINGS = frozenset({"progress", "device", "cache_dir", "out", "checkpoint_every"})
+CVConfig = settings.config_class(
+    "CVConfig", None, _RunChecks,
+    """Every setting of a cross-validated run (:data:`ussf_lib.settings.SETTINGS`); ``config.json`` is this,
+    resolved. Defaults are the paper's.
+
+    ``skip_bad`` leaves unreadable images out (listed in ``skipped.csv``) instead of stopping; ``dedup_folds`` keeps
+    exact and near-duplicate images (phash distance <= ``dup_threshold`` of ``hash_size**2`` bits) inside one fold.
+    Introduced in ``notebooks/04_train_cross_validation.ipynb``.""")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -159,11 +117,7 @@ def _check_out(cfg: CVConfig, resume: bool) -> Path:
             raise UserError(f"{out}: folder exists and is not a ussf run folder; choose a new --out")
         if not resume:
             raise UserError(f"{out}: already holds a run; pass --resume {out} to continue it, or choose a new --out")
-        previous = _read_json(config_file)
-        # A run made before paths were stored absolute holds them as typed, relative to where it started.
-        previous.update({k: absolute_path(previous[k]) for k in PATH_SETTINGS if previous.get(k)})
-        current = cfg.to_dict()
-        changed = sorted(k for k in previous if k not in RESUME_FREE_SETTINGS and previous.get(k) != current.get(k))
+        changed = settings.resume_changes(_read_json(config_file), cfg.to_dict())
         if changed:
             raise UserError(f"{out}: settings {changed} differ from the run being resumed; resume with the same settings")
     return out
@@ -256,32 +210,8 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
             notes.append(f"duplicates: {n_dup} cluster(s) of exact or near-duplicate images "
                          f"(phash distance <= {cfg.dup_threshold}) are each kept inside one fold")
     if splits_file:
-        table = cv_mod.read_splits(splits_file, index)
-        folds = table["fold"].to_numpy(dtype=np.int64)
-        if int(folds.max()) + 1 != cfg.folds:
-            raise UserError(f"{splits_file}: has {int(folds.max()) + 1} folds but --folds is {cfg.folds}; make them agree")
-        cv_mod.check_fold_feasible(index.frame["label"], None, cfg.folds, classes=index.classes)
-        notes += cv_mod.check_split_composition(index.frame["label"], folds, cfg.folds, str(splits_file))
-        # splits.csv records what the folds keep whole: the file's groups where its folds kept them whole (a
-        # resumed run's patients joined with duplicate clusters), joined with this data's patients.
-        file_groups = table["group"].astype(str).to_numpy(dtype=object) if "group" in table else None
-        file_whole = file_groups is not None and not cv_mod.leaking_groups(file_groups, folds)
-        if index.has_groups:
-            split_patients = cv_mod.leaking_groups(index.frame["group"], folds)
-            if split_patients:
-                raise UserError(f"{splits_file}: {len(split_patients)} {cfg.group_col!r} group(s) have images in "
-                                f"more than one fold (e.g. {split_patients[0]!r}), so a patient would be tested on "
-                                "images it trained on; drop --splits to make grouped folds, or pass splits made "
-                                "with this group column")
-            groups = (cv_mod.merge_groups(index.frame["group"], file_groups) if file_whole
-                      else index.frame["group"].to_numpy())
-        else:
-            groups = file_groups if file_whole else index.frame["group"].to_numpy()
-        if clusters is not None:
-            leaks = cv_mod.leaking_groups(clusters, folds)
-            if leaks:
-                notes.append(f"warning: {len(leaks)} duplicate cluster(s) are split across the folds of {splits_file}; "
-                             "results may be optimistic (make new splits to keep duplicates together)")
+        folds, groups, file_notes = cv_mod.folds_from_file(splits_file, index, cfg.folds, clusters, cfg.group_col)
+        notes += file_notes
     else:
         groups = cv_mod.index_groups(index, clusters)
         folds = cv_mod.folds_for_index(index, cfg.folds, cfg.seed, clusters=clusters)
@@ -302,103 +232,123 @@ def compute_splits(cfg: CVConfig, log: Callable[[str], None] = print) -> pd.Data
     return prepare_data(cfg, log=log, pixels=False).splits()
 
 
-def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = print,
-           folds_to_run: Sequence[int] | None = None) -> Path:
-    """Run (or resume) k-fold cross-validation and write the complete run folder; returns its path.
-
-    Launched by ``torchrun --nproc_per_node N -m ussf_lib cv ...`` every process runs this with the same
-    settings: all of them read the data and train data-parallel (:mod:`ussf_lib.training.distributed`), and only rank 0
-    logs and writes the run folder. Introduced in ``notebooks/04_train_cross_validation.ipynb``.
-    """
-    from ussf_lib.predict import check_meta, check_weights_fit, read_checkpoint
-
-    started = time.perf_counter()
-    ctx = dist_mod.context_from_env()
-    if not ctx.is_main:
-        log = _silent
-        cfg = dataclasses.replace(cfg, progress=False)
-    check_image_size(cfg.model, cfg.image_size)  # also rejects an unknown model name, before any data is read
-    mean, std = resolve_normalization(cfg.normalization)
-    requested_device = select_device(cfg.device)  # an unknown or absent device fails before any data is read
+def _check_before_data(cfg: CVConfig, resume: bool, folds_to_run: Sequence[int] | None) -> tuple[Path, list[int]]:
+    """Everything about ``cfg`` that can be refused before any image is read; returns the run folder and folds."""
+    check_image_size(cfg.model, cfg.image_size)  # also rejects an unknown model name
+    resolve_normalization(cfg.normalization)
+    select_device(cfg.device)  # an unknown or absent device
     out = _check_out(cfg, resume)
     if resume:  # the data's own "no such folder" error would suggest another --data, which a resume refuses
         for flag, value in (("--data", cfg.data), ("--manifest", cfg.manifest)):
             if value and not Path(value).exists():
                 raise UserError(f"{out}: the run's data {flag} {value} is gone; put it back at that path to resume "
                                 "(a resumed run reads the data it started with), or start a new run")
-    fold_ids = list(folds_to_run if folds_to_run is not None else range(cfg.folds))
-    bad_folds = [k for k in fold_ids if not 0 <= int(k) < cfg.folds]
+    fold_ids = [int(k) for k in (folds_to_run if folds_to_run is not None else range(cfg.folds))]
+    bad_folds = [k for k in fold_ids if not 0 <= k < cfg.folds]
     if bad_folds:
         raise UserError(f"fold(s) {bad_folds} do not exist; folds are numbered 0..{cfg.folds - 1}")
+    return out, fold_ids
+
+
+def _build(cfg: CVConfig, n_classes: int) -> Any:
+    return build_model(cfg.model, n_classes, image_size=cfg.image_size, weights_path=cfg.weights_path,
+                       **cfg.model_kwargs)
+
+
+def _check_fold_checkpoints(out: Path, fold_ids: Sequence[int], meta: dict[str, Any], model: Any) -> None:
+    """Refuse, before anything is written, an unfinished fold's checkpoint made for another model or class list."""
+    for k in fold_ids:
+        ckpt = out / "folds" / str(k) / "checkpoint.pt"
+        if ckpt.is_file() and not (ckpt.parent / "predictions.csv").is_file():
+            state = read_checkpoint(ckpt)
+            check_meta(ckpt, state["meta"], {key: meta[key] for key in ("model_name", "classes", "image_size",
+                                                                        "model_kwargs")},
+                       f"delete {ckpt.parent} to train this fold again, or resume with the settings it was made with")
+            check_weights_fit(ckpt, model, state["model"], state["meta"])
+
+
+def _write_run_header(out: Path, cfg: CVConfig, prepared: PreparedData, device: Any, world: int) -> None:
+    """The run folder's description, written before any fold trains: config, environment, folds, classes."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    env = {**environment_info(device, prepared.fingerprint), "world_size": world}
+    _write_atomic(out / "environment.json", json.dumps(env, indent=2))
+    cv_mod.save_splits(prepared.index, prepared.folds, out / "splits.csv", prepared.groups)
+    _write_atomic(out / "classes.json", json.dumps(prepared.index.classes))
+    if cfg.skip_bad:
+        _write_atomic(out / "skipped.csv", prepared.skipped.to_csv(index=False))
+
+
+def _log_data_parallel(cfg: CVConfig, ctx: Any, device: Any, log: Callable[[str], None]) -> None:
+    backend = "NCCL" if device.type == "cuda" else "gloo"
+    if ctx.world == 1:
+        log(f"data-parallel over 1 process ({backend}): the distributed path with nothing to split")
+        return
+    _, uneven = process_batch_size(cfg.batch_size, ctx.world)
+    log(f"data-parallel over {ctx.world} processes ({backend}); "
+        + (uneven or f"each global batch of {cfg.batch_size} is split between them"))
+
+
+def _run_fold(k: int, cfg: CVConfig, prepared: PreparedData, images: DeviceImages, out: Path, meta: dict[str, Any],
+              device: Any, ctx: Any, log: Callable[[str], None]) -> None:
+    """Train fold ``k`` (resuming its checkpoint) and, on rank 0, write its history and predictions."""
+    fold_dir = out / "folds" / str(k)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    index, folds = prepared.index, prepared.folds
+    train_idx, test_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+    seed_everything(cfg.seed * 1000 + k, cfg.deterministic)  # same initial weights whatever ran before
+    result = train_fold(_build(cfg, len(index.classes)), images, index.targets, train_idx, test_idx,
+                        cfg.train_config(), meta["mean"], meta["std"], device=device, fold_dir=fold_dir, fold=k,
+                        checkpoint_extra={"meta": meta, "config": cfg.to_dict()}, log=log, dist_ctx=ctx)
+    if not ctx.is_main:
+        return
+    _write_atomic(fold_dir / "history.csv", result.history.to_csv(index=False))
+    pred = predictions_frame(index, test_idx, result.probs, k, prepared.groups)
+    # predictions.csv marks the fold finished, so it is written last and atomically.
+    _write_atomic(fold_dir / "predictions.csv", pred.to_csv(index=False))
+    log(f"fold {k}: test accuracy {float((pred['pred'] == pred['label']).mean()):.3f} ({result.seconds:.1f}s)")
+
+
+def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = print,
+           folds_to_run: Sequence[int] | None = None) -> Path:
+    """Run (or resume) k-fold cross-validation and write the complete run folder; returns its path.
+
+    Launched by ``torchrun --nproc_per_node N -m ussf_lib cv ...`` every process runs this with the same
+    settings: all of them read the data and train data-parallel (:mod:`ussf_lib.training.distributed`), and only
+    rank 0 logs and writes the run folder. Introduced in ``notebooks/04_train_cross_validation.ipynb``.
+    """
+    started = time.perf_counter()
+    ctx = dist_mod.context_from_env()
+    if not ctx.is_main:
+        log = _silent
+        cfg = dataclasses.replace(cfg, progress=False)
+    out, fold_ids = _check_before_data(cfg, resume, folds_to_run)
     # On resume the folds are the run's own (splits.csv), and the data must be the data it started with.
     resume_splits = out / "splits.csv" if resume and (out / "splits.csv").is_file() else None
     previous_env = out / "environment.json"
     expect_fp = _read_json(previous_env).get("data_fingerprint") if resume and previous_env.is_file() else None
     probe: dict[str, Any] = {}
-
-    def _build_once(index: ImageIndex) -> None:
-        # Build once before any heavy work so a bad model name, size or weights file fails in a second, not after
-        # decoding, and before anything is written.
-        probe["model"] = build_model(cfg.model, len(index.classes), image_size=cfg.image_size,
-                                     weights_path=cfg.weights_path, **cfg.model_kwargs)
-
+    # The model is built once before the (slow) decoding, so a bad name, size or weights file fails in a second.
     prepared = prepare_data(cfg, log=log, splits_file=resume_splits, expect_fingerprint=expect_fp,
-                            check_index=_build_once)
-    index = prepared.index
-    meta = {"model_name": cfg.model, "classes": list(index.classes), "image_size": cfg.image_size,
+                            check_index=lambda index: probe.setdefault("model", _build(cfg, len(index.classes))))
+    mean, std = resolve_normalization(cfg.normalization)
+    meta = {"model_name": cfg.model, "classes": list(prepared.index.classes), "image_size": cfg.image_size,
             "mean": list(mean), "std": list(std), "model_kwargs": dict(cfg.model_kwargs)}
-    for k in fold_ids:  # a checkpoint from another model or class list is refused before anything is written
-        ckpt = out / "folds" / str(k) / "checkpoint.pt"
-        if ckpt.is_file() and not (ckpt.parent / "predictions.csv").is_file():
-            state = read_checkpoint(ckpt)
-            check_meta(ckpt, state["meta"], {key: meta[key] for key in ("model_name", "classes", "image_size", "model_kwargs")},
-                       f"delete {ckpt.parent} to train this fold again, or resume with the settings it was made with")
-            check_weights_fit(ckpt, probe["model"], state["model"], state["meta"])
-    device = dist_mod.device_for(ctx, requested_device)
+    _check_fold_checkpoints(out, fold_ids, meta, probe["model"])
+    device = dist_mod.device_for(ctx, select_device(cfg.device))
     # Decided by every rank before rank 0 writes anything, so that all ranks run the same folds.
     todo = [k for k in fold_ids if not (out / "folds" / str(k) / "predictions.csv").is_file()]
     dist_mod.barrier(ctx)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        env = {**environment_info(device, prepared.fingerprint), "world_size": ctx.world}
-        _write_atomic(out / "environment.json", json.dumps(env, indent=2))
-        cv_mod.save_splits(index, prepared.folds, out / "splits.csv", prepared.groups)
-        _write_atomic(out / "classes.json", json.dumps(index.classes))
-        if cfg.skip_bad:
-            _write_atomic(out / "skipped.csv", prepared.skipped.to_csv(index=False))
+        _write_run_header(out, cfg, prepared, device, ctx.world)
     if ctx.enabled:
-        backend = "NCCL" if device.type == "cuda" else "gloo"
-        if ctx.world == 1:
-            log(f"data-parallel over 1 process ({backend}): the distributed path with nothing to split")
-        else:
-            _, uneven = process_batch_size(cfg.batch_size, ctx.world)
-            log(f"data-parallel over {ctx.world} processes ({backend}); "
-                + (uneven or f"each global batch of {cfg.batch_size} is split between them"))
-    dev_images = DeviceImages(prepared.images, device)
-    targets = index.targets
-    folds = prepared.folds
-    train_cfg = cfg.train_config()
+        _log_data_parallel(cfg, ctx, device, log)
+    images = DeviceImages(prepared.images, device)
     for k in fold_ids:
-        fold_dir = out / "folds" / str(k)
-        if k not in todo:
+        if k in todo:
+            _run_fold(k, cfg, prepared, images, out, meta, device, ctx, log)
+        else:
             log(f"fold {k}: already finished, skipped")
-            continue
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        train_idx, test_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        seed_everything(cfg.seed * 1000 + k, cfg.deterministic)  # same initial weights whatever ran before
-        model = build_model(cfg.model, len(index.classes), image_size=cfg.image_size,
-                            weights_path=cfg.weights_path, **cfg.model_kwargs)
-        result = train_fold(model, dev_images, targets, train_idx, test_idx, train_cfg, mean, std, device=device,
-                            fold_dir=fold_dir, fold=k, checkpoint_extra={"meta": meta, "config": cfg.to_dict()},
-                            log=log, dist_ctx=ctx)
-        if not ctx.is_main:
-            continue
-        _write_atomic(fold_dir / "history.csv", result.history.to_csv(index=False))
-        pred = predictions_frame(index, test_idx, result.probs, k)
-        # predictions.csv marks the fold finished, so it is written last and atomically.
-        _write_atomic(fold_dir / "predictions.csv", pred.to_csv(index=False))
-        log(f"fold {k}: test accuracy {float((pred['pred'] == pred['label']).mean()):.3f} ({result.seconds:.1f}s)")
     if not ctx.is_main:
         dist_mod.finish(ctx)
         return out
@@ -415,12 +365,15 @@ def _silent(_: str) -> None:
     pass
 
 
-def predictions_frame(index: ImageIndex, test_idx: np.ndarray, probs: np.ndarray, fold: int) -> pd.DataFrame:
-    """``predictions.csv`` of one fold: path (relative to the data root), label, fold, pred, prob_<class>..."""
+def predictions_frame(index: ImageIndex, test_idx: np.ndarray, probs: np.ndarray, fold: int,
+                      groups: np.ndarray | None = None) -> pd.DataFrame:
+    """``predictions.csv`` of one fold: path (relative to the data root), label, group (the patient, or what the
+    folds kept whole; ``splits.csv``'s group), fold, pred, prob_<class>..."""
     classes = index.classes
     frame = pd.DataFrame({
         "path": index.frame["relpath"].to_numpy()[test_idx],
         "label": index.frame["label"].to_numpy()[test_idx],
+        "group": (groups if groups is not None else index.frame["group"].to_numpy())[test_idx],
         "fold": fold,
         "pred": [classes[i] for i in probs.argmax(1)],
     })

@@ -80,7 +80,7 @@ def environment_line(device: torch.device | str | None = None) -> str:
 
     Introduced in ``notebooks/01_explore_data.ipynb``.
     """
-    from ussf_lib.training.loop import select_device
+    from ussf_lib.training.runtime import select_device
 
     device = torch.device(device) if device is not None else select_device()
     versions = package_versions()
