@@ -152,7 +152,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def add_cv_args(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
-    p.add_argument("--model", default="us_sfnet", help="registry name: us_sfnet, us_sfnet_tiny, densenet121, ...")
+    p.add_argument("--model", default="us_sfnet", help="registry name (ussf models lists them): us_sfnet, "
+                   "us_sfnet_tiny, densenet121, us_sfnet_nofft, ...")
     add_train_args(p)
     p.add_argument("--out", help="run folder to create (default runs/<time>_<model>)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder with its own settings")
