@@ -12,6 +12,7 @@ from torch import nn
 
 from ussf_lib import cli
 from ussf_lib.errors import UserError
+from ussf_lib.evaluation.report import beside_the_paper, results_table
 from ussf_lib.models import (
     ABLATIONS,
     MODEL_REGISTRY,
@@ -26,6 +27,7 @@ from ussf_lib.models import (
 )
 from ussf_lib.models.complexity import count_macs, count_parameters, mac_breakdown
 from ussf_lib.models.conv_fft import width_interleave, width_polyphase
+from ussf_lib.paper import PAPER_ARCHITECTURE, PAPER_CLASSES
 
 PARENTS = ("us_sfnet", "us_sfnet_tiny")
 SUFFIXES = ("nofreq", "nospatial", "nofft")
@@ -314,3 +316,16 @@ def test_torch_compile_traces_without_graph_breaks(name):
         torch.testing.assert_close(compiled(x), model(x))
     torch._dynamo.reset()
 
+
+# --- an ablation is not the paper's model -----------------------------------------------------------
+
+def test_paper_figures_are_shown_beside_the_papers_architecture_only():
+    us_sfnets = {n for n, s in MODEL_REGISTRY.items() if n.startswith("us_sfnet") and s.ablation_of is None}
+    assert set(PAPER_ARCHITECTURE) == us_sfnets == set(PARENTS)
+    for name in PARENTS:
+        assert beside_the_paper(name, PAPER_CLASSES)
+    summary = {"accuracy": {"mean": 0.9, "std": 0.01}, "classes": list(PAPER_CLASSES)}
+    assert "paper US-SFNet (%)" in results_table(summary, model="us_sfnet_tiny").columns
+    for name in ABLATION_NAMES:
+        assert not beside_the_paper(name, PAPER_CLASSES)
+        assert "paper US-SFNet (%)" not in results_table(summary, model=name).columns
