@@ -268,7 +268,7 @@ def test_models_command_lists_the_registry(capsys):
 
     assert main(["models"]) == 0
     names = capsys.readouterr().out.split()
-    assert names == list_models() and names[:2] == ["us_sfnet", "us_sfnet_tiny"] and len(names) == 14
+    assert names == list_models() and names[:2] == ["us_sfnet", "us_sfnet_tiny"] and len(names) == 14 + 6  # + ablations
 
 
 def test_compare_tables_only_needs_the_comparison_folder(tmp_path, capsys):

@@ -25,6 +25,7 @@ from ussf_lib.models import (
     build_model,
     classifier_head,
     fitted_block_size,
+    get_spec,
     list_models,
 )
 
@@ -344,7 +345,8 @@ def test_model_dropblock_train_vs_eval():
 def test_registry_names():
     names = list_models()
     assert names[:2] == ["us_sfnet", "us_sfnet_tiny"]
-    assert sorted(names[2:]) == sorted(BASELINE_NAMES)
+    assert sorted(names[2:14]) == sorted(BASELINE_NAMES)
+    assert all(get_spec(n).ablation_of for n in names[14:])  # then the ablations (tests/test_ablations.py)
     assert set(paper_table1()["model"]) <= set(MODEL_NAMES)
 
 

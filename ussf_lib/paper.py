@@ -75,6 +75,11 @@ TABLE2_METRICS: tuple[str, ...] = (*PAPER_TABLE2_METRICS, "f1")
 #: The model whose figures the paper's abstract reports.
 PAPER_MODEL = "us_sfnet"
 
+#: Registry names of the paper's architecture: at the paper's size, and at CPU size (``us_sfnet_tiny``, the same
+#: layout narrower and shallower). A single run of one of them shows the paper's US-SFNet figures beside its own;
+#: an ablation such as ``us_sfnet_nofft`` or ``us_sfnet_tiny_nofreq`` is another model and shows none.
+PAPER_ARCHITECTURE: tuple[str, ...] = (PAPER_MODEL, "us_sfnet_tiny")
+
 
 def is_papers_task(classes: Iterable[str]) -> bool:
     """Whether a run's classes are the paper's four lymph-node classes: only then do the paper's figures sit

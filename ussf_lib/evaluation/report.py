@@ -18,8 +18,8 @@ import pandas as pd
 
 from ussf_lib.evaluation import plots
 from ussf_lib.errors import UserError
-from ussf_lib.paper import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_MODEL, PAPER_TABLE2_METRICS, PER_CLASS_METRICS,
-                           TABLE2_METRICS, is_papers_task, paper_headline, paper_table2)
+from ussf_lib.paper import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_ARCHITECTURE, PAPER_MODEL, PAPER_TABLE2_METRICS,
+                           PER_CLASS_METRICS, TABLE2_METRICS, is_papers_task, paper_headline, paper_table2)
 from ussf_lib.evaluation.metrics import fold_confusions, format_mean_std, summarize_predictions
 
 
@@ -73,13 +73,14 @@ def load_histories(run_dir: str | Path) -> dict[int, pd.DataFrame]:
 
 
 def beside_the_paper(model: str | None, classes: Iterable[str]) -> bool:
-    """Whether a single run's tables show the paper's US-SFNet figures: for a US-SFNet run (``us_sfnet`` or a
-    smaller variant such as ``us_sfnet_tiny``; the columns are labelled as the paper's model) on the paper's four
-    lymph-node classes. A baseline's run gets none (the columns would be another model's), nor does other data
-    (a "benign" breast lesion is not a "benign" lymph node). Comparisons (:mod:`ussf_lib.evaluation.tables`) match
-    each model to its own row of the paper's tables instead.
+    """Whether a single run's tables show the paper's US-SFNet figures: for a run of the paper's architecture
+    (:data:`~ussf_lib.paper.PAPER_ARCHITECTURE`: ``us_sfnet`` or its CPU-sized ``us_sfnet_tiny``; the columns are
+    labelled as the paper's model) on the paper's four lymph-node classes. A baseline's run gets none (the columns
+    would be another model's), nor does an ablation's (``us_sfnet_nofft`` ... is not the paper's model), nor does
+    other data (a "benign" breast lesion is not a "benign" lymph node). Comparisons
+    (:mod:`ussf_lib.evaluation.tables`) match each model to its own row of the paper's tables instead.
     """
-    return bool(model) and str(model).startswith(PAPER_MODEL) and is_papers_task(classes)
+    return bool(model) and str(model) in PAPER_ARCHITECTURE and is_papers_task(classes)
 
 
 def results_table(summary: dict, model: str | None = None) -> pd.DataFrame:

@@ -4,9 +4,10 @@
 them. Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
 """
 
-from ussf_lib.models.conv_fft import FFT_NORMS, ConvFFTBlock, FrequencyBranch, SpatialBranch
+from ussf_lib.models.conv_fft import BRANCHES, FFT_NORMS, FREQ_TRANSFORMS, ConvFFTBlock, FrequencyBranch, SpatialBranch
 from ussf_lib.models.dropblock import FittedDropBlock2d, fitted_block_size
 from ussf_lib.models.registry import (
+    ABLATIONS,
     MODEL_NAMES,
     MODEL_REGISTRY,
     TINY_DEPTHS,
@@ -22,9 +23,9 @@ from ussf_lib.models.us_sfnet import STAGE_NAMES, Transition, USSFNet, min_input
 from ussf_lib.models.weights import load_weights
 
 __all__ = [
-    "FFT_NORMS", "ConvFFTBlock", "FrequencyBranch", "SpatialBranch",
+    "BRANCHES", "FFT_NORMS", "FREQ_TRANSFORMS", "ConvFFTBlock", "FrequencyBranch", "SpatialBranch",
     "FittedDropBlock2d", "fitted_block_size",
-    "MODEL_NAMES", "MODEL_REGISTRY", "TINY_DEPTHS", "TINY_WIDTHS", "ModelSpec",
+    "ABLATIONS", "MODEL_NAMES", "MODEL_REGISTRY", "TINY_DEPTHS", "TINY_WIDTHS", "ModelSpec",
     "build_model", "check_image_size", "classifier_head", "get_spec", "list_models",
     "STAGE_NAMES", "Transition", "USSFNet", "min_input_size",
     "load_weights",

@@ -14,12 +14,21 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ussf_lib.errors import UserError
 
 #: ``norm=`` values accepted by ``torch.fft.rfft2`` / ``irfft2``.
 FFT_NORMS: tuple[str, ...] = ("ortho", "backward", "forward")
+
+#: Branches a :class:`ConvFFTBlock` can have besides its identity path (the paper's block has both).
+BRANCHES: tuple[str, ...] = ("spatial", "freq")
+
+#: How the frequency branch turns a ``(C, H, W)`` feature map into the ``(2C, H, W//2+1)`` tensor its
+#: convolutions take, and back: ``"rfft2"`` (the paper's half spectrum, real and imaginary parts stacked) or
+#: ``"polyphase"`` (the same shape from the even and odd columns, no Fourier transform: the ``_nofft`` ablation).
+FREQ_TRANSFORMS: tuple[str, ...] = ("rfft2", "polyphase")
 
 NormLayer = Callable[[int], nn.Module] | None
 ActLayer = Callable[[], nn.Module]
@@ -90,16 +99,33 @@ class FrequencyBranch(nn.Module):
     ``groups=1`` (default) mixes real and imaginary parts of all channels in both convolutions, like the
     Fourier unit of Fast Fourier Convolution (Chi et al., 2020); ``groups=2`` convolves real and
     imaginary parts separately; ``groups=2*C`` is depthwise.
+
+    ``transform="polyphase"`` (the ``_nofft`` ablation; ``"rfft2"`` is the paper's branch) keeps the same two
+    convolutions, norms, activation, dtypes and memory formats and replaces only the two transforms, by
+    :func:`width_polyphase` and :func:`width_interleave`: the input, zero-padded on the right to ``2*(W//2+1)``
+    columns, is split into its even and its odd columns, stacked as ``[even | odd]`` 2C channels of
+    ``H x (W//2+1)`` (where the spectrum stacks ``[real | imag]``), and the convolutions' output is interleaved
+    back and cropped to ``W``. Both maps are linear and lossless and give the convolutions a tensor of exactly
+    the spectrum's shape, so the parameters and the convolutions' MACs are the paper's branch's exactly; what
+    changes is the basis the convolutions see (pixels instead of Fourier coefficients: a local receptive field
+    of 3 rows by 6 columns per convolution instead of a global one). ``fft_norm`` is then unused.
+    Rejected alternatives: ``x`` stacked with zeros or with a shifted copy at full width (``2C x H x W``) would
+    leave half the weights idle or double the convolutions' MACs; pooling the width to ``W//2+1`` would match
+    the MACs but lose half the input and need an upsampling back. The polyphase split matches both the shape
+    and the information content (``2C x H x (W//2+1)`` real numbers holding all of ``x``, as the spectrum does).
     Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
     """
 
     def __init__(self, channels: int, *, fft_norm: str = "ortho", groups: int = 1,
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.GELU,
-                 freq_autocast: bool = True) -> None:
+                 freq_autocast: bool = True, transform: str = "rfft2") -> None:
         super().__init__()
         self.freq_autocast = freq_autocast
         if fft_norm not in FFT_NORMS:
             raise UserError(f"fft_norm={fft_norm!r} is not a torch.fft norm; use one of {', '.join(FFT_NORMS)}")
+        if transform not in FREQ_TRANSFORMS:
+            raise UserError(f"freq_transform={transform!r} is not known; use one of {', '.join(FREQ_TRANSFORMS)}")
+        self.transform = transform
         width = 2 * channels
         if groups < 1 or width % groups:
             raise UserError(f"freq_groups={groups} must divide 2*channels={width}; use 1, 2 or {width}")
@@ -119,14 +145,39 @@ class FrequencyBranch(nn.Module):
         if self.freq_autocast and torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
             conv_dtype = torch.get_autocast_dtype(device_type)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        stacked = _RealSpectrum.apply(x, self.fft_norm, conv_dtype, fmt)  # (B, 2C, H, W//2+1): [real | imag]
+        fourier = self.transform == "rfft2"  # fixed at construction: no data-dependent branching when compiled
+        if fourier:
+            stacked = _RealSpectrum.apply(x, self.fft_norm, conv_dtype, fmt)  # (B, 2C, H, W//2+1): [real | imag]
+        else:
+            stacked = width_polyphase(x).to(conv_dtype, memory_format=fmt)  # (B, 2C, H, W//2+1): [even | odd]
         if self.freq_autocast:
             z = self.convs(stacked)  # in autocast's dtype when autocast is on
         else:
             with no_autocast:
                 z = self.convs(stacked)
         # Back in the input's dtype and memory format, so the block's sum adds like-for-like tensors.
-        return _SpatialFromSpectrum.apply(z, (height, width), self.fft_norm, x.dtype, fmt)
+        if fourier:
+            return _SpatialFromSpectrum.apply(z, (height, width), self.fft_norm, x.dtype, fmt)
+        return width_interleave(z, width).to(x.dtype, memory_format=fmt)
+
+
+def width_polyphase(x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` -> ``(B, 2C, H, W//2+1)``: the even columns, then the odd columns, of ``x`` zero-padded on
+    the right to ``2*(W//2+1)`` columns (two zero columns for an even ``W``, one for an odd ``W``).
+
+    The spatial stand-in for ``rfft2`` in the ``_nofft`` ablation (see :class:`FrequencyBranch`): the same output
+    shape as the stacked half spectrum, linear and lossless (:func:`width_interleave` undoes it), no Fourier
+    transform. Plain tensor operations, so autograd differentiates it and ``torch.compile`` traces it.
+    """
+    columns = x.shape[-1] // 2 + 1
+    padded = F.pad(x, (0, 2 * columns - x.shape[-1]))
+    return torch.cat((padded[..., 0::2], padded[..., 1::2]), dim=1)
+
+
+def width_interleave(z: Tensor, width: int) -> Tensor:
+    """Inverse of :func:`width_polyphase`: ``(B, 2C, H, W//2+1)`` ``[even | odd]`` -> ``(B, C, H, width)``."""
+    even, odd = z.chunk(2, dim=1)
+    return torch.stack((even, odd), dim=-1).flatten(-2)[..., :width]
 
 
 #: The norm whose scale factor is the adjoint's: the adjoint of an FFT scaled by 1/n is the inverse summed and
@@ -245,6 +296,12 @@ class ConvFFTBlock(nn.Module):
 
     Introduced in ``notebooks/03_build_conv_fft_block.ipynb``.
 
+    Ablations (the registry's ``us_sfnet*_nofreq``, ``_nospatial``, ``_nofft``) are this block with other
+    ``branches`` / ``freq_transform``: ``branches=("spatial",)`` gives ``GELU(x + spatial(x))`` and no
+    frequency-branch modules at all (``self.freq is None``), ``branches=("freq",)`` gives ``GELU(x + freq(x))``
+    (``self.spatial is None``), ``freq_transform="polyphase"`` keeps both branches and every parameter but
+    runs the frequency branch's convolutions without ``rfft2`` / ``irfft2`` (see :class:`FrequencyBranch`).
+
     Args:
         channels: input = output channels C (the block keeps the shape of its input).
         fft_norm: ``torch.fft`` scaling, ``"ortho"`` by default: the spectrum then has the same energy
@@ -263,19 +320,49 @@ class ConvFFTBlock(nn.Module):
             only activation). The last convolution of each branch has a norm and no activation, since
             the block applies ``nn.GELU`` to the sum of the branches (ResNet's placement). That final
             activation is always GELU, as in the paper, whatever ``act_layer`` is.
+        branches: which of :data:`BRANCHES` the block has, ``("spatial", "freq")`` by default (the paper's
+            block); at least one. A branch left out is not built (its attribute is ``None``) and its
+            arguments (``spatial_expansion``; ``fft_norm``, ``freq_groups``, ``freq_transform``) are unused.
+        freq_transform: one of :data:`FREQ_TRANSFORMS`: ``"rfft2"`` (default, the paper's) or
+            ``"polyphase"`` (the same convolutions without a Fourier transform; see :class:`FrequencyBranch`).
     """
 
     def __init__(self, channels: int, *, fft_norm: str = "ortho", spatial_expansion: float = 1.0,
                  freq_groups: int = 1, norm_layer: NormLayer = nn.BatchNorm2d,
-                 act_layer: ActLayer = nn.GELU, freq_autocast: bool = True) -> None:
+                 act_layer: ActLayer = nn.GELU, freq_autocast: bool = True,
+                 branches: tuple[str, ...] = BRANCHES, freq_transform: str = "rfft2") -> None:
         super().__init__()
-        hidden = int(round(channels * spatial_expansion))
-        if hidden < 1:
-            raise UserError(f"spatial_expansion={spatial_expansion} leaves no channels; use a value >= {1 / channels:g}")
-        self.spatial = SpatialBranch(channels, hidden, norm_layer=norm_layer, act_layer=act_layer)
-        self.freq = FrequencyBranch(channels, fft_norm=fft_norm, groups=freq_groups, norm_layer=norm_layer,
-                                    act_layer=act_layer, freq_autocast=freq_autocast)
+        self.branches = check_branches(branches)
+        if freq_transform not in FREQ_TRANSFORMS:
+            raise UserError(f"freq_transform={freq_transform!r} is not known; use one of {', '.join(FREQ_TRANSFORMS)}")
+        self.spatial: SpatialBranch | None = None
+        self.freq: FrequencyBranch | None = None
+        if "spatial" in self.branches:
+            hidden = int(round(channels * spatial_expansion))
+            if hidden < 1:
+                raise UserError(f"spatial_expansion={spatial_expansion} leaves no channels; use a value >= {1 / channels:g}")
+            self.spatial = SpatialBranch(channels, hidden, norm_layer=norm_layer, act_layer=act_layer)
+        if "freq" in self.branches:
+            self.freq = FrequencyBranch(channels, fft_norm=fft_norm, groups=freq_groups, norm_layer=norm_layer,
+                                        act_layer=act_layer, freq_autocast=freq_autocast, transform=freq_transform)
         self.act = nn.GELU()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(x + self.spatial(x) + self.freq(x))
+        # Which branches exist is fixed at construction, so these ``if``s compile away; the sum keeps the order
+        # x + spatial + freq of the paper's block, which therefore computes exactly what it always did.
+        out = x
+        if self.spatial is not None:
+            out = out + self.spatial(x)
+        if self.freq is not None:
+            out = out + self.freq(x)
+        return self.act(out)
+
+
+def check_branches(branches: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """``branches`` as a tuple in :data:`BRANCHES` order; a :class:`UserError` for an unknown, repeated or
+    missing branch (a block needs at least one besides its identity)."""
+    names = (branches,) if isinstance(branches, str) else tuple(branches)
+    unknown = [b for b in names if b not in BRANCHES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise UserError(f"branches={names!r}: name one or both of {', '.join(BRANCHES)}, each once")
+    return tuple(b for b in BRANCHES if b in names)

@@ -1,4 +1,5 @@
-"""Model registry: US-SFNet, its tiny variant for CPU smoke runs, and the paper's 12 torchvision baselines.
+"""Model registry: US-SFNet, its tiny variant for CPU smoke runs, the paper's 12 torchvision baselines, and
+ablations of the Conv-FFT block at both sizes (``us_sfnet[_tiny]_nofreq``, ``_nospatial``, ``_nofft``).
 
 ``build_model(name, num_classes, image_size, weights_path)`` is the one way the CLI, the
 cross-validation loop and the notebooks make a network. Introduced in
@@ -33,6 +34,9 @@ class ModelSpec:
     min_image_size: int = 1
     size_multiple: int = 1  #: image_size must be a multiple of this (ViT's patch size)
     description: str = ""
+    #: For an ablation, the registry name of the model it ablates (``"us_sfnet"`` for ``us_sfnet_nofft``); an
+    #: ablation is not the paper's model, and no paper figure is shown beside it.
+    ablation_of: str | None = None
 
 
 def _build_us_sfnet(num_classes: int, image_size: int, **kwargs) -> nn.Module:
@@ -45,6 +49,30 @@ def _build_us_sfnet_tiny(num_classes: int, image_size: int, **kwargs) -> nn.Modu
     return USSFNet(num_classes=num_classes, **kwargs)
 
 
+#: Ablations of the Conv-FFT block (see :class:`~ussf_lib.models.us_sfnet.USSFNet`), registered for each of
+#: ``us_sfnet`` and ``us_sfnet_tiny`` as ``<parent>_<suffix>``: suffix -> (the constructor arguments the ablation
+#: fixes, what it is).
+ABLATIONS: dict[str, tuple[dict[str, object], str]] = {
+    "nofreq": ({"branches": ("spatial",)}, "blocks GELU(x + spatial(x)): no frequency branch"),
+    "nospatial": ({"branches": ("freq",)}, "blocks GELU(x + freq(x)): no spatial branch"),
+    "nofft": ({"freq_transform": "polyphase"},
+              "the frequency convolutions on even/odd columns instead of the half spectrum, no rfft2/irfft2: "
+              "same parameters and convolution MACs"),
+}
+
+
+def _ablation_builder(parent: str, name: str, fixed: dict[str, object]) -> Callable[..., nn.Module]:
+    parent_build = MODEL_REGISTRY[parent].build
+
+    def build(num_classes: int, image_size: int, **kwargs) -> nn.Module:
+        clash = sorted(k for k in fixed if k in kwargs)
+        if clash:
+            raise UserError(f"{name} fixes {', '.join(clash)}; pass {', '.join(clash)} to {parent} instead")
+        return parent_build(num_classes, image_size, **fixed, **kwargs)
+
+    return build
+
+
 MODEL_REGISTRY: dict[str, ModelSpec] = {
     "us_sfnet": ModelSpec("us_sfnet", _build_us_sfnet, "head.fc", min_input_size(),
                           description="US-SFNet as in the paper: widths 32-256, depths 3-6-3-3"),
@@ -54,9 +82,17 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
                        description=f"torchvision {name}, from scratch")
        for name, (head, minimum, multiple) in BASELINES.items()},
 }
+MODEL_REGISTRY.update({
+    f"{parent}_{suffix}": ModelSpec(f"{parent}_{suffix}", _ablation_builder(parent, f"{parent}_{suffix}", fixed),
+                                    MODEL_REGISTRY[parent].head, MODEL_REGISTRY[parent].min_image_size,
+                                    MODEL_REGISTRY[parent].size_multiple,
+                                    description=f"ablation of {parent}: {what}", ablation_of=parent)
+    for parent in ("us_sfnet", "us_sfnet_tiny") for suffix, (fixed, what) in ABLATIONS.items()
+})
 
 #: Registered names: US-SFNet and its CPU-sized variant, then the baselines by family, in the order of
-#: :data:`ussf_lib.models.baselines.BASELINES`.
+#: :data:`ussf_lib.models.baselines.BASELINES`, then the ablations (``us_sfnet_*``, then ``us_sfnet_tiny_*``,
+#: in the order of :data:`ABLATIONS`).
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_REGISTRY)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ussf_lib.errors import UserError
-from ussf_lib.models.conv_fft import ActLayer, ConvFFTBlock, NormLayer, conv_norm_act
+from ussf_lib.models.conv_fft import BRANCHES, ActLayer, ConvFFTBlock, NormLayer, check_branches, conv_norm_act
 from ussf_lib.models.dropblock import FittedDropBlock2d
 
 #: Stage names, in order; :meth:`USSFNet.feature_maps` returns these keys after ``"stem"``.
@@ -63,6 +63,32 @@ class USSFNet(nn.Module):
       global average pooling followed by one linear layer; ``head_norm=True`` adds a LayerNorm before it
       (ConvNeXt's head) and ``head_dropout`` a dropout.
 
+    Ablations, not the paper's model (every block alike; see :class:`ConvFFTBlock`):
+
+    * ``branches`` [("spatial", "freq")]: ``("spatial",)`` drops every frequency branch (blocks
+      ``GELU(x + spatial(x))``, registry ``*_nofreq``), ``("freq",)`` every spatial branch (blocks
+      ``GELU(x + freq(x))``, ``*_nospatial``).
+    * ``freq_transform`` ["rfft2"]: ``"polyphase"`` runs the frequency branches' convolutions on the even and
+      odd columns of the feature map instead of its half spectrum (``*_nofft``; how and why in
+      :class:`~ussf_lib.models.conv_fft.FrequencyBranch`). Only the two transforms change, so any difference
+      in results is the Fourier domain's doing:
+
+      - parameters: exactly the parent's (the same modules, parameter names and shapes: a parent's state
+        dict loads into it), 22,761,572 for ``us_sfnet_nofft`` and 478,076 for ``us_sfnet_tiny_nofft``;
+      - convolution MACs: exactly the parent's at every input size, because the convolutions get a tensor
+        of exactly the half spectrum's shape ``2C x H x (W//2+1)`` (9,507,004,416 for ``us_sfnet`` at 224 px;
+        18,227,200 for ``us_sfnet_tiny`` at 64 px);
+      - total MACs (:func:`~ussf_lib.models.complexity.count_macs`): the parent's less its FFTs, i.e. less the
+        ``_fft_r2c`` and ``_fft_c2r`` entries of :func:`~ussf_lib.models.complexity.mac_breakdown` (an
+        analytic ``2.5 N log2 N`` estimate each); the padding, slicing and interleaving that replace them
+        are copies, counted as 0 MACs, as norms and activations are. At 224 px ``us_sfnet`` counts
+        9,593,062,104 and ``us_sfnet_nofft`` 9,507,005,440 (0.90 % fewer); at 64 px ``us_sfnet_tiny``
+        18,637,056 and ``us_sfnet_tiny_nofft`` 18,227,456 (2.2 % fewer). ``tests/test_ablations.py`` checks
+        these relations (not the figures) at several sizes.
+
+      For scale: ``us_sfnet_nofreq`` has 3,063,140 parameters and 2.15 GMACs at 224 px, ``us_sfnet_nospatial``
+      19,744,292 and 7.47 GMACs: the frequency branches hold most of the network.
+
     Convolutions use Kaiming-normal initialisation (fan-out, as torchvision's ResNet), norms weight 1 and
     bias 0. The network is fully convolutional: any input of at least 15x15 pixels works, odd sizes
     included. ``forward`` has no Python branching on values, so it compiles with ``torch.compile``.
@@ -85,6 +111,8 @@ class USSFNet(nn.Module):
         head_norm: bool = False,
         head_dropout: float = 0.0,
         freq_autocast: bool = True,
+        branches: Sequence[str] = BRANCHES,
+        freq_transform: str = "rfft2",
     ) -> None:
         super().__init__()
         widths, depths = tuple(widths), tuple(depths)
@@ -96,10 +124,12 @@ class USSFNet(nn.Module):
             raise UserError(f"head_dropout={head_dropout} is not a dropout rate; use a value in [0, 1)")
         self.num_classes = num_classes
         self.widths, self.depths = widths, depths
+        self.branches, self.freq_transform = check_branches(branches), freq_transform
 
         self.stem = conv_norm_act(in_chans, widths[0], 3, stride=2, norm_layer=norm_layer, act_layer=nn.GELU)
         block_kwargs = dict(fft_norm=fft_norm, spatial_expansion=spatial_expansion, freq_groups=freq_groups,
-                            norm_layer=norm_layer, act_layer=act_layer, freq_autocast=freq_autocast)
+                            norm_layer=norm_layer, act_layer=act_layer, freq_autocast=freq_autocast,
+                            branches=self.branches, freq_transform=freq_transform)
         # Index i holds what runs before / inside / after stage i+1, so forward is one uniform loop.
         self.transitions = nn.ModuleList(
             [nn.Identity()] + [Transition(widths[i - 1], widths[i], norm_layer) for i in range(1, 4)]
