@@ -4,7 +4,11 @@ Introduced in ``notebooks/05_evaluate_confusion_matrices.ipynb``. This module ne
 integer labels and class probabilities (or a predictions table with ``label`` and ``prob_<class>`` columns)
 and computes overall accuracy (the paper's Table 1), macro averages of one-vs-rest precision, sensitivity and
 specificity (the paper's abstract; the means of its Table 2), plus macro F1 and AUC (which the paper does not
-report), per-class one-vs-rest metrics (its Table 2), each as mean ± std over the k folds.
+report), per-class one-vs-rest metrics (its Table 2), each as mean ± std over the k folds. Two calibration
+figures ride along (:data:`CALIBRATION_METRICS`, lower is better, also not in the paper): the 15-bin expected
+calibration error of the top-class probability (:func:`expected_calibration_error`) and the multi-class Brier
+score (:func:`brier_score`). :func:`patient_predictions` turns image predictions into one row per patient (mean
+probability over the patient's images), so every metric here can be computed per patient too.
 
 The work is done by scikit-learn (``confusion_matrix``, ``precision_recall_fscore_support``,
 ``roc_auc_score``), always with ``labels=range(n_classes)`` so that a fold lacking a class keeps its columns.
@@ -30,19 +34,34 @@ All values are fractions in [0, 1]; :func:`format_mean_std` turns them into the 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (accuracy_score, brier_score_loss, confusion_matrix, precision_recall_fscore_support,
+                             roc_auc_score)
 
 from ussf_lib.errors import UserError
 from ussf_lib.paper import METRIC_NAMES, PER_CLASS_METRICS
 
 #: Tolerance on ``probs`` rows summing to 1 (CSV rounding is fine; logits are not).
 _PROB_SUM_TOL = 1e-2
+
+#: Calibration metrics computed beside :data:`~ussf_lib.paper.METRIC_NAMES` (lower is better; not in the paper):
+#: each fold's ``metrics.json`` and ``summary.json`` carry them like the others.
+CALIBRATION_METRICS: tuple[str, ...] = ("ece", "brier")
+
+#: Equal-width confidence bins of the expected calibration error and of the reliability diagram.
+ECE_BINS = 15
+
+#: How a patient's prediction is made from its images' (the rule ``summary.json``'s ``patient_level`` records).
+PATIENT_RULE = "mean probability over a patient's images"
+
+#: What happens to a patient whose images carry more than one label.
+MIXED_LABEL_RULE = "patients whose images carry more than one label are left out (their label is ambiguous)"
 
 
 def _nanmean(values: ArrayLike) -> float:
@@ -119,6 +138,78 @@ def _check_probs(probs: ArrayLike, n_classes: int, n_samples: int) -> np.ndarray
     return arr
 
 
+def top_label_confidence(y_true: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(confidence, correct)`` per sample: the top-class probability and whether that class (the argmax, the
+    first class on ties, as everywhere here) is the true one (as 0.0/1.0). What ECE and the reliability diagram
+    bin."""
+    pr = np.asarray(probs, dtype=float)
+    if pr.ndim != 2:
+        raise UserError(f"probs has shape {pr.shape}; pass an (n_samples, n_classes) array")
+    yt = _check_labels(y_true, pr.shape[1])
+    pr = _check_probs(pr, pr.shape[1], yt.size)
+    confidence = np.clip(pr.max(axis=1), 0.0, 1.0)
+    correct = (pr.argmax(axis=1) == yt).astype(float)
+    return confidence, correct
+
+
+def confidence_bins(confidence: ArrayLike, n_bins: int = ECE_BINS) -> np.ndarray:
+    """Bin index (0..n_bins-1) of each confidence: equal-width bins ``((b-1)/n, b/n]``, the first one closed at 0.
+
+    The same assignment as :func:`sklearn.calibration.calibration_curve` (``strategy="uniform"``), so the ECE and
+    the reliability diagram (:func:`ussf_lib.evaluation.plots.plot_calibration`) bin alike.
+    """
+    if int(n_bins) < 1:
+        raise UserError(f"n_bins={n_bins}; pass at least 1 bin")
+    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+    return np.searchsorted(edges[1:-1], np.asarray(confidence, dtype=float))
+
+
+def expected_calibration_error(y_true: ArrayLike, probs: ArrayLike, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top-class probability (Guo et al. 2017, eq. 3), equal-width bins.
+
+    Each sample's confidence (its largest probability) goes into one of ``n_bins`` equal-width bins of [0, 1]
+    (:func:`confidence_bins`); ECE is the sample-weighted mean over bins of ``|accuracy - mean confidence|``::
+
+        ECE = sum_b (n_b / n) * |acc_b - conf_b| = sum_b |sum_{i in b} (correct_i - confidence_i)| / n
+
+    0 for a model whose confidence matches its accuracy within every bin; at most 1. Empty bins add nothing.
+
+    Written here on numpy because scikit-learn (1.9 at the time of writing) has no ECE: it ships the proper
+    scoring rules (``brier_score_loss``, ``log_loss``) and the binary ``calibration_curve`` (the per-bin points of
+    a reliability diagram, without the counts that weight them), and its requests for an ECE (issue #18268; pull
+    requests #11096 and #28831, both closed) stalled on which estimator to adopt -- a binned ECE depends on the
+    number and placement of the bins and is biased, and the top-label reduction of a multi-class problem is one
+    choice among several (class-wise, L1 or L2). This is the usual deep-learning figure: top label, L1, 15 bins.
+    """
+    confidence, correct = top_label_confidence(y_true, probs)
+    if confidence.size == 0:
+        raise UserError("y_true is empty; the calibration error needs at least one prediction")
+    bins = confidence_bins(confidence, n_bins)
+    gap = np.bincount(bins, weights=correct - confidence, minlength=int(n_bins))
+    return float(np.abs(gap).sum() / confidence.size)
+
+
+def brier_score(y_true: ArrayLike, probs: ArrayLike) -> float:
+    """Multi-class Brier score: mean over samples of ``sum_k (p_k - [y == k])^2``, in [0, 2] (0 is perfect).
+
+    :func:`sklearn.metrics.brier_score_loss`, which takes ``(n, n_classes)`` probabilities since scikit-learn
+    1.7, called with ``labels=range(n_classes)`` (a fold lacking a class keeps its column) and
+    ``scale_by_half=False``, so that two classes get the same sum over classes as more (its default halves the
+    binary score only). Its check that rows sum to 1 within ~1.5e-8 is silenced: rows were already checked to
+    the tolerance used throughout this module (float32 softmax outputs and CSV rounding miss 1.5e-8).
+    """
+    pr = np.asarray(probs, dtype=float)
+    if pr.ndim != 2:
+        raise UserError(f"probs has shape {pr.shape}; pass an (n_samples, n_classes) array")
+    yt = _check_labels(y_true, pr.shape[1])
+    pr = _check_probs(pr, pr.shape[1], yt.size)
+    if yt.size == 0:
+        raise UserError("y_true is empty; the Brier score needs at least one prediction")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The y_prob values do not sum to one", category=UserWarning)
+        return float(brier_score_loss(yt, pr, labels=list(range(pr.shape[1])), scale_by_half=False))
+
+
 def classification_metrics(y_true: ArrayLike, probs: ArrayLike, classes: Sequence[str]) -> dict:
     """Accuracy, macro one-vs-rest metrics, a per-class table and the confusion matrix for one fold.
 
@@ -126,6 +217,7 @@ def classification_metrics(y_true: ArrayLike, probs: ArrayLike, classes: Sequenc
     summing to 1; the prediction is the argmax (first class on ties). Returns::
 
         {"accuracy", "precision", "sensitivity", "specificity", "f1", "auc": float (macro, nanmean over classes),
+         "ece", "brier": float (calibration: expected_calibration_error, brier_score),
          "per_class": DataFrame(index=classes, columns=[precision, sensitivity, specificity, f1, auc, support]),
          "confusion": ndarray (n_classes, n_classes), rows = true}
 
@@ -187,6 +279,8 @@ def classification_metrics(y_true: ArrayLike, probs: ArrayLike, classes: Sequenc
     out: dict[str, Any] = {"accuracy": float(accuracy_score(yt, yp))}
     for name in PER_CLASS_METRICS:
         out[name] = _nanmean(per_class[name].to_numpy())
+    out["ece"] = expected_calibration_error(yt, pr)
+    out["brier"] = brier_score(yt, pr)
     out["per_class"] = per_class
     out["confusion"] = cm
     return out
@@ -247,13 +341,15 @@ def summarize_folds(per_fold: Sequence[dict], classes: Sequence[str]) -> dict:
     """Mean and std (``ddof=1``) over folds of each headline metric, JSON-serialisable.
 
     Returns ``{metric: {"mean": float|None, "std": float|None} for metric in METRIC_NAMES,
-    "per_fold": [{metric: float|None, ...}, ...], "classes": [...], "n_folds": k}``. Means skip NaN folds;
-    the std is ``None`` with fewer than two finite fold values (e.g. a single fold). A ``"fold"`` key in an
-    input dict is carried into its ``per_fold`` entry.
+    "per_fold": [{metric: float|None, ...}, ...], "classes": [...], "n_folds": k}``, with
+    :data:`CALIBRATION_METRICS` beside the others when every fold has them. Means skip NaN folds; the std is
+    ``None`` with fewer than two finite fold values (e.g. a single fold). A ``"fold"`` key in an input dict is
+    carried into its ``per_fold`` entry.
     """
     folds = _check_per_fold(per_fold)
+    names = [*METRIC_NAMES, *(m for m in CALIBRATION_METRICS if all(m in f for f in folds))]
     summary: dict[str, Any] = {}
-    for name in METRIC_NAMES:
+    for name in names:
         values = [np.nan if f[name] is None else float(f[name]) for f in folds]
         summary[name] = {"mean": _json_float(_nanmean(values)), "std": _json_float(_nanstd(values))}
     entries = []
@@ -262,7 +358,7 @@ def summarize_folds(per_fold: Sequence[dict], classes: Sequence[str]) -> dict:
         if "fold" in f:
             fold_id = f["fold"]
             entry["fold"] = fold_id.item() if isinstance(fold_id, np.generic) else fold_id
-        entry.update({name: _json_float(f[name]) for name in METRIC_NAMES})
+        entry.update({name: _json_float(f[name]) for name in names})
         entries.append(entry)
     summary["per_fold"] = entries
     summary["classes"] = [str(c) for c in classes]
@@ -345,6 +441,39 @@ def summarize_predictions(pred: pd.DataFrame, classes: Sequence[str]) -> tuple[d
         metrics["fold"] = fold_id.item() if isinstance(fold_id, np.generic) else fold_id
         per_fold.append(metrics)
     return summarize_folds(per_fold, classes), per_class_summary(per_fold, classes)
+
+
+def patient_predictions(pred: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Image predictions aggregated to one row per patient (and fold): :data:`PATIENT_RULE`.
+
+    ``pred`` has ``group`` (patient id), ``fold``, ``label`` and ``prob_<class>`` columns. Each patient's
+    probability row is the mean of its images' rows (it sums to 1 again, and its argmax is the patient's
+    prediction); its label is the one its images share. Returns ``(table, mixed)``: ``table`` has columns
+    ``group``, ``fold``, ``label``, ``images`` (how many were averaged) and ``prob_<class>``, sorted by fold then
+    group, which every function here that reads a predictions table accepts; ``mixed`` lists the patients whose
+    images carry more than one label, which are left out (:data:`MIXED_LABEL_RULE`). A patient whose images sit in
+    two folds (splits that did not keep patients whole) gives one row per fold: each fold's model scores its own.
+    """
+    classes = [str(c) for c in classes]
+    _frame_to_arrays(pred, classes)  # checks the label and prob_<class> columns
+    missing = [c for c in ("group", "fold") if c not in pred.columns]
+    if missing:
+        raise UserError(f"predictions table lacks column(s) {missing}; patient-level metrics need each image's "
+                        "patient (group) and fold")
+    if pred["group"].isna().any():
+        raise UserError(f"{int(pred['group'].isna().sum())} prediction(s) have no group; every image needs its "
+                        "patient id")
+    prob_cols = [f"prob_{c}" for c in classes]
+    frame = pred.assign(group=pred["group"].astype(str), label=pred["label"].astype(str))
+    labels_per_patient = frame.groupby("group")["label"].nunique()
+    mixed = sorted(labels_per_patient.index[labels_per_patient > 1])
+    frame = frame[~frame["group"].isin(mixed)]
+    grouped = frame.groupby(["fold", "group"], sort=True)
+    table = grouped[prob_cols].mean()
+    table.insert(0, "images", grouped.size())
+    table.insert(0, "label", grouped["label"].first())
+    table = table.reset_index()[["group", "fold", "label", "images", *prob_cols]]
+    return table, mixed
 
 
 def format_mean_std(mean: float | None, std: float | None, percent: bool = True, digits: int = 2) -> str:

@@ -1,7 +1,8 @@
 """Figures for the notebooks and the run folders: confusion matrices, learning curves, ROC curves, bar charts.
 
 Introduced in ``notebooks/04_train_cross_validation.ipynb`` (learning curves),
-``notebooks/05_evaluate_confusion_matrices.ipynb`` (confusion matrices and ROC curves) and
+``notebooks/05_evaluate_confusion_matrices.ipynb`` (confusion matrices and ROC curves; the reliability diagram
+came later, with the calibration metrics) and
 ``notebooks/06_compare_baselines.ipynb`` (per-class bar chart comparing models with the paper's Table 2).
 
 Every function returns the matplotlib :class:`~matplotlib.figure.Figure` and, when ``out`` is given, also
@@ -43,10 +44,12 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from ussf_lib.errors import UserError  # noqa: E402
-from ussf_lib.evaluation.metrics import _frame_to_arrays  # noqa: E402
+from ussf_lib.evaluation.metrics import (ECE_BINS, _frame_to_arrays, confidence_bins,  # noqa: E402
+                                         expected_calibration_error, top_label_confidence)
 
 PathLike = str | os.PathLike
 
@@ -269,6 +272,50 @@ def plot_roc(pred: pd.DataFrame, classes: Sequence[str], out: PathLike | None = 
     ax.legend(title="pooled AUC (tables: mean over folds)", title_fontsize="small", fontsize="small",
               loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, out)
+    return fig
+
+
+def plot_calibration(pred: pd.DataFrame, classes: Sequence[str], n_bins: int = ECE_BINS,
+                     out: PathLike | None = None) -> Figure:
+    """Reliability diagram of the top-class probability, with the histogram of those confidences beneath.
+
+    All rows of the predictions table (``label``, ``prob_<class>``) are pooled, e.g. every fold's out-of-fold
+    predictions. Top: accuracy against mean confidence in each non-empty bin of ``n_bins`` equal-width bins
+    (:func:`sklearn.calibration.calibration_curve` on top-class confidence vs correctness; points under the
+    diagonal are over-confident), the pooled ECE in the title (the tables give the mean of the per-fold ECEs).
+    Bottom: how many predictions fall in each bin, on the same bins.
+    """
+    classes = [str(c) for c in classes]
+    y_true, probs = _frame_to_arrays(pred, classes)
+    confidence, correct = top_label_confidence(y_true, probs)
+    accuracy, mean_conf = calibration_curve(correct.astype(int), confidence, n_bins=n_bins, strategy="uniform",
+                                            pos_label=1)
+    ece = expected_calibration_error(y_true, probs, n_bins)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.0, 7.0), sharex=True,
+                                      gridspec_kw={"height_ratios": (3, 1.2)})
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    top.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfectly calibrated")
+    top.plot(mean_conf, accuracy, color="C0", marker="o", markersize=5,
+             label=f"model ({len(confidence)} predictions, {n_bins} bins)")
+    top.vlines(mean_conf, np.minimum(mean_conf, accuracy), np.maximum(mean_conf, accuracy), color="C3",
+               alpha=0.6, linewidth=2, label="gap (accuracy - confidence)")
+    top.set(xlim=(0.0, 1.0), ylim=(-0.01, 1.01), ylabel="accuracy in the bin",
+            title=f"Reliability of the top-class probability, all predictions pooled\n(pooled ECE = {ece:.3f}; "
+                  "tables: mean over folds)")
+    top.legend(loc="upper left", fontsize="small", frameon=False)
+    top.grid(alpha=0.3)
+    counts = np.bincount(confidence_bins(confidence, n_bins), minlength=n_bins)
+    bottom.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0", alpha=0.7, edgecolor="white")
+    bottom.axvline(float(confidence.mean()), color="C1", linestyle="--", linewidth=1.2,
+                   label=f"mean confidence {confidence.mean():.3f}")
+    bottom.axvline(float(correct.mean()), color="C2", linestyle="-", linewidth=1.2,
+                   label=f"accuracy {correct.mean():.3f}")
+    bottom.set(xlabel="top-class probability (confidence)", ylabel="predictions")
+    whole_number_ticks(bottom.yaxis)
+    bottom.legend(loc="upper left", fontsize="small", frameon=False)
+    bottom.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, out)
     return fig

@@ -1,6 +1,9 @@
 """Rebuild a run folder's tables and figures from its ``predictions.csv`` and ``history.csv`` files alone.
 
 Nothing here needs a model, so a table or a plot can be regenerated (``ussf report RUN``) without retraining.
+Beside the image-level tables, :func:`write_report` scores calibration (ECE, Brier, ``calibration.png``) and,
+when the run knows its patients, the same metrics per patient (:func:`patient_level`); ``docs/evaluation.md``
+describes both.
 Introduced in ``notebooks/04_train_cross_validation.ipynb`` (learning curves) and
 ``notebooks/05_evaluate_confusion_matrices.ipynb`` (predictions and tables).
 """
@@ -8,8 +11,9 @@ Introduced in ``notebooks/04_train_cross_validation.ipynb`` (learning curves) an
 from __future__ import annotations
 
 import json
+import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -20,7 +24,9 @@ from ussf_lib.evaluation import plots
 from ussf_lib.errors import UserError
 from ussf_lib.paper import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_ARCHITECTURE, PAPER_MODEL, PAPER_TABLE2_METRICS,
                            PER_CLASS_METRICS, TABLE2_METRICS, is_papers_task, paper_headline, paper_table2)
-from ussf_lib.evaluation.metrics import fold_confusions, format_mean_std, summarize_predictions
+from ussf_lib.evaluation.metrics import (CALIBRATION_METRICS, ECE_BINS, MIXED_LABEL_RULE, PATIENT_RULE,
+                                         fold_confusions, format_mean_std, patient_predictions,
+                                         summarize_predictions)
 
 
 def run_classes(run_dir: str | Path) -> list[str]:
@@ -70,6 +76,84 @@ def load_histories(run_dir: str | Path) -> dict[int, pd.DataFrame]:
     """
     files = sorted(Path(run_dir).glob("folds/*/history.csv"), key=lambda p: int(p.parent.name))
     return {int(f.parent.name): pd.read_csv(f) for f in files}
+
+
+def run_groups(run_dir: str | Path, pred: pd.DataFrame) -> tuple[pd.Series | None, str]:
+    """Each prediction's patient id (aligned with ``pred``), or ``(None, why not)``; the second item says where
+    the ids came from when there are some.
+
+    The ids are ``predictions.csv``'s ``group`` column when it has one, else ``splits.csv``'s ``group``, joined by
+    ``path``. A run made without patient ids has none: the data index names each image its own group (its path),
+    and folds that keep near-duplicates together (``--dedup-folds``, the default) name a cluster after its first
+    image's path. So groups that are all paths of the run's images are not patients.
+    """
+    run_dir = Path(run_dir)
+    splits_file = run_dir / "splits.csv"
+    splits = None
+    if splits_file.is_file():
+        try:
+            splits = pd.read_csv(splits_file, dtype={"path": str, "label": str, "group": str}, **LABEL_SAFE_CSV)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            if "group" not in pred.columns:
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                return None, f"splits.csv is not readable ({why})"
+    if "group" in pred.columns:
+        groups, source = pred["group"], "predictions.csv's group column"
+    elif splits is None:
+        return None, "the run has no splits.csv to read the patients from"
+    elif "group" not in splits.columns or "path" not in splits.columns:
+        return None, "splits.csv has no path and group columns"
+    else:
+        by_path = splits.drop_duplicates("path").set_index("path")["group"]
+        groups, source = pred["path"].astype(str).map(by_path), "splits.csv's group column"
+        unknown = pred.loc[groups.isna(), "path"]
+        if len(unknown):
+            return None, (f"{len(unknown)} predicted image(s) are not in splits.csv (e.g. {unknown.iloc[0]!r}), or "
+                          "have no group there")
+    if groups.isna().any():
+        return None, f"{int(groups.isna().sum())} prediction(s) have no group"
+    groups = groups.astype(str)
+    paths = set(pred["path"].astype(str)) | (set(splits["path"].astype(str)) if splits is not None
+                                             and "path" in splits.columns else set())
+    if groups.isin(paths).all():
+        return None, ("the run has no patient ids (every image's group is an image path: its own, or that of a "
+                      "near-duplicate it was kept with); a manifest with --group-col gives them")
+    return groups.rename("group"), source
+
+
+def patient_level(run_dir: str | Path, pred: pd.DataFrame, classes: list[str]
+                  ) -> tuple[dict | None, pd.DataFrame | None, list[str]]:
+    """Patient-level summary, its per-class table and notes; ``(None, None, [why])`` when there are no patients.
+
+    Each patient's prediction is the mean probability over its images (:data:`PATIENT_RULE`, via
+    :func:`~ussf_lib.evaluation.metrics.patient_predictions`), scored per fold with the image-level metrics and
+    summarised over folds. The summary is ``{"rule", "patients", "images", "mixed_label_patients",
+    "mixed_label_rule", <metric>: {"mean", "std"}, ..., "per_fold": [... with each fold's "patients"],
+    "n_folds"}``; patients whose images carry more than one label are left out (:data:`MIXED_LABEL_RULE`) and a
+    note names them.
+    """
+    groups, source = run_groups(run_dir, pred)
+    if groups is None:
+        return None, None, [f"patient level: not computed, {source}"]
+    notes = []
+    table, mixed = patient_predictions(pred.assign(group=groups.to_numpy()), classes)
+    if mixed:
+        notes.append(f"patient level: {len(mixed)} patient(s) have images of more than one label (e.g. "
+                     f"{mixed[0]!r}) and are left out; check their labels")
+    if table.empty:
+        return None, None, [*notes, "patient level: not computed, no patient with a single label is left"]
+    spread = table.groupby("group")["fold"].nunique()
+    if (spread > 1).any():
+        notes.append(f"patient level: {int((spread > 1).sum())} patient(s) have images in more than one fold "
+                     f"(e.g. {spread.index[spread > 1][0]!r}); each fold scores its own part of them")
+    summary, per_class = summarize_predictions(table, classes)
+    per_fold_patients = table.groupby("fold").size()
+    for entry in summary["per_fold"]:
+        entry["patients"] = int(per_fold_patients[entry["fold"]])
+    out = {"rule": PATIENT_RULE, "patients": int(len(table)), "images": int(table["images"].sum()),
+           "groups_from": source, "mixed_label_patients": len(mixed), "mixed_label_rule": MIXED_LABEL_RULE}
+    out.update({k: v for k, v in summary.items() if k != "classes"})
+    return out, per_class, notes
 
 
 def beside_the_paper(model: str | None, classes: Iterable[str]) -> bool:
@@ -124,13 +208,19 @@ def table2_beside_paper(run_dir: str | Path) -> pd.DataFrame:
     return table
 
 
-def write_report(run_dir: str | Path, partial_ok: bool = False) -> dict:
+def write_report(run_dir: str | Path, partial_ok: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Write summary.json, per_class.csv, results.csv/.md, fold metrics and the figures; return the summary.
 
     The tables cover the folds that have a ``predictions.csv``. When the run's config names more folds the run
     is unfinished: that is a :class:`UserError` (nothing is rewritten), or with ``partial_ok`` (a run of
     chosen folds) a warning naming the missing ones.
+
+    Calibration (``ece``, ``brier`` in the summary and each fold's metrics.json; ``calibration.png``) is always
+    written. When the run has patient ids (:func:`run_groups`) the summary gains ``patient_level`` and
+    ``per_class_patient.csv`` is written (each fold's metrics.json gets its fold's ``patient_level`` too);
+    otherwise one line saying why goes to ``log`` (default: stderr), as do notes on patients left out.
     """
+    log = log if log is not None else (lambda line: print(line, file=sys.stderr))
     run_dir = Path(run_dir)
     classes = run_classes(run_dir)
     pred = load_predictions(run_dir)
@@ -147,8 +237,17 @@ def write_report(run_dir: str | Path, partial_ok: bool = False) -> dict:
             raise UserError(message + " (nothing was rewritten)")
         warnings.warn(message + "; the tables cover the other folds only", stacklevel=2)
     summary["model"] = model
+    patients, per_class_patient, notes = patient_level(run_dir, pred, classes)
+    if patients is not None:
+        summary["patient_level"] = patients
+    for note in notes:
+        log(note)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     per_class.to_csv(run_dir / "per_class.csv", index=False)
+    if per_class_patient is not None:
+        per_class_patient.to_csv(run_dir / "per_class_patient.csv", index=False)
+    else:
+        (run_dir / "per_class_patient.csv").unlink(missing_ok=True)  # from earlier data; it would mislead
     table = results_table(summary, model)
     table.to_csv(run_dir / "results.csv", index=False)
     (run_dir / "results.md").write_text(
@@ -156,15 +255,24 @@ def write_report(run_dir: str | Path, partial_ok: bool = False) -> dict:
         + table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval="n/a")
         + "\n\n## Per class (one-vs-rest, mean ± std over folds, %)\n\n"
         + _per_class_markdown(per_class) + "\n"
+        + _calibration_markdown(summary)
+        + (_patient_markdown(patients, per_class_patient) if patients is not None else "")
     )
+    patient_folds = {e["fold"]: e for e in patients["per_fold"]} if patients is not None else {}
     for k, fold_metrics in enumerate(summary.get("per_fold", [])):
-        fold_dir = run_dir / "folds" / str(sorted(pred["fold"].unique())[k])
+        fold_id = sorted(pred["fold"].unique())[k]
+        fold_dir = run_dir / "folds" / str(fold_id)
+        fold_patients = patient_folds.get(fold_metrics.get("fold", fold_id))
+        if fold_patients is not None:
+            fold_metrics = {**fold_metrics, "patient_level": {"rule": PATIENT_RULE, **{
+                key: value for key, value in fold_patients.items() if key != "fold"}}}
         (fold_dir / "metrics.json").write_text(json.dumps(fold_metrics, indent=2))
     pooled = sum(fold_confusions(pred, classes).values())
     pd.DataFrame(pooled, index=classes, columns=classes).to_csv(run_dir / "confusion_matrix.csv")
     figures = [
         plots.plot_confusion_pair(pooled, classes, title=f"{model}: pooled over folds", out=run_dir / "confusion_matrix.png"),
         plots.plot_roc(pred, classes, out=run_dir / "roc.png"),
+        plots.plot_calibration(pred, classes, out=run_dir / "calibration.png"),
     ]
     histories = load_histories(run_dir)
     if histories:
@@ -184,3 +292,35 @@ def _per_class_markdown(per_class: pd.DataFrame) -> str:
         row["support"] = int(r["support"])
         rows.append(row)
     return pd.DataFrame(rows).to_markdown(index=False)
+
+
+
+
+def _calibration_table(summary: dict) -> str:
+    """ECE and Brier as ``mean ± std`` (fractions, three decimals); empty for a summary without them."""
+    rows = [{"metric": name, "mean ± std": format_mean_std(summary[name].get("mean"), summary[name].get("std"),
+                                                         percent=False, digits=3)}
+            for name in CALIBRATION_METRICS if isinstance(summary.get(name), dict)]
+    return pd.DataFrame(rows).to_markdown(index=False) if rows else ""
+
+
+def _calibration_markdown(summary: dict) -> str:
+    table = _calibration_table(summary)
+    if not table:
+        return ""
+    return ("\n## Calibration (lower is better, mean ± std over folds)\n\n"
+            f"ece: {ECE_BINS}-bin expected calibration error of the top-class probability (0..1); brier: "
+            "multi-class Brier score (0..2). Reliability diagram of all predictions pooled: calibration.png.\n\n"
+            + table + "\n")
+
+
+def _patient_markdown(patients: dict, per_class: pd.DataFrame) -> str:
+    table = results_table(patients)
+    calibration = _calibration_table(patients)
+    mixed = patients.get("mixed_label_patients", 0)
+    return (f"\n## Patient level ({patients['patients']} patients, {patients['images']} images; "
+            f"{patients['rule']})\n\n"
+            + (f"{mixed} patient(s) with images of more than one label left out.\n\n" if mixed else "")
+            + table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval="n/a")
+            + "\n\n" + _per_class_markdown(per_class) + "\n"
+            + (f"\nCalibration per patient:\n\n{calibration}\n" if calibration else ""))
