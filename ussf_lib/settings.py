@@ -98,7 +98,7 @@ SETTINGS: list[Setting] = [
             "folds"),
     Setting("hash_size", 8, "perceptual hash of hash-size^2 bits", "folds", minimum=1),
     # --- model
-    Setting("model", "us_sfnet", "registry name: us_sfnet, us_sfnet_tiny, densenet121, ... (see ussf models)",
+    Setting("model", "us_sfnet", "registry name (ussf models lists them): us_sfnet, us_sfnet_tiny, densenet121, us_sfnet_nofft, ...",
             "model", commands=("cv",)),
     Setting("model_kwargs", {}, "keyword arguments for the model's constructor", "model", commands=()),
     Setting("weights_path", None, "local state-dict file to start from (nothing is downloaded)", "model",

@@ -352,7 +352,7 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
     if not ctx.is_main:
         dist_mod.finish(ctx)
         return out
-    summary = write_report(out, partial_ok=folds_to_run is not None)
+    summary = write_report(out, partial_ok=folds_to_run is not None, log=log)
     dist_mod.finish(ctx)
     summary_line = ", ".join(f"{m} {summary[m]['mean']:.3f}" for m in ("accuracy", "f1", "auc")
                              if summary.get(m) and summary[m]["mean"] is not None)
