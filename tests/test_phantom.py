@@ -322,17 +322,19 @@ def test_a_tiny_cnn_learns_the_phantom_in_one_epoch_but_not_perfectly(tmp_path, 
     assert 0.35 < accuracy < 1.0, accuracy
 
 
-def test_data_readme_table_mirrors_the_class_priors():
-    """data_README.md's criteria table quotes CLASS_PRIORS; a change to one must show in the other."""
+def test_sampled_patients_follow_the_class_priors():
+    """The patient-level distributions of CLASS_PRIORS (size, shape, hilum, cortex echogenicity) are what
+    sample_patient draws: mean and sd of the clipped normals, and the frequency of an echogenic hilum."""
     from ussf_lib.data.phantom import CLASS_PRIORS
 
-    readme = (Path(__file__).resolve().parents[1] / "data_README.md").read_text()
-    first_words = {line: (line.split("|")[1].split() or [""])[0] for line in readme.splitlines() if line.startswith("| ")}
-    rows = {word: line for line, word in first_words.items() if word in CLASS_PRIORS}
-    assert set(rows) == set(CLASS_PRIORS)
-    for name, prior in CLASS_PRIORS.items():
-        cells = [c.strip() for c in rows[name].split("|")[1:-1]]
-        assert f"{prior.long_axis_mm[0]:g} ± {prior.long_axis_mm[1]:g} mm" in cells[1], name
-        assert f"{prior.sl_ratio[0]:.2f} ± {prior.sl_ratio[1]:.2f}" in cells[2], name
-        assert f"{round(100 * prior.p_hilum)}%" in cells[3], name
-        assert f"−{abs(prior.cortex_db[0]):g} dB" in cells[4], name
+    n = 4000
+    for ci, (name, prior) in enumerate(CLASS_PRIORS.items()):
+        rng = np.random.default_rng([29, ci])
+        patients = [sample_patient(name, rng) for _ in range(n)]
+        for field in ("long_axis_mm", "sl_ratio", "cortex_db"):
+            values = np.array([getattr(p, field) for p in patients])
+            mean, sd = getattr(prior, field)
+            assert abs(values.mean() - mean) < 0.1 * sd, (name, field, values.mean())
+            assert 0.9 * sd < values.std() < 1.1 * sd, (name, field, values.std())
+        hilum = np.mean([p.has_hilum for p in patients])
+        assert abs(hilum - prior.p_hilum) < 0.02, (name, hilum)

@@ -27,7 +27,7 @@ EXIT_USER_ERROR = 2
 #: A shell's status for a process stopped by SIGPIPE (128 + 13): what `ussf ... | head` ends with.
 EXIT_BROKEN_PIPE = 141
 
-#: The CPU-sized main job of `make run`: under 10 minutes on 2 cores (README "Two commands" gives the measured time).
+#: The CPU-sized main job of `make run`: under 10 minutes on 2 cores (docs/performance.md gives the measured time).
 MAIN_JOB = {"model": "us_sfnet_tiny", "n_per_class": 100, "image_size": 64, "epochs": 8, "folds": 5, "batch_size": 32}
 #: The run settings `ussf main-job` takes as flags (with MAIN_JOB's defaults).
 MAIN_JOB_SETTINGS = ("model", "image_size", "epochs", "folds", "seed")

@@ -25,7 +25,7 @@ Results: ``DIR/results.csv``, one row per finished run (its parameters, then ``<
 ``<metric>_std`` for accuracy, precision, sensitivity, specificity, f1 and auc as the notebook's ``metrics.json``
 reports them, fractions in [0, 1]), and ``DIR/summary.md`` (+ ``summary.csv``): the mean and std over seeds of
 each metric's mean, per setting of the other axes. Introduced in ``notebooks/04_train_cross_validation.ipynb``
-(whose ``metrics.json`` it reads); the README's "Sweeps" section shows an example on BUSI.
+(whose ``metrics.json`` it reads); docs/multi-gpu-and-sweeps.md shows an example on BUSI.
 """
 
 from __future__ import annotations

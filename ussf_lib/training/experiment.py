@@ -4,7 +4,7 @@
 models (registry) -> train (one fold at a time) -> report (metrics, tables, figures). The CLI's ``ussf cv``,
 ``make run`` and ``notebooks/04_train_cross_validation.ipynb`` all call it, so they cannot drift apart.
 
-The run folder (see README "Run folder")::
+The run folder (see docs/run-folder.md)::
 
     RUN/config.json, environment.json, splits.csv, classes.json, [skipped.csv],
         folds/K/{history.csv, predictions.csv, metrics.json, checkpoint.pt},

@@ -2,7 +2,7 @@
 
 ``ussf sweep --devices 0,1`` and ``ussf compare --devices 0,1,2,3`` (and ``compare(..., devices=...)`` in
 ``notebooks/06_compare_baselines.ipynb``) hand their runs to :func:`run_placed`. Introduced by notebook 06 and
-the README's "Sweeps" section.
+docs/multi-gpu-and-sweeps.md.
 
 An entry is a GPU id (``0``, ``1``, ... as this process numbers its visible GPUs) or ``cpu``: one slot that
 runs one job at a time on the CPU, so ``cpu,cpu`` runs two at once there. Each worker takes one entry when it
