@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from ussf_lib import settings
 from ussf_lib.errors import UserError
+from ussf_lib.explain import add_explain_parser
 from ussf_lib.settings import absolute_path
 from ussf_lib.paper import PAPER_CLASSES
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_notebooks_parser(sub)
     _add_sweep_parser(sub)
     _add_models_parser(sub)
+    add_explain_parser(sub)
     return parser
 
 
