@@ -109,7 +109,7 @@ def remove_partial_saves(ckpt_path: Path) -> None:
 
 
 def load_fold_state(fold: Any, ckpt_path: Path, device: torch.device) -> tuple[list[dict[str, float]], int]:
-    """Resume a fold: load ``ckpt_path`` into ``fold``'s model, optimizer, GradScaler and shuffle generator, restore
+    """Resume a fold: load ``ckpt_path`` into ``fold``'s model, optimizer, GradScaler, scheduler and shuffle generator, restore
     the random-number states, and return the history so far and the number of epochs done.
 
     Read on the host: the random-number states must stay CPU byte tensors, and ``load_state_dict`` moves the
@@ -120,6 +120,8 @@ def load_fold_state(fold: Any, ckpt_path: Path, device: torch.device) -> tuple[l
     fold.optimizer.load_state_dict(state["optimizer"])
     fold.scaler.load_state_dict(state["scaler"])
     fold.shuffle_gen.set_state(state["shuffle_rng"])
+    if fold.scheduler is not None and "scheduler" in state:
+        fold.scheduler.load_state_dict(state["scheduler"])
     restore_rng_states(state, device)
     return list(state["history"]), int(state["epoch"])
 

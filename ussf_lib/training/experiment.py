@@ -43,6 +43,7 @@ from ussf_lib.models.registry import check_image_size, list_models
 from ussf_lib.training.checkpoints import check_meta, check_weights_fit, read_checkpoint
 from ussf_lib.training.provenance import environment_info
 from ussf_lib.evaluation.report import write_report
+from ussf_lib.training import recipe
 from ussf_lib.training.loop import TrainConfig, train_fold
 from ussf_lib.training.runtime import DeviceImages, process_batch_size, select_device, seed_everything
 
@@ -343,6 +344,8 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
         _write_run_header(out, cfg, prepared, device, ctx.world)
     if ctx.enabled:
         _log_data_parallel(cfg, ctx, device, log)
+    if recipe.describe(cfg):
+        log(recipe.describe(cfg))
     images = DeviceImages(prepared.images, device)
     for k in fold_ids:
         if k in todo:

@@ -6,9 +6,10 @@ probabilities. Batches are gathered from the uint8 cache and normalized on the t
 is decoded inside the loop. A checkpoint (model, optimizer, GradScaler and RNG states, epoch, fold, and what the
 caller adds: the run's config) is written atomically after every epoch (or every ``checkpoint_every`` epochs, and
 always after the last), in the background while the next epoch trains (:mod:`ussf_lib.training.checkpoints`), so an
-interrupted fold resumes from its last checkpoint with the same results. The learning rate is constant: section 2.4
-gives an "initial learning rate" of 0.001 but names no schedule, so none is guessed (and there is no scheduler
-state to keep). Introduced in ``notebooks/03_build_conv_fft_block.ipynb`` (:func:`select_device`,
+interrupted fold resumes from its last checkpoint with the same results. By default the learning rate is
+constant: section 2.4 gives an "initial learning rate" of 0.001 but names no schedule, so none is guessed; the
+opt-in recipe (:mod:`ussf_lib.training.recipe`: augmentation, schedules, imbalance, label smoothing) adds its
+parts to the fold's state, the scheduler's state to the checkpoint. Introduced in ``notebooks/03_build_conv_fft_block.ipynb`` (:func:`select_device`,
 :func:`seed_everything`); the fold loop in ``notebooks/04_train_cross_validation.ipynb`` (through
 :func:`ussf_lib.training.experiment.run_cv`).
 """
@@ -28,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ussf_lib import settings
+from ussf_lib.training import recipe
 from ussf_lib.data.index import normalization_on, normalize_batch
 from ussf_lib.errors import UserError
 from ussf_lib.models.compiling import compile_model, mark_batch_dynamic
@@ -162,18 +164,24 @@ class _Fold:
     history: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 0
     dynamic_batch: bool = False
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
+    scheduler: Any = None
+    augment: nn.Module | None = None
 
     def checkpoint(self, epoch: int, extra: dict[str, Any] | None) -> dict[str, Any]:
         """Everything a resumed fold needs to continue exactly where this one is after ``epoch`` epochs."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "shuffle_rng": self.shuffle_gen.get_state(),
+                **({"scheduler": self.scheduler.state_dict()} if self.scheduler is not None else {}),
                 **rng_states(self.device), "epoch": epoch, "fold": self.fold, "history": self.history,
                 **(extra or {})}
 
 
 def _start_fold(model: nn.Module, cfg: Any, device: torch.device, ctx: DistContext, fold: int,
-                fold_dir: str | Path | None, log: Callable[[str], None]) -> _Fold:
-    """Seed, place the model, build the optimizer, resume from ``fold_dir``'s checkpoint, wrap and compile."""
+                fold_dir: str | Path | None, log: Callable[[str], None], train_targets: np.ndarray,
+                n_classes: int, image_size: int) -> _Fold:
+    """Seed, place the model, build the optimizer and the recipe's parts, resume from ``fold_dir``'s checkpoint,
+    wrap and compile."""
     seed_everything(cfg.seed * 1000 + fold, cfg.deterministic)
     model = model.to(device)
     if cfg.channels_last:
@@ -181,7 +189,14 @@ def _start_fold(model: nn.Module, cfg: Any, device: torch.device, ctx: DistConte
     optimizer = make_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(cfg.amp == "fp16" and device.type == "cuda"))
     state = _Fold(model, model, optimizer, scaler, torch.Generator().manual_seed(cfg.seed * 1000 + fold), fold,
-                  cfg, ctx, device, Path(fold_dir) / "checkpoint.pt" if fold_dir is not None else None)
+                  cfg, ctx, device, Path(fold_dir) / "checkpoint.pt" if fold_dir is not None else None,
+                  loss_fn=recipe.make_loss(cfg.imbalance, train_targets, n_classes, cfg.label_smoothing,
+                                           cfg.focal_gamma, device),
+                  scheduler=recipe.make_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_epochs, cfg.epochs),
+                  augment=recipe.make_augment(cfg.augment, image_size))
+    if cfg.imbalance == "weighted_ce":
+        weights = recipe.class_weights(train_targets, n_classes)
+        log(f"fold {fold}: class weights from its training images: {', '.join(f'{w:.3f}' for w in weights)}")
     if state.ckpt_path is not None:
         if ctx.is_main:
             remove_partial_saves(state.ckpt_path)
@@ -206,8 +221,12 @@ def _start_fold(model: nn.Module, cfg: Any, device: torch.device, ctx: DistConte
     return state
 
 
-def _epoch_order(state: _Fold, train_idx: np.ndarray, epoch: int) -> np.ndarray:
-    """The training images' order this epoch (under DDP, this rank's share of a common order)."""
+def _epoch_order(state: _Fold, train_idx: np.ndarray, targets: np.ndarray, epoch: int) -> np.ndarray:
+    """The training images' order this epoch (under DDP, this rank's share of a common order); with a balanced
+    sampler, a class-balanced draw with replacement seeded by the run, fold and epoch."""
+    if state.cfg.imbalance == "balanced_sampler":
+        draw = torch.Generator().manual_seed(recipe.batch_seed(state.cfg.seed, state.fold, epoch, 0))
+        train_idx = recipe.balanced_order(train_idx, targets, draw)
     if state.ctx.enabled:
         return dist_mod.epoch_order(train_idx, state.ctx, state.cfg.seed * 1000 + state.fold, epoch)
     return train_idx[torch.randperm(len(train_idx), generator=state.shuffle_gen).numpy()]
@@ -218,7 +237,7 @@ def _forward_loss(state: _Fold, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
     try:
         with autocast(state.device, state.cfg.amp):
             logits = state.step_model(x)
-            return logits, nn.functional.cross_entropy(logits.float(), y)
+            return logits, state.loss_fn(logits.float(), y)
     except ValueError as exc:
         if "more than 1 value per channel" not in str(exc):
             raise
@@ -239,12 +258,21 @@ def _refuse_nonfinite(state: _Fold, loss: torch.Tensor, epoch: int, batch: int) 
                              + (f" (model state saved to {debug})" if debug else ""))
 
 
+def _batch(state: _Fold, raw: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor, epoch: int,
+           b: int) -> torch.Tensor:
+    """One training batch, standardized on the device (and augmented, with draws seeded per batch)."""
+    if state.augment is None:
+        return normalize_batch(raw, mean_t, std_t, state.cfg.channels_last)
+    seed = recipe.batch_seed(state.cfg.seed, state.fold, epoch, b, state.ctx.rank)
+    return recipe.augment_batch(state.augment, raw, mean_t, std_t, state.cfg.channels_last, seed)
+
+
 def _train_epoch(state: _Fold, images: DeviceImages, targets_dev: torch.Tensor, train_idx: np.ndarray,
-                 epoch: int, mean_t: torch.Tensor, std_t: torch.Tensor) -> tuple[float, float]:
+                 targets: np.ndarray, epoch: int, mean_t: torch.Tensor, std_t: torch.Tensor) -> tuple[float, float]:
     """One pass over the training images; returns the mean loss and accuracy (over all ranks)."""
     cfg, device = state.cfg, state.device
     state.model.train()
-    order = _epoch_order(state, train_idx, epoch)
+    order = _epoch_order(state, train_idx, targets, epoch)
     # Sums stay on the device: the only wait for the GPU per step is the non-finite check.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -255,8 +283,7 @@ def _train_epoch(state: _Fold, images: DeviceImages, targets_dev: torch.Tensor, 
     order_dev = torch.as_tensor(order, device=device)
     for b, (start, stop) in enumerate(bar):
         chunk = order_dev[start:stop]
-        x = normalize_batch(images.batch(chunk if images.on_device else order[start:stop]), mean_t, std_t,
-                            cfg.channels_last)
+        x = _batch(state, images.batch(chunk if images.on_device else order[start:stop]), mean_t, std_t, epoch, b)
         if state.dynamic_batch:
             mark_batch_dynamic(x)
         y = targets_dev[chunk]
@@ -321,7 +348,9 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
     dev_images = images if isinstance(images, DeviceImages) else DeviceImages(images, device)
     targets = np.asarray(targets, dtype=np.int64)
     train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
-    state = _start_fold(model, cfg, device, ctx, fold, fold_dir, log)
+    n_classes = int(targets.max()) + 1 if len(targets) else 0
+    state = _start_fold(model, cfg, device, ctx, fold, fold_dir, log, targets[train_idx], n_classes,
+                        dev_images.images.shape[1])
     # On the device once per fold: a copy from host memory waits for every kernel queued before it.
     targets_dev = torch.tensor(targets, dtype=torch.int64, device=device)
     mean_t, std_t = normalization_on(device, mean, std)
@@ -330,7 +359,8 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
     with CheckpointWriter(background=True) as writer:
         for epoch in range(state.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            train_loss, train_acc = _train_epoch(state, dev_images, targets_dev, train_idx, epoch, mean_t, std_t)
+            train_loss, train_acc = _train_epoch(state, dev_images, targets_dev, train_idx, targets, epoch, mean_t,
+                                                 std_t)
             train_seconds = time.perf_counter() - t0  # .item() in the epoch waited for its last step
             last = epoch + 1 == cfg.epochs
             val_loss = val_acc = math.nan
@@ -341,6 +371,8 @@ def train_fold(model: nn.Module, images: np.ndarray | DeviceImages, targets: np.
                    "seconds": time.perf_counter() - t0, "train_seconds": train_seconds}
             state.history.append(row)
             _log_epoch(state, row, log)
+            if state.scheduler is not None:
+                state.scheduler.step()
             if state.ckpt_path is not None and ctx.is_main and _due(epoch, cfg.checkpoint_every, last):
                 state.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
                 writer.save(state.checkpoint(epoch + 1, checkpoint_extra), state.ckpt_path)
