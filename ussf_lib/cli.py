@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -142,6 +143,9 @@ def _add_compare_parser(sub: Any) -> None:
     p.add_argument("--out", help="comparison folder: splits.csv, <model>/, table1/table2/paired .csv/.md "
                    "(default runs/<time>_compare); rerun to continue it")
     p.add_argument("--tables-only", action="store_true", help="rebuild the tables and chart of --out from its run folders")
+    p.add_argument("--seeds", type=_csv_list, metavar="S,S,...",
+                   help="repeat the comparison once per seed into OUT/seed_<S>/ (folds, weights and batch order "
+                   "follow the seed) and pool the tables over folds and seeds (OUT/seeds.md)")
     p.add_argument("--devices", help="run the models at once, one per entry, each in a process pinned to it: GPU ids "
                    "(--devices 0,1,2,3) or cpu slots (--devices cpu,cpu); default: one after the other here")
     p.set_defaults(func=cmd_compare)
@@ -311,12 +315,18 @@ def _resumed_config(args: argparse.Namespace) -> CVConfig:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ussf_lib.training.compare import compare, parse_models
+    from ussf_lib.evaluation.seeds import seed_folder, write_seed_tables
     from ussf_lib.evaluation.tables import write_comparison
+    from ussf_lib.training.compare import compare, parse_models
 
+    seeds = _seeds(args)
     if args.tables_only:
         if not args.out:
             raise UserError("--tables-only needs --out DIR, the comparison folder to rebuild")
+        if seeds:
+            write_seed_tables(args.out, seeds, parse_models(args.models))
+            print(f"tables rebuilt in {Path(args.out).resolve()}: seeds.md")
+            return 0
         tables = write_comparison(args.out, parse_models(args.models) if args.models else None, log=print)
         print(f"tables rebuilt in {Path(args.out).resolve()} for {', '.join(tables['table1']['model'])}")
         return 0
@@ -325,14 +335,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.models:
         raise UserError("ussf compare needs --models, e.g. --models us_sfnet,densenet121,resnet101")
     cfg = cv_config_from_args(args, out=args.out or default_run_dir("compare"))
-    args.continue_hint = (Path(cfg.out) / "splits.csv", "continue by running the same command with "
-                          f"--out {cfg.out} (finished models are kept, the interrupted one resumes)")
-    compare(args.models, cfg, cfg.out, devices=args.devices)
+    args.continue_hint = (Path(cfg.out) / ("seeds.json" if seeds else "splits.csv"), "continue by running the same "
+                          f"command with --out {cfg.out} (finished models are kept, the interrupted one resumes)")
+    if not seeds:
+        compare(args.models, cfg, cfg.out, devices=args.devices)
+        return 0
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "seeds.json").write_text(json.dumps({"seeds": seeds, "models": parse_models(args.models)}))
+    for seed in seeds:
+        print(f"seed {seed}:")
+        compare(args.models, dataclasses.replace(cfg, seed=seed), seed_folder(cfg.out, seed), devices=args.devices)
+    write_seed_tables(cfg.out, seeds, parse_models(args.models))
+    print(f"tables over seeds {','.join(map(str, seeds))} in {Path(cfg.out).resolve() / 'seeds.md'}")
     return 0
 
 
+def _seeds(args: argparse.Namespace) -> list[int]:
+    """``--seeds 0,1,2`` as whole numbers (the study's repetitions); ``--seed`` cannot be given beside it."""
+    if not args.seeds:
+        return []
+    if "--seed" in getattr(args, "argv", []):
+        raise UserError("--seed and --seeds: give one (--seeds repeats the comparison once per seed)")
+    parse = settings.flag_type("seed")
+    try:
+        return list(dict.fromkeys(parse(s) for s in args.seeds))
+    except argparse.ArgumentTypeError as exc:
+        raise UserError(f"--seeds {','.join(args.seeds)}: {exc}") from None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json
 
     from ussf_lib.bench import bench_config_from, format_bench, run_bench
 
