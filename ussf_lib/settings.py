@@ -144,6 +144,8 @@ SETTINGS: list[Setting] = [
     # --- evaluation and checkpoints
     Setting("eval_every", 1, "evaluate on the test fold every N epochs and after the last", "evaluation",
             scope="train", minimum=1, metavar="N"),
+    Setting("temperature_scaling", False, "hold out about 10 % of each training fold (by patient) to fit a softmax "
+            "temperature; calibrated and raw ECE and Brier are reported side by side", "evaluation"),
     Setting("checkpoint_every", 1, "write the resumable checkpoint every N epochs and after the last",
             "checkpointing", scope="train", minimum=1, metavar="N", resume_free=True),
     Setting("progress", True, "no progress bars (default: bars only when stderr is a terminal)", "output",

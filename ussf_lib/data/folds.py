@@ -268,3 +268,16 @@ def folds_from_file(splits_file: str | Path, index: ImageIndex, n_folds: int, cl
                      f"folds of {splits_file}; results may be optimistic (make new splits to keep duplicates "
                      "together)")
     return folds, np.asarray(groups), notes
+
+
+def calibration_split(train_idx: np.ndarray, labels: Sequence[int] | np.ndarray, groups: Sequence[str] | np.ndarray,
+                      seed: int, parts: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """``train_idx`` split into (fit, calibration): one of ``parts`` stratified, grouped parts is held out, so
+    a temperature is fitted on about 10 % of the training fold, never on a patient it trained on."""
+    labels, groups = np.asarray(labels)[train_idx], np.asarray(groups)[train_idx]
+    with warnings.catch_warnings():  # a class with fewer groups than parts still gets its share where it can
+        warnings.simplefilter("ignore", UserWarning)
+        splitter = StratifiedGroupKFold(n_splits=min(parts, len(np.unique(groups))), shuffle=True,
+                                        random_state=seed)
+        fit, cal = next(splitter.split(train_idx, labels, groups))
+    return np.asarray(train_idx)[fit], np.asarray(train_idx)[cal]

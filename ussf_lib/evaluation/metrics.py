@@ -210,6 +210,32 @@ def brier_score(y_true: ArrayLike, probs: ArrayLike) -> float:
         return float(brier_score_loss(yt, pr, labels=list(range(pr.shape[1])), scale_by_half=False))
 
 
+def temperature_scale(probs: ArrayLike, temperature: float) -> np.ndarray:
+    """Probabilities with their logits divided by ``temperature``: ``softmax(log(p) / T)`` (the log-probabilities
+    differ from the logits by a constant per row, which the softmax cancels). ``T`` > 0 keeps every argmax."""
+    logp = np.log(np.clip(np.asarray(probs, dtype=float), 1e-12, None)) / float(temperature)
+    logp -= logp.max(axis=1, keepdims=True)
+    scaled = np.exp(logp)
+    return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(y_true: ArrayLike, probs: ArrayLike) -> float:
+    """The temperature minimizing the negative log-likelihood of held-out predictions (Guo et al. 2017), searched
+    on log T in [-3, 3] by :func:`scipy.optimize.minimize_scalar` (one parameter; no library fits it)."""
+    from scipy.optimize import minimize_scalar
+
+    pr = np.asarray(probs, dtype=float)
+    yt = _check_labels(y_true, pr.shape[1])
+    if yt.size == 0:
+        raise UserError("no held-out predictions to fit a temperature on")
+
+    def nll(log_t: float) -> float:
+        return float(-np.log(np.clip(temperature_scale(pr, np.exp(log_t))[np.arange(yt.size), yt], 1e-12,
+                                     None)).mean())
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
 def classification_metrics(y_true: ArrayLike, probs: ArrayLike, classes: Sequence[str]) -> dict:
     """Accuracy, macro one-vs-rest metrics, a per-class table and the confusion matrix for one fold.
 
@@ -396,6 +422,25 @@ def per_class_summary(per_fold: Sequence[dict], classes: Sequence[str]) -> pd.Da
         row["support"] = int(sum(int(t.at[cls, "support"]) for t in tables))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def temperature_summary(pred: pd.DataFrame, classes: Sequence[str], temperatures: dict[int, float]) -> dict | None:
+    """ECE and Brier of the folds' predictions after temperature scaling (``temperatures``: fold -> T fitted on
+    held-out training images), beside the raw ones, as mean ± std over those folds; ``None`` without any."""
+    raw, scaled = {"ece": [], "brier": []}, {"ece": [], "brier": []}
+    for fold, temperature in sorted(temperatures.items()):
+        y, probs = _frame_to_arrays(pred[pred["fold"] == fold], classes)
+        for values, p in ((raw, probs), (scaled, temperature_scale(probs, temperature))):
+            values["ece"].append(expected_calibration_error(y, p))
+            values["brier"].append(brier_score(y, p))
+    if not temperatures:
+        return None
+    summary: dict = {"temperatures": {str(k): v for k, v in sorted(temperatures.items())},
+                     "rule": "softmax(log p / T), T fitted per fold on held-out training images"}
+    for name in ("ece", "brier"):
+        summary[name] = {"mean": _nanmean(scaled[name]), "std": _nanstd(scaled[name])}
+        summary[f"{name}_raw"] = {"mean": _nanmean(raw[name]), "std": _nanstd(raw[name])}
+    return summary
 
 
 def fold_confusions(pred: pd.DataFrame, classes: Sequence[str]) -> dict[int, np.ndarray]:

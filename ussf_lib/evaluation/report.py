@@ -26,7 +26,7 @@ from ussf_lib.paper import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_ARCHITECTURE, PA
                            PER_CLASS_METRICS, TABLE2_METRICS, is_papers_task, paper_headline, paper_table2)
 from ussf_lib.evaluation.metrics import (CALIBRATION_METRICS, ECE_BINS, MIXED_LABEL_RULE, PATIENT_RULE,
                                          fold_confusions, format_mean_std, patient_predictions,
-                                         summarize_predictions)
+                                         summarize_predictions, temperature_summary)
 
 
 def run_classes(run_dir: str | Path) -> list[str]:
@@ -242,6 +242,9 @@ def write_report(run_dir: str | Path, partial_ok: bool = False, log: Callable[[s
         summary["patient_level"] = patients
     for note in notes:
         log(note)
+    scaled = temperature_summary(pred, classes, read_temperatures(run_dir))
+    if scaled is not None:
+        summary["temperature_scaled"] = scaled
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     per_class.to_csv(run_dir / "per_class.csv", index=False)
     if per_class_patient is not None:
@@ -308,10 +311,31 @@ def _calibration_markdown(summary: dict) -> str:
     table = _calibration_table(summary)
     if not table:
         return ""
+    scaled = summary.get("temperature_scaled")
+    extra = "" if not scaled else (
+        "\n\nWith --temperature-scaling, on the same folds (raw → temperature-scaled; T per fold "
+        + ", ".join(f"{t:.2f}" for t in scaled["temperatures"].values()) + "):\n\n"
+        + pd.DataFrame([{"metric": m, "raw": format_mean_std(scaled[f"{m}_raw"]["mean"], scaled[f"{m}_raw"]["std"],
+                                                             percent=False, digits=3),
+                         "temperature-scaled": format_mean_std(scaled[m]["mean"], scaled[m]["std"], percent=False,
+                                                               digits=3)} for m in ("ece", "brier")]
+                       ).to_markdown(index=False))
     return ("\n## Calibration (lower is better, mean ± std over folds)\n\n"
             f"ece: {ECE_BINS}-bin expected calibration error of the top-class probability (0..1); brier: "
             "multi-class Brier score (0..2). Reliability diagram of all predictions pooled: calibration.png.\n\n"
-            + table + "\n")
+            + table + extra + "\n")
+
+
+def read_temperatures(run_dir: str | Path) -> dict[int, float]:
+    """fold -> temperature, from the folds' ``temperature.json`` (written by ``--temperature-scaling``)."""
+    found = {}
+    for f in Path(run_dir).glob("folds/*/temperature.json"):
+        try:
+            found[int(f.parent.name)] = float(json.loads(f.read_text())["temperature"])
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            raise UserError(f"{f}: damaged; delete it and that fold's predictions.csv, then `ussf cv --resume` "
+                            "the run to fit it again") from None
+    return found
 
 
 def _patient_markdown(patients: dict, per_class: pd.DataFrame) -> str:

@@ -42,9 +42,10 @@ from ussf_lib.models import build_model
 from ussf_lib.models.registry import check_image_size, list_models
 from ussf_lib.training.checkpoints import check_meta, check_weights_fit, read_checkpoint
 from ussf_lib.training.provenance import environment_info
+from ussf_lib.evaluation.metrics import fit_temperature
 from ussf_lib.evaluation.report import write_report
 from ussf_lib.training import recipe
-from ussf_lib.training.loop import TrainConfig, train_fold
+from ussf_lib.training.loop import TrainConfig, evaluate, train_fold
 from ussf_lib.training.runtime import DeviceImages, process_batch_size, select_device, seed_everything
 
 #: Settings that are paths: stored absolute, so a run folder can be resumed or reported from any folder.
@@ -297,12 +298,23 @@ def _run_fold(k: int, cfg: CVConfig, prepared: PreparedData, images: DeviceImage
     fold_dir.mkdir(parents=True, exist_ok=True)
     index, folds = prepared.index, prepared.folds
     train_idx, test_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+    cal_idx = None
+    if cfg.temperature_scaling:
+        train_idx, cal_idx = cv_mod.calibration_split(train_idx, index.targets, prepared.groups, cfg.seed * 1000 + k)
     seed_everything(cfg.seed * 1000 + k, cfg.deterministic)  # same initial weights whatever ran before
-    result = train_fold(_build(cfg, len(index.classes)), images, index.targets, train_idx, test_idx,
-                        cfg.train_config(), meta["mean"], meta["std"], device=device, fold_dir=fold_dir, fold=k,
+    model = _build(cfg, len(index.classes))
+    result = train_fold(model, images, index.targets, train_idx, test_idx, cfg.train_config(), meta["mean"],
+                        meta["std"], device=device, fold_dir=fold_dir, fold=k,
                         checkpoint_extra={"meta": meta, "config": cfg.to_dict()}, log=log, dist_ctx=ctx)
     if not ctx.is_main:
         return
+    if cal_idx is not None:
+        _, cal_probs = evaluate(model, images, index.targets, cal_idx, cfg.batch_size * 2, meta["mean"], meta["std"],
+                                cfg.amp, cfg.channels_last)
+        temperature = fit_temperature(index.targets[cal_idx], cal_probs)
+        _write_atomic(fold_dir / "temperature.json", json.dumps({"temperature": temperature,
+                                                                 "calibration_images": int(len(cal_idx))}))
+        log(f"fold {k}: temperature {temperature:.3f} fitted on {len(cal_idx)} held-out training images")
     _write_atomic(fold_dir / "history.csv", result.history.to_csv(index=False))
     pred = predictions_frame(index, test_idx, result.probs, k, prepared.groups)
     # predictions.csv marks the fold finished, so it is written last and atomically.
