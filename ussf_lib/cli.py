@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 from ussf_lib import settings
 from ussf_lib.errors import UserError
 from ussf_lib.explain import add_explain_parser
-from ussf_lib.settings import absolute_path
+from ussf_lib.settings import absolute_path, positive_int
 from ussf_lib.paper import PAPER_CLASSES
 
 if TYPE_CHECKING:
@@ -54,16 +54,6 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see {self.prog} --help\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
 
 
 def _csv_list(text: str) -> list[str]:
@@ -121,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_phantom_parser(sub: Any) -> None:
     p = sub.add_parser("phantom", help="write the built-in synthetic lymph-node dataset")
     p.add_argument("--out", required=True, help="folder to create (class folders + manifest.csv)")
-    p.add_argument("--n-per-class", type=_positive_int, default=250, help="images per class")
-    p.add_argument("--image-size", type=_positive_int, default=224, help="pixels, square")
+    p.add_argument("--n-per-class", type=positive_int, default=250, help="images per class")
+    p.add_argument("--image-size", type=positive_int, default=224, help="pixels, square")
     p.add_argument("--seed", type=settings.flag_type("seed"), default=0, help="the same seed writes the same images")
     p.set_defaults(func=cmd_phantom)
 
@@ -159,9 +149,9 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--sizes", type=_csv_list, help="image sizes of the cost-growth sweep (default 64,128,224,448)")
     p.add_argument("--models", type=_csv_list, help="models in the throughput table (default us_sfnet,densenet121[,resnet101]); "
                    "the FFT share and the size sweep always measure US-SFNet")
-    p.add_argument("--image-size", type=_positive_int, help="image size of the throughput table (default 224)")
-    p.add_argument("--batch-size", type=_positive_int, help="training batch (default 64; --quick 8)")
-    p.add_argument("--iters", type=_positive_int, help="timed steps per measurement (default 10; --quick 3)")
+    p.add_argument("--image-size", type=positive_int, help="image size of the throughput table (default 224)")
+    p.add_argument("--batch-size", type=positive_int, help="training batch (default 64; --quick 8)")
+    p.add_argument("--iters", type=positive_int, help="timed steps per measurement (default 10; --quick 3)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 2)")
     p.set_defaults(func=cmd_bench)
 
@@ -171,7 +161,7 @@ def _add_predict_parser(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True, help="RUN/folds/K/checkpoint.pt")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders read recursively")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     p.set_defaults(func=cmd_predict)
 
 
@@ -188,7 +178,7 @@ def _add_audit_parser(sub: Any) -> None:
     p.add_argument("--manifest", help="CSV with columns path,label (instead of --data)")
     p.add_argument("--classes", type=_csv_list, help="class order, comma-separated (default: sorted names)")
     p.add_argument("--out", help="write audit_clusters.csv and audit_summary.json here (default: print only)")
-    p.add_argument("--hash-size", type=_positive_int, default=8, help="perceptual hash of hash-size^2 bits")
+    p.add_argument("--hash-size", type=positive_int, default=8, help="perceptual hash of hash-size^2 bits")
     p.add_argument("--dup-threshold", "--threshold", dest="threshold", type=int, default=4, metavar="BITS",
                    help="near-duplicate: hash distance in bits at most this (as ussf cv)")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
@@ -201,7 +191,7 @@ def _add_main_job_parser(sub: Any) -> None:
     p = sub.add_parser("main-job", help="`make run`: the notebooks on phantom data; 04 cross-validates a CPU-sized US-SFNet")
     p.add_argument("--out", default=None, help="folder to create (default runs/<time>_main)")
     settings.add_flags(p, "main-job", defaults=MAIN_JOB, only=MAIN_JOB_SETTINGS)
-    p.add_argument("--n-per-class", type=_positive_int, default=MAIN_JOB["n_per_class"], help="phantom images per class")
+    p.add_argument("--n-per-class", type=positive_int, default=MAIN_JOB["n_per_class"], help="phantom images per class")
     p.add_argument("--no-notebooks", dest="notebooks", action="store_false",
                    help="run the cross-validation directly instead of executing the numbered notebooks")
     p.add_argument("--only", type=_csv_list, help="notebooks to execute, e.g. 04,05 (default: all, in order)")
@@ -223,7 +213,7 @@ def _add_sweep_parser(sub: Any) -> None:
     p.add_argument("--notebook", required=True, help="e.g. notebooks/04_train_cross_validation.ipynb")
     p.add_argument("--grid", required=True, help="YAML: PARAM: [values, ...] per axis, optional fixed: {PARAM: value}")
     p.add_argument("--out", required=True, help="sweep folder: one sub-folder per run, results.csv, summary.md")
-    p.add_argument("--jobs", type=_positive_int, default=None,
+    p.add_argument("--jobs", type=positive_int, default=None,
                    help="runs executed at once, in processes (default 1, or one per --devices entry)")
     p.add_argument("--devices", help="place the runs on devices, one run per entry at a time, each in a process "
                    "pinned to it (its notebook kernel sees only that GPU): GPU ids (--devices 0,1) or cpu slots "

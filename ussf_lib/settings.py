@@ -270,6 +270,19 @@ class _Defaults:
 # --------------------------------------------------------------------------------------------- the CLI
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` for a count that is at least 1 (images, workers, bins) outside the run settings."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
 def flag_type(name: str) -> Callable[[str], Any]:
     """argparse ``type`` of setting ``name`` (for a command that takes it with another default or help)."""
     return _parser(get(name))

@@ -23,6 +23,7 @@ _LAZY = {
 }
 
 __all__ = ["METHOD_NAMES", "add_explain_parser", "cmd_explain", *_LAZY]
+from ussf_lib.settings import positive_int
 
 
 def __getattr__(name: str) -> Any:
@@ -31,16 +32,6 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
 
 
 def add_explain_parser(sub: Any) -> argparse.ArgumentParser:
@@ -59,9 +50,9 @@ def add_explain_parser(sub: Any) -> argparse.ArgumentParser:
                    "or a class name of the checkpoint")
     p.add_argument("--frequency", action="store_true",
                    help="also write frequency_shares.csv, frequency_response.csv and frequency.png (US-SFNet only)")
-    p.add_argument("--bins", type=_positive_int, default=16, help="radial frequency bins over 0..0.5 cycles/pixel")
+    p.add_argument("--bins", type=positive_int, default=16, help="radial frequency bins over 0..0.5 cycles/pixel")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per CAM pass")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per CAM pass")
     p.set_defaults(func=cmd_explain)
     return p
 
