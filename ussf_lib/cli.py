@@ -163,9 +163,12 @@ def _add_bench_parser(sub: Any) -> None:
 
 
 def _add_predict_parser(sub: Any) -> None:
-    p = sub.add_parser("predict", help="class probabilities for images, from a fold checkpoint")
-    p.add_argument("--checkpoint", required=True, help="RUN/folds/K/checkpoint.pt")
+    p = sub.add_parser("predict", help="class probabilities for images: a run's folds averaged, or one checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a run folder (the softmax probabilities of all its fold "
+                   "checkpoints are averaged) or one RUN/folds/K/checkpoint.pt")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders read recursively")
+    p.add_argument("--tta", action="store_true", help="also average over each image's horizontal mirror image")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (one warning) instead of stopping")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass")
     p.set_defaults(func=cmd_predict)
@@ -369,10 +372,11 @@ def _check_writable(path: Path) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ussf_lib.predict import predict_images
+    from ussf_lib.predict import predict_images, write_predictions
 
-    frame = predict_images(args.checkpoint, args.inputs, device=args.device, batch_size=args.batch_size)
-    frame.to_csv(sys.stdout, index=False)
+    frame = predict_images(args.checkpoint, args.inputs, device=args.device, batch_size=args.batch_size,
+                           tta=args.tta, skip_bad=args.skip_bad)
+    write_predictions(frame, sys.stdout)
     return 0
 
 
