@@ -54,9 +54,10 @@ def test_predict_command_prints_probabilities(cli_run, phantom_dir, capsys):
     images = sorted((phantom_dir / "benign").glob("*.png"))[:3]
     assert main(["predict", "--checkpoint", str(cli_run / "folds" / "0" / "checkpoint.pt"), *map(str, images)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("path,pred,prob_benign,prob_metastatic,prob_normal,prob_primary")
+    assert out[0] == "path,pred,prob_benign,prob_metastatic,prob_normal,prob_primary,n_models,tta"
     rows = [line.split(",") for line in out[1:]]
-    assert len(rows) == 3 and all(abs(sum(map(float, r[2:])) - 1) < 1e-4 for r in rows)
+    assert len(rows) == 3 and all(abs(sum(map(float, r[2:6])) - 1) < 1e-4 for r in rows)
+    assert all(r[6:] == ["1", "false"] for r in rows)
 
 
 def test_predict_on_a_folder_counts_the_files_it_leaves_out(cli_run, phantom_dir, tmp_path, capsys):

@@ -265,8 +265,8 @@ def test_report_on_a_comparison_folder_points_to_its_models(comparison, capsys):
                    f"`ussf compare --out {comparison} --tables-only`")
 
 
-def test_predict_given_a_comparison_folder_names_a_checkpoint_inside_it(comparison, capsys):
+def test_predict_given_a_comparison_folder_names_the_model_runs_inside_it(comparison, capsys):
     assert main(["predict", "--checkpoint", str(comparison), str(comparison / "splits.csv")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"ussf predict: error: {comparison}: is a folder, not a checkpoint; pass one fold's "
-                          f"checkpoint, e.g. {comparison}/") and err.endswith("/folds/0/checkpoint.pt")
+    assert err == (f"ussf predict: error: {comparison}: is a comparison folder holding the model runs densenet121, "
+                   f"us_sfnet_tiny; pass one of them, e.g. --checkpoint {comparison / 'densenet121'}")

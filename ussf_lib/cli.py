@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(sub)
     _add_bench_parser(sub)
     _add_predict_parser(sub)
+    _add_export_parser(sub)
     _add_report_parser(sub)
     _add_audit_parser(sub)
     _add_main_job_parser(sub)
@@ -157,12 +158,27 @@ def _add_bench_parser(sub: Any) -> None:
 
 
 def _add_predict_parser(sub: Any) -> None:
-    p = sub.add_parser("predict", help="class probabilities for images, from a fold checkpoint")
-    p.add_argument("--checkpoint", required=True, help="RUN/folds/K/checkpoint.pt")
+    p = sub.add_parser("predict", help="class probabilities for images: a run's folds averaged, or one checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a run folder (the softmax probabilities of all its fold "
+                   "checkpoints are averaged) or one RUN/folds/K/checkpoint.pt")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders read recursively")
+    p.add_argument("--tta", action="store_true", help="also average over each image's horizontal mirror image")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (one warning) instead of stopping")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     p.set_defaults(func=cmd_predict)
+
+
+def _add_export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="write a fold checkpoint as an ONNX model (normalized images in, probabilities out)",
+                       description="Write a fold checkpoint as an ONNX model: input the normalized float32 NCHW batch "
+                       "(dynamic batch axis), output softmax probabilities; the preprocessing is in its metadata. "
+                       "onnxruntime must reproduce PyTorch's probabilities to 1e-4 before the file is written. "
+                       "Needs the export extra: pip install -e '.[export]'. See docs/predict-and-export.md.")
+    p.add_argument("--checkpoint", required=True, help="RUN/folds/K/checkpoint.pt")
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="file format")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.onnx (replaced if it exists)")
+    p.set_defaults(func=cmd_export)
 
 
 def _add_report_parser(sub: Any) -> None:
@@ -390,10 +406,20 @@ def _check_writable(path: Path) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ussf_lib.predict import predict_images
+    from ussf_lib.predict import predict_images, write_predictions
 
-    frame = predict_images(args.checkpoint, args.inputs, device=args.device, batch_size=args.batch_size)
-    frame.to_csv(sys.stdout, index=False)
+    frame = predict_images(args.checkpoint, args.inputs, device=args.device, batch_size=args.batch_size,
+                           tta=args.tta, skip_bad=args.skip_bad)
+    write_predictions(frame, sys.stdout)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ussf_lib.export import export_model
+
+    result = export_model(args.checkpoint, args.out, fmt=args.format)
+    print(f"wrote {result.path}: {result.model_name} ({len(result.classes)} classes, {result.image_size} px), "
+          f"ONNX opset {result.opset}; onnxruntime matches PyTorch to {result.max_abs_diff:.1e}")
     return 0
 
 
