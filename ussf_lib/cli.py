@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 import time
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from ussf_lib.training.experiment import CVConfig
 
 EXIT_USER_ERROR = 2
+#: Errors of a refused write (full disk, quota, read-only file system, permissions): one line even unnamed.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 #: A shell's status for a process stopped by SIGPIPE (128 + 13): what `ussf ... | head` ends with.
 EXIT_BROKEN_PIPE = 141
 
@@ -306,7 +309,8 @@ def _resumed_config(args: argparse.Namespace) -> CVConfig:
                            f"(the run has {run if n == 'out' else getattr(saved, n)})" for n in changed)
         raise UserError(f"--resume {args.resume} continues with the run's own settings, but {detail}; drop those "
                         "flags, or start a new run with another --out")
-    free = {name: given[name] for name in typed & settings.resume_free() if name != "out"}
+    # progress follows show_progress (the flag, and whether stderr is a terminal), as for a new run.
+    free = {name: given[name] for name in typed & settings.resume_free() if name not in ("out", "progress")}
     return dataclasses.replace(saved, **free, out=run, progress=show_progress(args))
 
 
@@ -534,11 +538,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except OSError as exc:
         # A path the user chose cannot be read or written (permissions, a file where a folder must be, a full
-        # disk): that is bad input, not a bug, so it gets the one-line treatment. Without a file name it is not.
-        if exc.filename is None:
+        # disk): that is bad input, not a bug, so it gets the one-line treatment. Without a file name only a
+        # refused write is (a full disk fails in write(), which names no file; ussf_lib.files names it where it can).
+        if exc.filename is None and exc.errno not in WRITE_ERRNOS:
             raise
-        print(f"ussf {args.command}: error: {exc.filename}: {exc.strerror or exc}; check that the path is right and "
-              "that you may read and write there", file=sys.stderr)
+        marker, hint = getattr(args, "continue_hint", (None, ""))
+        then = f"; {hint}" if marker is not None and marker.is_file() else ""
+        where = f"{exc.filename}: " if exc.filename is not None else "a write failed: "
+        print(f"ussf {args.command}: error: {where}{exc.strerror or exc}; check that the path is right, that you may "
+              f"read and write there and that the disk has room{then}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (MemoryError, RuntimeError) as exc:
         torch_oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # GPU memory; a RuntimeError

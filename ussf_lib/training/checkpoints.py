@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ussf_lib.errors import UserError
+from ussf_lib.files import writing
 from ussf_lib.models import build_model
 from ussf_lib.training.runtime import restore_rng_states
 
@@ -29,18 +30,21 @@ from ussf_lib.training.runtime import restore_rng_states
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file, then rename: an interruption leaves the old file or the new, whole.
 
-    A write the system refuses (a full disk, no permission) removes the temporary file and raises
-    :class:`UserError` naming the file.
+    A write the system refuses (a full disk, which makes ``torch.save`` raise a RuntimeError; a read-only file
+    system; no permission) removes the temporary file and raises :class:`UserError` naming the file and the fix;
+    the previous checkpoint stays, so the run can be resumed once there is room.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with writing(path, then=_resume_hint(path)) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: could not write the checkpoint ({exc.strerror or exc}); free disk space or "
-                        "choose another --out") from exc
+
+
+def _resume_hint(path: Path) -> str:
+    """How to go on after a fold's checkpoint could not be written or read: resume its run."""
+    run = path.parent.parent.parent
+    if path.parent.parent.name == "folds" and (run / "config.json").is_file():
+        return f"ussf cv --resume {run}"
+    return "run the command again"
 
 
 def host_snapshot(obj: Any) -> Any:

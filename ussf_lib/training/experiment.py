@@ -20,9 +20,9 @@ checkpoint was made for the same model and class list.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from ussf_lib.data import folds as cv_mod
 from ussf_lib.training import distributed as dist_mod
 from ussf_lib.data.audit import check_hash_settings, clusters_from_hashes
 from ussf_lib.data.index import ImageIndex, decode_index, fingerprint, load_index, resolve_normalization
-from ussf_lib import settings
+from ussf_lib import files, settings
 from ussf_lib.errors import UserError, same_kind
 from ussf_lib.settings import absolute_path
 from ussf_lib.models import build_model
@@ -97,11 +97,17 @@ CVConfig = settings.config_class(
     Introduced in ``notebooks/04_train_cross_validation.ipynb``.""")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a file so that an interruption leaves either the old or the new content, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_atomic(path: Path, text: str, run: Path | None = None) -> None:
+    """Write a file so that an interruption leaves either the old or the new content, never half of it; a refused
+    write (full disk, read-only, no permission) is one line that says to resume ``run`` (default: the folder)."""
+    run = run or path.parent
+    resumable = (run / "config.json").is_file()  # before the first header file, a resume has nothing to go on
+    files.write_text(path, text, then=f"ussf cv --resume {run}" if resumable else "run the same command again")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds, leaving out the lock and temporary files of :mod:`ussf_lib.files`."""
+    return [p for p in folder.iterdir() if not files.is_ours(p.name)]
 
 
 def _check_out(cfg: CVConfig, resume: bool) -> Path:
@@ -112,7 +118,7 @@ def _check_out(cfg: CVConfig, resume: bool) -> Path:
         raise UserError(f"{out}: is a file, not a folder; choose a new --out")
     if resume and not config_file.is_file():
         raise UserError(f"{out}: no config.json here; pass --resume a run folder written by `ussf cv`")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and _entries(out):
         if not config_file.is_file():
             raise UserError(f"{out}: folder exists and is not a ussf run folder; choose a new --out")
         if not resume:
@@ -273,7 +279,8 @@ def _write_run_header(out: Path, cfg: CVConfig, prepared: PreparedData, device: 
     _write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     env = {**environment_info(device, prepared.fingerprint), "world_size": world}
     _write_atomic(out / "environment.json", json.dumps(env, indent=2))
-    cv_mod.save_splits(prepared.index, prepared.folds, out / "splits.csv", prepared.groups)
+    cv_mod.save_splits(prepared.index, prepared.folds, out / "splits.csv", prepared.groups,
+                       then=f"ussf cv --resume {out}")
     _write_atomic(out / "classes.json", json.dumps(prepared.index.classes))
     if cfg.skip_bad:
         _write_atomic(out / "skipped.csv", prepared.skipped.to_csv(index=False))
@@ -302,10 +309,10 @@ def _run_fold(k: int, cfg: CVConfig, prepared: PreparedData, images: DeviceImage
                         checkpoint_extra={"meta": meta, "config": cfg.to_dict()}, log=log, dist_ctx=ctx)
     if not ctx.is_main:
         return
-    _write_atomic(fold_dir / "history.csv", result.history.to_csv(index=False))
+    _write_atomic(fold_dir / "history.csv", result.history.to_csv(index=False), out)
     pred = predictions_frame(index, test_idx, result.probs, k, prepared.groups)
     # predictions.csv marks the fold finished, so it is written last and atomically.
-    _write_atomic(fold_dir / "predictions.csv", pred.to_csv(index=False))
+    _write_atomic(fold_dir / "predictions.csv", pred.to_csv(index=False), out)
     log(f"fold {k}: test accuracy {float((pred['pred'] == pred['label']).mean()):.3f} ({result.seconds:.1f}s)")
 
 
@@ -323,6 +330,33 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
         log = _silent
         cfg = dataclasses.replace(cfg, progress=False)
     out, fold_ids = _check_before_data(cfg, resume, folds_to_run)
+    with contextlib.ExitStack() as lock:
+        # One process per run folder: an existing one is locked now, before minutes of decoding; a new one when it
+        # is created. Only rank 0 writes, so only rank 0 locks (torchrun stops the other ranks if it is refused).
+        if ctx.is_main and out.is_dir():
+            _lock_run(lock, cfg, resume)
+        summary = _run_locked(cfg, out, fold_ids, resume, ctx, lock, log, folds_to_run)
+    if not ctx.is_main:
+        return out
+    summary_line = ", ".join(f"{m} {summary[m]['mean']:.3f}" for m in ("accuracy", "f1", "auc")
+                             if summary.get(m) and summary[m]["mean"] is not None)
+    log(f"done in {time.perf_counter() - started:.0f}s: {summary_line}")
+    log(f"results in {out.resolve()}")
+    return out
+
+
+def _lock_run(lock: contextlib.ExitStack, cfg: CVConfig, resume: bool) -> None:
+    """Take the run folder's lock (:func:`ussf_lib.files.run_lock`), check the folder again under it (another
+    process may have started a run there meanwhile) and remove what killed processes left half-written."""
+    out = Path(cfg.out)
+    lock.enter_context(files.run_lock(out))
+    _check_out(cfg, resume)
+    files.remove_temp_files(out)
+
+
+def _run_locked(cfg: CVConfig, out: Path, fold_ids: list[int], resume: bool, ctx: Any, lock: contextlib.ExitStack,
+                log: Callable[[str], None], folds_to_run: Sequence[int] | None) -> dict:
+    """:func:`run_cv` from the data on, with the run folder locked on rank 0 (from its creation, for a new one)."""
     # On resume the folds are the run's own (splits.csv), and the data must be the data it started with.
     resume_splits = out / "splits.csv" if resume and (out / "splits.csv").is_file() else None
     previous_env = out / "environment.json"
@@ -340,6 +374,8 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
     todo = [k for k in fold_ids if not (out / "folds" / str(k) / "predictions.csv").is_file()]
     dist_mod.barrier(ctx)
     if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _lock_run(lock, cfg, resume)  # a new folder: locked from here on (re-entered if already held)
         _write_run_header(out, cfg, prepared, device, ctx.world)
     if ctx.enabled:
         _log_data_parallel(cfg, ctx, device, log)
@@ -351,14 +387,11 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
             log(f"fold {k}: already finished, skipped")
     if not ctx.is_main:
         dist_mod.finish(ctx)
-        return out
+        return {}
     summary = write_report(out, partial_ok=folds_to_run is not None, log=log)
     dist_mod.finish(ctx)
-    summary_line = ", ".join(f"{m} {summary[m]['mean']:.3f}" for m in ("accuracy", "f1", "auc")
-                             if summary.get(m) and summary[m]["mean"] is not None)
-    log(f"done in {time.perf_counter() - started:.0f}s: {summary_line}")
-    log(f"results in {out.resolve()}")
-    return out
+    files.remove_temp_files(out)  # none should be left; a finished run holds only its results
+    return summary
 
 
 def _silent(_: str) -> None:

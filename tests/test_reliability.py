@@ -1,0 +1,272 @@
+"""Reliability: one process per run folder and refused writes.
+
+Every failure here must end in one line on stderr (``ussf CMD: error: ...``), exit code 2 (143 for SIGTERM), no
+traceback, no temporary file left behind, and nothing written into the data.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from ussf_lib import files
+from ussf_lib.cli import main
+from ussf_lib.errors import UserError
+from ussf_lib.training.checkpoints import atomic_save
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--model", "us_sfnet_tiny", "--folds", "2", "--epochs", "1", "--image-size", "16", "--batch-size", "8",
+        "--no-progress"]
+
+
+def _pattern(seed: int, size: int = 12) -> Image.Image:
+    small = np.random.default_rng(seed).integers(0, 256, (6, 6)).astype(np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _tree(root: Path, counts: dict[str, int] | None = None, ext: str = "png") -> Path:
+    for c, (cls, n) in enumerate((counts or {"a": 3, "b": 3}).items()):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            _pattern(100 * c + i).convert("RGB").save(root / cls / f"{i}.{ext}")
+    return root
+
+
+def _temps(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if files.is_ours(p.name)]
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A finished 2-fold, 1-epoch run on a 12-per-class phantom at 32 px (grouped by patient)."""
+    from ussf_lib.data.phantom import generate_phantom
+
+    base = tmp_path_factory.mktemp("reliability")
+    generate_phantom(base / "ph", n_per_class=12, image_size=32, seed=0)
+    out = base / "run"
+    assert main(["cv", "--manifest", str(base / "ph" / "manifest.csv"), "--group-col", "patient", "--model",
+                 "us_sfnet_tiny", "--epochs", "1", "--folds", "2", "--image-size", "32", "--batch-size", "16",
+                 "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------------- 1. the run-folder lock
+
+_HOLD = """
+import sys, time
+from ussf_lib.files import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(timeout=30)
+    proc.stdout.close()
+
+
+def test_a_run_folder_in_use_refuses_a_second_process_naming_it(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    proc = _holder(copy)
+    try:
+        assert (copy / files.LOCK_NAME).read_text().strip() == f"{proc.pid}@{socket.gethostname()}"
+        for argv in (["report", str(copy)], ["cv", "--resume", str(copy), "--no-progress"]):
+            capsys.readouterr()
+            assert main(argv) == 2
+            err = _one_line(capsys)
+            assert f"{copy}: in use by process {proc.pid} on {socket.gethostname()}" in err, err
+            assert "wait for it to finish" in err
+    finally:
+        _stop(proc)
+    # the holder was killed: the system released its lock, and the file it left is not obeyed
+    assert (copy / files.LOCK_NAME).is_file()
+    assert main(["report", str(copy)]) == 0
+    assert not (copy / files.LOCK_NAME).exists()
+
+
+def test_a_comparison_folder_in_use_is_refused(tmp_path, capsys):
+    from ussf_lib.training.compare import _shared_settings
+    from ussf_lib.training.experiment import CVConfig
+
+    data = _tree(tmp_path / "d")
+    out = tmp_path / "cmp"
+    out.mkdir()
+    cfg = CVConfig(out=str(out), data=str(data), model="us_sfnet_tiny", folds=2, epochs=1, image_size=16,
+                   batch_size=8, progress=False)
+    (out / "compare.json").write_text(json.dumps({"models": ["us_sfnet_tiny"], "settings": _shared_settings(cfg)}))
+    proc = _holder(out)
+    try:
+        assert main(["compare", "--data", str(data), "--models", "us_sfnet_tiny", "--out", str(out), *FAST[2:]]) == 2
+        assert f"in use by process {proc.pid}" in _one_line(capsys)
+    finally:
+        _stop(proc)
+
+
+def test_the_lock_is_reentrant_in_one_process_and_cleared_on_release(tmp_path):
+    with files.run_lock(tmp_path):
+        with files.run_lock(tmp_path):  # `ussf cv` writes its report under its own lock
+            assert (tmp_path / files.LOCK_NAME).is_file()
+        assert (tmp_path / files.LOCK_NAME).is_file()
+    assert not (tmp_path / files.LOCK_NAME).exists()
+
+
+def test_temporary_names_are_unique_per_process_and_thread(tmp_path):
+    names = {files.temp_path(tmp_path / "x.csv").name for _ in range(20)}
+    other: list[str] = []
+    thread = threading.Thread(target=lambda: other.append(files.temp_path(tmp_path / "x.csv").name))
+    thread.start()
+    thread.join()
+    assert len(names) == 20 and other[0] not in names
+    assert all(n.startswith(f".x.csv.tmp{os.getpid()}-") for n in names | set(other))
+
+
+def test_a_finished_run_leaves_no_temporary_file_and_a_resume_removes_stale_ones(run, tmp_path, capsys):
+    assert _temps(run) == []
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    stale = [copy / ".config.json.tmp999999-1-abc", copy / "folds" / "0" / ".checkpoint.pt.tmp999999-2-def",
+             copy / "folds" / "1" / ".predictions.csv.tmp1"]
+    for path in stale:
+        path.write_text("half")
+    assert main(["cv", "--resume", str(copy), "--no-progress"]) == 0  # every fold finished: the report again
+    assert _temps(copy) == []
+
+
+# ------------------------------------------------------------------------------------- 3. refused writes
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (root only; CI runs as root), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({done.stderr.strip() or 'mount failed'}): needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path, leave: int = 0) -> None:
+    """Fill ``disk`` up to ``leave`` free bytes."""
+    with open(disk / "filler", "wb") as fh:
+        try:
+            while shutil.disk_usage(disk).free > leave:
+                fh.write(b"\0" * max(1, min(65536, shutil.disk_usage(disk).free - leave)))
+                fh.flush()
+        except OSError:
+            pass
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_leaves_no_temp_and_the_run_resumable(tiny_disk):
+    run_dir = tiny_disk / "run"
+    (run_dir / "folds" / "0").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    ckpt = run_dir / "folds" / "0" / "checkpoint.pt"
+    atomic_save({"w": torch.zeros(10)}, ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(UserError) as caught:
+        atomic_save({"w": torch.zeros(1_000_000)}, ckpt)  # 4 MB on a 1 MiB disk
+    message = str(caught.value)
+    assert message.startswith(f"{ckpt}: could not write (No space left on device); free space on that disk")
+    assert message.endswith(f"then ussf cv --resume {run_dir}") and "\n" not in message
+    assert ckpt.read_bytes() == before and _temps(tiny_disk) == []
+
+
+@pytest.mark.parametrize("writer", ["text", "csv", "figure"])
+def test_csv_json_and_figures_on_a_full_disk_are_one_line_without_temp(tiny_disk, writer):
+    import matplotlib.pyplot as plt
+
+    from ussf_lib.evaluation.plots import save_figure
+
+    _fill(tiny_disk)
+    target = tiny_disk / {"text": "summary.json", "csv": "splits.csv", "figure": "roc.png"}[writer]
+    with pytest.raises(UserError, match=r"could not write \(No space left on device\); free space on that disk"):
+        if writer == "text":
+            files.write_text(target, json.dumps({"x": "y" * 100_000}))
+        elif writer == "csv":
+            files.write_csv(pd.DataFrame({"a": np.arange(100_000)}), target)
+        else:
+            fig = plt.figure(figsize=(8, 8))
+            plt.imshow(np.random.default_rng(0).random((400, 400)))
+            try:
+                save_figure(fig, target)
+            finally:
+                plt.close(fig)
+    assert not target.exists() and _temps(tiny_disk) == []
+
+
+def test_report_on_a_full_disk_is_one_line_and_a_read_only_disk_says_so(run, tiny_disk, capsys):
+    copy = tiny_disk / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("*.pt", "*.png"))
+    _fill(tiny_disk, leave=4096)
+    assert main(["report", str(copy)]) == 2
+    err = _one_line(capsys)
+    assert "could not write (No space left on device); free space on that disk, then ussf report" in err, err
+    assert _temps(copy) == []
+    (tiny_disk / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    assert main(["report", str(copy)]) == 2
+    assert "Read-only file system" in _one_line(capsys)
+
+
+def test_no_permission_and_unnamed_write_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from ussf_lib import cli
+
+    def refused(*_args, **_kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(torch, "save", refused)
+    with pytest.raises(UserError, match="could not write .Permission denied.; you may not write there"):
+        atomic_save({}, tmp_path / "c.pt")
+    assert _temps(tmp_path) == []
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device")  # a write() names no file
+
+    monkeypatch.setattr(cli, "cmd_models", full)
+    assert main(["models"]) == 2
+    assert "a write failed: No space left on device" in _one_line(capsys)
+
+
+def test_an_executed_notebook_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    import papermill
+
+    from ussf_lib.nbrun.runner import execute_notebook
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(papermill, "execute_notebook", full)
+    out = tmp_path / "01.ipynb"
+    with pytest.raises(UserError, match=f"{out}: could not write .No space left on device."):
+        execute_notebook(tmp_path / "in.ipynb", out, {})
