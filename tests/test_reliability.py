@@ -1,4 +1,5 @@
-"""Reliability: one process per run folder and refused writes.
+"""Reliability: one process per run folder, content-keyed caches, refused writes, odd file systems, ambiguous
+labels and groups.
 
 Every failure here must end in one line on stderr (``ussf CMD: error: ...``), exit code 2 (143 for SIGTERM), no
 traceback, no temporary file left behind, and nothing written into the data.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,8 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ussf_lib import files
+from ussf_lib import files, settings
 from ussf_lib.cli import main
+from ussf_lib.data.index import decode_index, fingerprint, index_folder, load_index, read_image
 from ussf_lib.errors import UserError
 from ussf_lib.training.checkpoints import atomic_save
 
@@ -160,6 +163,40 @@ def test_a_finished_run_leaves_no_temporary_file_and_a_resume_removes_stale_ones
     assert _temps(copy) == []
 
 
+# --------------------------------------------------------------------------- 2. caches keyed by content
+
+
+def test_an_image_rewritten_with_the_same_size_and_mtime_is_decoded_again(tmp_path):
+    data = _tree(tmp_path / "d", ext="bmp")  # a BMP's size depends only on its dimensions
+    cache = tmp_path / "cache"
+    index = index_folder(data)
+    first = decode_index(index, 12, cache_dir=cache, progress=False)
+    target = data / "a" / "0.bmp"
+    st = target.stat()
+    _pattern(999).convert("RGB").save(target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second = decode_index(index_folder(data), 12, cache_dir=cache, progress=False)
+    row = list(index.frame["relpath"]).index("a/0.bmp")
+    assert not np.array_equal(first.images[row], second.images[row])
+    assert np.array_equal(second.images[row], read_image(target, 12))
+    assert len(list(cache.glob("images_*.npy"))) == 2  # one entry per content
+    # The fingerprint is that of the bytes decoded: the first decoding's, though the file has changed since.
+    assert fingerprint(first.index, first.digests) != fingerprint(index)
+    assert fingerprint(second.index, second.digests) == fingerprint(index)
+
+
+def test_an_unchanged_data_set_is_served_from_the_cache(tmp_path, monkeypatch):
+    from ussf_lib.data import index as index_mod
+
+    data = _tree(tmp_path / "d")
+    cache = tmp_path / "cache"
+    decode_index(index_folder(data), 12, cache_dir=cache, progress=False)
+    monkeypatch.setattr(index_mod, "_open_rgb", lambda *_: pytest.fail("decoded again"))
+    again = decode_index(index_folder(data), 12, cache_dir=cache, progress=False)
+    assert again.images.shape == (6, 12, 12, 3)
+
+
 # ------------------------------------------------------------------------------------- 3. refused writes
 
 
@@ -270,3 +307,121 @@ def test_an_executed_notebook_that_cannot_be_written_is_one_line(tmp_path, monke
     out = tmp_path / "01.ipynb"
     with pytest.raises(UserError, match=f"{out}: could not write .No space left on device."):
         execute_notebook(tmp_path / "in.ipynb", out, {})
+
+
+# ------------------------------------------------------------------------------ 4. file-system oddities
+
+
+@pytest.fixture
+def odd_tree(tmp_path) -> Path:
+    data = _tree(tmp_path / "d", {"a": 3, "b": 3})
+    os.symlink("missing.png", data / "a" / "dangling.png")
+    os.symlink("loop.png", data / "b" / "loop.png")
+    os.mkfifo(data / "a" / "pipe.png")
+    here = os.getcwd()
+    os.chdir(data / "b")  # a socket's path must be short: bind it relative
+    try:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind("sock.png")
+        sock.close()
+    finally:
+        os.chdir(here)
+    with open(os.fsencode(data / "b") + b"/caf\xe9.png", "wb") as fh:  # Latin-1, not UTF-8
+        _pattern(7).save(fh, format="PNG")
+    return data
+
+
+@pytest.mark.timeout(120)  # a FIFO opened for reading would block forever
+def test_links_special_files_and_undecodable_names_are_named_skipped_or_counted(odd_tree, tmp_path, capsys):
+    index = load_index(str(odd_tree))
+    assert index.ignored["special"] == 2  # the FIFO and the socket: counted, never opened
+    assert "2 special" in index.describe()
+    with pytest.raises(UserError) as caught:
+        decode_index(index, 12, progress=False)
+    message = str(caught.value)
+    assert message.startswith("3 unreadable image(s): ")
+    assert f"{odd_tree / 'a' / 'dangling.png'}: broken symbolic link (its target does not exist)" in message
+    assert f"{odd_tree / 'b' / 'loop.png'}: symbolic link loop" in message
+    assert f"{odd_tree / 'b'}/caf\\xe9.png: file name is not valid UTF-8 (rename it)" in message
+    assert "missing.png" not in message  # the link in the data is named, not its target
+    decoded = decode_index(index, 12, progress=False, skip_bad=True)
+    assert sorted(decoded.skipped["path"]) == ["a/dangling.png", "b/caf\\xe9.png", "b/loop.png"]
+    assert len(decoded.index) == 6
+    # the same through the commands that read a folder
+    for argv in (["audit", str(odd_tree), "--no-progress"], ["cv", "--data", str(odd_tree), "--out",
+                                                             str(tmp_path / "run"), *FAST]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = _one_line(capsys)
+        assert "3 unreadable image(s)" in err and "dangling.png: broken symbolic link" in err, err
+    assert main(["audit", str(odd_tree), "--skip-bad", "--no-progress", "--out", str(tmp_path / "audit")]) == 0
+    skipped = pd.read_csv(tmp_path / "audit" / "skipped.csv")
+    assert len(skipped) == 3
+
+
+def test_the_fingerprint_hashes_a_name_that_is_not_utf8(tmp_path):
+    data = _tree(tmp_path / "d")
+    before = fingerprint(index_folder(data))
+    os.rename(data / "a" / "0.png", os.fsencode(data / "a") + b"/\xff.png")
+    index = index_folder(data)
+    assert "a/\udcff.png" in set(index.frame["relpath"])
+    assert fingerprint(index) != before
+
+
+def test_a_file_that_vanishes_before_decoding_is_named(tmp_path):
+    data = _tree(tmp_path / "d")
+    index = index_folder(data)
+    (data / "a" / "1.png").unlink()
+    with pytest.raises(UserError, match=r"a/1.png: vanished \(the file no longer exists\)"):
+        decode_index(index, 12, progress=False)
+    assert list(decode_index(index, 12, progress=False, skip_bad=True).skipped["path"]) == ["a/1.png"]
+
+
+def test_a_manifest_listing_a_fifo_or_a_broken_link_is_one_line(tmp_path):
+    data = _tree(tmp_path / "d")
+    os.mkfifo(data / "a" / "pipe.png")
+    os.symlink("gone.png", data / "a" / "link.png")
+    for listed, match in (("a/pipe.png", "'a/pipe.png' is not a regular file (a FIFO, socket or device)"),
+                          ("a/link.png", "'a/link.png' is a broken symbolic link")):
+        pd.DataFrame({"path": ["a/0.png", "b/0.png", listed], "label": ["a", "b", "a"]}).to_csv(data / "m.csv",
+                                                                                              index=False)
+        with pytest.raises(UserError, match=re.escape(match)):
+            load_index(manifest=str(data / "m.csv"))
+
+
+# --------------------------------------------------------------------------------- 5. labels and groups
+
+
+@pytest.mark.parametrize("names", [("Benign", "benign"), ("benign", "\uff42enign")])  # case; full-width b (NFKC)
+def test_class_names_that_differ_only_in_case_or_unicode_form_are_refused(tmp_path, names):
+    data = _tree(tmp_path / "d", {names[0]: 2, names[1]: 2, "malignant": 2})
+    with pytest.raises(UserError, match="differ only in case or Unicode form") as caught:
+        load_index(str(data))
+    assert all(repr(n) in str(caught.value) for n in names)
+
+
+def test_missing_group_values_are_refused_or_made_groups_of_their_own(tmp_path, capsys):
+    data = _tree(tmp_path / "d", {"a": 4, "b": 4})
+    paths = [f"{c}/{i}.png" for c in "ab" for i in range(4)]
+    groups = ["p1", "NaN", "p2", "p2", "q1", "null", " None ", ""]
+    pd.DataFrame({"path": paths, "label": [p[0] for p in paths], "patient": groups}).to_csv(data / "m.csv",
+                                                                                          index=False)
+    with pytest.raises(UserError) as caught:
+        load_index(manifest=str(data / "m.csv"), group_col="patient")
+    message = str(caught.value)
+    assert "4 row(s) have an empty patient or one that means missing" in message
+    assert "line 3: 'a/1.png' with patient 'NaN'" in message and "--missing-groups own" in message
+    index = load_index(manifest=str(data / "m.csv"), group_col="patient", missing_groups="own")
+    by_path = dict(zip(index.frame["relpath"], index.frame["group"]))
+    assert by_path["a/1.png"] == "a/1.png" and by_path["b/3.png"] == "b/3.png" and by_path["a/2.png"] == "p2"
+    # declared once in settings.py: a flag of cv and compare, a config.json key, a notebook parameter check
+    assert settings.get("missing_groups").choices == ("refuse", "own")
+    assert main(["cv", "--manifest", str(data / "m.csv"), "--group-col", "patient", "--out",
+                 str(tmp_path / "run"), *FAST]) == 2
+    assert "row(s) have an empty patient" in _one_line(capsys)
+    with pytest.raises(SystemExit) as stopped:  # argparse exits itself
+        main(["cv", "--manifest", str(data / "m.csv"), "--missing-groups", "sometimes", *FAST])
+    assert stopped.value.code == 2
+    assert "argument --missing-groups: invalid choice: 'sometimes'" in _one_line(capsys)
+    with pytest.raises(UserError, match="MISSING_GROUPS='x' must be one of refuse, own"):
+        settings.check_value("missing_groups", "x", "04: MISSING_GROUPS='x'")

@@ -189,7 +189,7 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
     (``images`` is ``None``).
     """
     splits_file = splits_file or cfg.splits
-    index = load_index(cfg.data, cfg.manifest, cfg.group_col, cfg.classes)
+    index = load_index(cfg.data, cfg.manifest, cfg.group_col, cfg.classes, missing_groups=cfg.missing_groups)
     log(f"data: {index.describe()}")
     if cfg.out:
         index.check_outside(cfg.out, "--out")
@@ -205,7 +205,8 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
     if len(decoded.skipped):
         notes.append(f"skipped {len(decoded.skipped)} unreadable image(s) (--skip-bad), "
                      f"e.g. {decoded.skipped['path'].iloc[0]}: {decoded.skipped['reason'].iloc[0]}")
-    data_fp = fingerprint(index)
+    # The contents of the bytes decoded: the fingerprint is that of the pixels trained on.
+    data_fp = fingerprint(index, decoded.digests)
     if expect_fingerprint and data_fp != expect_fingerprint:
         raise UserError(f"{cfg.data or cfg.manifest}: the data changed since this run started (fingerprint differs "
                         "from environment.json); restore it, or start a new run with a new --out")
