@@ -1,5 +1,5 @@
 """Reliability: one process per run folder, content-keyed caches, refused writes, odd file systems, ambiguous
-labels and groups.
+labels and groups, crafted checkpoints, SIGTERM.
 
 Every failure here must end in one line on stderr (``ussf CMD: error: ...``), exit code 2 (143 for SIGTERM), no
 traceback, no temporary file left behind, and nothing written into the data.
@@ -12,10 +12,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from ussf_lib import files, settings
 from ussf_lib.cli import main
 from ussf_lib.data.index import decode_index, fingerprint, index_folder, load_index, read_image
 from ussf_lib.errors import UserError
-from ussf_lib.training.checkpoints import atomic_save
+from ussf_lib.training.checkpoints import atomic_save, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model", "us_sfnet_tiny", "--folds", "2", "--epochs", "1", "--image-size", "16", "--batch-size", "8",
@@ -425,3 +427,96 @@ def test_missing_group_values_are_refused_or_made_groups_of_their_own(tmp_path, 
     assert "argument --missing-groups: invalid choice: 'sometimes'" in _one_line(capsys)
     with pytest.raises(UserError, match="MISSING_GROUPS='x' must be one of refuse, own"):
         settings.check_value("missing_groups", "x", "04: MISSING_GROUPS='x'")
+
+
+# ------------------------------------------------------------------------------ 6. crafted checkpoints
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"image_size": 10**9}, "image_size=1000000000 is not a whole number from 8 to 2048"),
+    ({"image_size": True}, "image_size=True"),
+    ({"classes": [f"c{i}" for i in range(100_000)]}, "classes holds 100000 names, not 2 to 1000"),
+    ({"classes": ["a", "a"]}, "are not distinct non-empty names"),
+    ({"classes": ["a", 3]}, "are not distinct non-empty names"),
+    ({"std": [0.2, 0.0, 0.2]}, "std=[0.2, 0.0, 0.2] is not 3 finite numbers above 0"),
+    ({"mean": [float("nan"), 0.5, 0.5]}, "mean=[nan, 0.5, 0.5] is not 3 finite numbers"),
+    ({"mean": [0.5, 0.5]}, "is not 3 finite numbers"),
+    ({"model_name": "os.system"}, "model_name='os.system' is not a registered model"),
+    ({"model_kwargs": {"depth": torch.zeros(3)}}, "model_kwargs="),
+    ({"model_kwargs": [1, 2]}, "is not a dict of plain values"),
+])
+def test_crafted_checkpoint_metadata_is_refused_in_one_line(tmp_path, capsys, meta, match):
+    good = {"model_name": "us_sfnet_tiny", "classes": ["a", "b"], "image_size": 32, "mean": [0.5] * 3,
+            "std": [0.25] * 3, "model_kwargs": {}}
+    ckpt = tmp_path / "c.pt"
+    torch.save({"model": {}, "meta": {**good, **meta}}, ckpt)
+    with pytest.raises(UserError, match="checkpoint metadata is not usable") as caught:
+        read_checkpoint(ckpt)
+    assert match in str(caught.value) and len(str(caught.value)) < 400
+    image = tmp_path / "x.png"
+    _pattern(0).save(image)
+    assert main(["predict", "--checkpoint", str(ckpt), str(image)]) == 2
+    assert "checkpoint metadata is not usable" in _one_line(capsys)
+
+
+def test_sane_checkpoint_metadata_passes(run):
+    state = read_checkpoint(run / "folds" / "0" / "checkpoint.pt")
+    assert state["meta"]["image_size"] == 32
+
+
+# -------------------------------------------------------------- 7. SIGTERM, damaged checkpoints, --skip-bad
+
+
+def test_sigterm_stops_with_the_resume_hint_and_exit_143(tmp_path, monkeypatch, capsys):
+    from ussf_lib import cli
+
+    marker = tmp_path / "config.json"
+    marker.write_text("{}")
+
+    def long_run(args):
+        args.continue_hint = (marker, f"continue with: ussf cv --resume {tmp_path}")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_models", long_run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["models"]) == 143
+    assert capsys.readouterr().err.strip() == (f"ussf models: terminated (SIGTERM); continue with: ussf cv --resume "
+                                               f"{tmp_path}")
+    assert signal.getsignal(signal.SIGTERM) == before  # restored
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_models", ctrl_c)
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err.strip() == "ussf models: interrupted"
+
+
+def test_a_damaged_checkpoint_on_resume_says_deleting_it_restarts_the_fold(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "folds" / "1" / "predictions.csv").unlink()
+    ckpt = copy / "folds" / "1" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    restart = f"delete {ckpt} to train fold 1 again from its first epoch, then ussf cv --resume {copy}"
+    torch.save({"model": state["model"], "meta": state["meta"]}, ckpt)  # the resumable part is gone
+    assert main(["cv", "--resume", str(copy), "--no-progress"]) == 2
+    err = _one_line(capsys)
+    assert "damaged checkpoint (lacks optimizer, scaler" in err and err.endswith(restart), err
+    ckpt.write_bytes(b"garbage")
+    assert main(["cv", "--resume", str(copy), "--no-progress"]) == 2
+    err = _one_line(capsys)
+    assert "not a ussf checkpoint" in err and err.endswith(restart), err
+
+
+def test_too_few_images_after_skip_bad_names_the_skipped_ones(tmp_path, capsys):
+    data = _tree(tmp_path / "d", {"a": 3, "b": 1})
+    (data / "b" / "x.png").write_text("x")
+    (data / "b" / "y.png").write_text("y")
+    assert main(["cv", "--data", str(data), "--out", str(tmp_path / "run"), "--skip-bad", *FAST]) == 2
+    err = _one_line(capsys)
+    assert "class 'b' has 1 images, fewer than --folds 2" in err
+    assert "--skip-bad left out 2 unreadable image(s), 2 of class 'b'; e.g. b/x.png: not an image" in err, err
+    assert not (tmp_path / "run").exists()

@@ -34,13 +34,15 @@ import pandas as pd
 from ussf_lib.data import folds as cv_mod
 from ussf_lib.training import distributed as dist_mod
 from ussf_lib.data.audit import check_hash_settings, clusters_from_hashes
-from ussf_lib.data.index import ImageIndex, decode_index, fingerprint, load_index, resolve_normalization
+from ussf_lib.data.index import (ImageIndex, decode_index, fingerprint, load_index, printable,
+                                 resolve_normalization)
 from ussf_lib import files, settings
 from ussf_lib.errors import UserError, same_kind
 from ussf_lib.settings import absolute_path
 from ussf_lib.models import build_model
 from ussf_lib.models.registry import check_image_size, list_models
-from ussf_lib.training.checkpoints import check_meta, check_weights_fit, read_checkpoint
+from ussf_lib.training.checkpoints import (check_meta, check_resumable, check_weights_fit, read_checkpoint,
+                                           restart_fold_hint)
 from ussf_lib.training.provenance import environment_info
 from ussf_lib.evaluation.report import write_report
 from ussf_lib.training.loop import TrainConfig, train_fold
@@ -200,6 +202,7 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
     hash_size = cfg.hash_size if cfg.dedup_folds else None
     decoded = decode_index(index, cfg.image_size if pixels else None, cache_dir=cfg.cache_dir, progress=cfg.progress,
                            skip_bad=cfg.skip_bad, hash_size=hash_size)
+    listed = index
     index = decoded.index
     notes: list[str] = []
     if len(decoded.skipped):
@@ -216,12 +219,14 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
         if n_dup:
             notes.append(f"duplicates: {n_dup} cluster(s) of exact or near-duplicate images "
                          f"(phash distance <= {cfg.dup_threshold}) are each kept inside one fold")
-    if splits_file:
-        folds, groups, file_notes = cv_mod.folds_from_file(splits_file, index, cfg.folds, clusters, cfg.group_col)
-        notes += file_notes
-    else:
-        groups = cv_mod.index_groups(index, clusters)
-        folds = cv_mod.folds_for_index(index, cfg.folds, cfg.seed, clusters=clusters)
+    with _naming_skipped(listed, decoded.skipped):
+        if splits_file:
+            folds, groups, file_notes = cv_mod.folds_from_file(splits_file, index, cfg.folds, clusters, cfg.group_col)
+            notes += file_notes
+        else:
+            groups = cv_mod.index_groups(index, clusters)
+            folds = cv_mod.folds_for_index(index, cfg.folds, cfg.seed, clusters=clusters)
+    if not splits_file:
         if groups is None:
             groups = index.frame["group"].to_numpy()
         # Few patients of a class can leave it out of a fold's test part; say so, as for a splits file.
@@ -231,6 +236,21 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
         log(note)
     return PreparedData(index=index, images=decoded.images, folds=folds, groups=np.asarray(groups), clusters=clusters,
                         skipped=decoded.skipped, fingerprint=data_fp, notes=notes)
+
+
+@contextlib.contextmanager
+def _naming_skipped(listed: ImageIndex, skipped: pd.DataFrame) -> Any:
+    """A class left with fewer images than folds after ``--skip-bad`` says how many of its images were skipped."""
+    try:
+        yield
+    except UserError as exc:
+        if not len(skipped) or "fewer than --folds" not in str(exc) and "has no images" not in str(exc):
+            raise
+        labels = dict(zip(map(printable, listed.frame["relpath"]), listed.frame["label"]))
+        per_class = pd.Series([labels.get(p, "?") for p in skipped["path"]]).value_counts()
+        counts = ", ".join(f"{n} of class {c!r}" for c, n in per_class.items())
+        raise UserError(f"{exc} (--skip-bad left out {len(skipped)} unreadable image(s), {counts}; e.g. "
+                        f"{skipped['path'].iloc[0]}: {skipped['reason'].iloc[0]})") from None
 
 
 def compute_splits(cfg: CVConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
@@ -267,7 +287,8 @@ def _check_fold_checkpoints(out: Path, fold_ids: Sequence[int], meta: dict[str, 
     for k in fold_ids:
         ckpt = out / "folds" / str(k) / "checkpoint.pt"
         if ckpt.is_file() and not (ckpt.parent / "predictions.csv").is_file():
-            state = read_checkpoint(ckpt)
+            state = read_checkpoint(ckpt, fix=restart_fold_hint(ckpt))
+            check_resumable(ckpt, state)
             check_meta(ckpt, state["meta"], {key: meta[key] for key in ("model_name", "classes", "image_size",
                                                                         "model_kwargs")},
                        f"delete {ckpt.parent} to train this fold again, or resume with the settings it was made with")
