@@ -81,7 +81,7 @@ def test_a_failed_write_is_one_clear_error_at_the_next_save_or_wait(tmp_path, mo
 
     monkeypatch.setattr(checkpoints.torch, "save", full_disk)
     path = tmp_path / "checkpoint.pt"
-    expected = re.escape(str(path)) + r": could not write the checkpoint \(No space left on device\); free disk space"
+    expected = re.escape(str(path)) + r": could not write \(No space left on device\); free space on that disk"
     writer = CheckpointWriter(background=True)
     writer.save(_state(), path)  # returns: the error happens in the thread
     with pytest.raises(UserError, match=expected):

@@ -12,7 +12,7 @@ from conftest import REPO
 
 #: Each part of ussf_lib and its place in the pipeline; a module may import only from its own place or earlier.
 LAYERS = {
-    "errors": 0, "paper": 0, "settings": 0,
+    "errors": 0, "paper": 0, "settings": 0, "files": 0,
     "data": 1,
     "models": 2,
     "evaluation": 3,  # reads run folders, never a model

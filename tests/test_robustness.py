@@ -396,7 +396,7 @@ def test_resume_refuses_a_checkpoint_from_another_model_or_class_list(ref_run, t
     classes = json.loads((run / "classes.json").read_text())
     original = ckpt.read_bytes()
     cases = [({"meta": {"classes": classes[::-1]}}, "checkpoint was made for classes="),
-             ({"meta": {"model_name": "resnet18"}}, "checkpoint was made for model_name='resnet18'"),
+             ({"meta": {"model_name": "us_sfnet"}}, "checkpoint was made for model_name='us_sfnet'"),
              ({"weights": {"head.fc.bias": torch.zeros(3)}}, "weights do not fit model 'us_sfnet_tiny'")]
     for change, match in cases:
         ckpt.write_bytes(original)

@@ -7,14 +7,17 @@ becomes one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import errno
 import os
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
 from ussf_lib import settings
 from ussf_lib.errors import UserError
@@ -26,6 +29,11 @@ if TYPE_CHECKING:
     from ussf_lib.training.experiment import CVConfig
 
 EXIT_USER_ERROR = 2
+#: A shell's status for a process stopped by SIGINT (Ctrl-C) and SIGTERM: 128 + the signal's number.
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+#: Errors of a refused write (full disk, quota, read-only file system, permissions): one line even unnamed.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 #: A shell's status for a process stopped by SIGPIPE (128 + 13): what `ussf ... | head` ends with.
 EXIT_BROKEN_PIPE = 141
 
@@ -316,7 +324,8 @@ def _resumed_config(args: argparse.Namespace) -> CVConfig:
                            f"(the run has {run if n == 'out' else getattr(saved, n)})" for n in changed)
         raise UserError(f"--resume {args.resume} continues with the run's own settings, but {detail}; drop those "
                         "flags, or start a new run with another --out")
-    free = {name: given[name] for name in typed & settings.resume_free() if name != "out"}
+    # progress follows show_progress (the flag, and whether stderr is a terminal), as for a new run.
+    free = {name: given[name] for name in typed & settings.resume_free() if name not in ("out", "progress")}
     return dataclasses.replace(saved, **free, out=run, progress=show_progress(args))
 
 
@@ -552,6 +561,28 @@ def _one_line_warnings(command: str) -> Callable[..., None]:
     return show
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``, a batch system's time limit), raised where Ctrl-C's KeyboardInterrupt would be, so
+    that it stops a run as cleanly: checkpoints whole, the lock released, and the same resume hint."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (the previous handler is restored)."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a worker thread): leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -567,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # what was typed, for `cv --resume`
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sigterm_interrupts():
             warnings.simplefilter("default")
             warnings.showwarning = _one_line_warnings(args.command)
             return func(args)
@@ -581,11 +612,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except OSError as exc:
         # A path the user chose cannot be read or written (permissions, a file where a folder must be, a full
-        # disk): that is bad input, not a bug, so it gets the one-line treatment. Without a file name it is not.
-        if exc.filename is None:
+        # disk): that is bad input, not a bug, so it gets the one-line treatment. Without a file name only a
+        # refused write is (a full disk fails in write(), which names no file; ussf_lib.files names it where it can).
+        if exc.filename is None and exc.errno not in WRITE_ERRNOS:
             raise
-        print(f"ussf {args.command}: error: {exc.filename}: {exc.strerror or exc}; check that the path is right and "
-              "that you may read and write there", file=sys.stderr)
+        marker, hint = getattr(args, "continue_hint", (None, ""))
+        then = f"; {hint}" if marker is not None and marker.is_file() else ""
+        where = f"{exc.filename}: " if exc.filename is not None else "a write failed: "
+        print(f"ussf {args.command}: error: {where}{exc.strerror or exc}; check that the path is right, that you may "
+              f"read and write there and that the disk has room{then}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (MemoryError, RuntimeError) as exc:
         torch_oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # GPU memory; a RuntimeError
@@ -595,9 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ussf {args.command}: error: not enough memory ({detail}); use a smaller --image-size or "
               "--batch-size", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # A run folder that got far enough to be continued says how; (marker file, hint) set by the command.
         marker, hint = getattr(args, "continue_hint", (None, ""))
         resumable = marker is not None and marker.is_file()
-        print(f"ussf {args.command}: interrupted" + (f"; {hint}" if resumable else ""), file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"ussf {args.command}: {what}" + (f"; {hint}" if resumable else ""), file=sys.stderr)
+        return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT

@@ -88,6 +88,8 @@ SETTINGS: list[Setting] = [
     Setting("cache_dir", None, "keep decoded images here (memory-mapped) for later runs on the same data", "data",
             path=True, resume_free=True, kind=str),
     Setting("skip_bad", False, "leave unreadable images out (listed in RUN/skipped.csv) instead of stopping", "data"),
+    Setting("missing_groups", "refuse", "manifest rows whose --group-col is empty, NaN, None, NULL or NA: refuse "
+            "them, or make each such image a group of its own", "data", choices=("refuse", "own")),
     # --- folds
     Setting("folds", int(_P["folds"]), "cross-validation folds, stratified by class and grouped by patient",
             "folds", minimum=2),

@@ -8,6 +8,7 @@ near-duplicate images are :mod:`ussf_lib.data.audit`'s job (the same notebook ca
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ussf_lib.data.index import ImageIndex
+from ussf_lib.data.index import ImageIndex, printable, read_file_bytes
 from ussf_lib.errors import UserError
 from ussf_lib.evaluation.plots import Figure, plt, save_figure, whole_number_ticks
 
@@ -42,12 +43,15 @@ def image_properties(index: ImageIndex) -> pd.DataFrame:
     Introduced in ``notebooks/01_explore_data.ipynb``.
     """
     rows = []
-    for path, relpath, label in zip(index.frame["path"], index.frame["relpath"], index.frame["label"]):
+    for path, listed, relpath, label in zip(index.frame["path"], index.listed_paths(), index.frame["relpath"],
+                                            index.frame["label"]):
         try:
-            with Image.open(path) as im:
+            # read_file_bytes never opens a FIFO or other special file for reading (it would block)
+            with Image.open(io.BytesIO(read_file_bytes(path))) as im:
                 rows.append((relpath, label, im.width, im.height, im.mode, im.format))
         except OSError as exc:
-            raise UserError(f"{path}: cannot read image header ({exc}); replace or remove the file") from None
+            raise UserError(f"{printable(str(listed))}: cannot read image header ({exc}); replace or remove the "
+                            "file") from None
     return pd.DataFrame(rows, columns=["relpath", "label", "width", "height", "mode", "format"])
 
 

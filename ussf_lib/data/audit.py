@@ -32,6 +32,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ussf_lib.data.index import ImageIndex, decode_index
 from ussf_lib.errors import UserError
+from ussf_lib.files import write_csv, write_text
 
 #: Defaults shared by ``ussf audit`` and the deduplicated folds of ``ussf cv``.
 HASH_SIZE = 8
@@ -241,11 +242,11 @@ def write_audit(result: AuditResult, out: str | Path) -> list[Path]:
     out = result.index.check_outside(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "audit_clusters.csv", out / "audit_summary.json"]
-    result.clusters.to_csv(written[0], index=False)
+    write_csv(result.clusters, written[0])
     summary = dict(result.summary, root=str(result.index.root), source=result.index.source,
                    skipped=result.skipped.to_dict(orient="records"))
-    written[1].write_text(json.dumps(summary, indent=2))
+    write_text(written[1], json.dumps(summary, indent=2))
     if len(result.skipped):
         written.append(out / "skipped.csv")
-        result.skipped.to_csv(written[-1], index=False)
+        write_csv(result.skipped, written[-1])
     return written

@@ -147,13 +147,14 @@ def splits_frame(index: ImageIndex, folds: np.ndarray, groups: Sequence[str] | n
 
 
 def save_splits(index: ImageIndex, folds: np.ndarray, path: str | Path,
-                groups: Sequence[str] | np.ndarray | None = None) -> Path:
-    """Write ``splits.csv`` for reuse by another run (``ussf cv --splits FILE``)."""
+                groups: Sequence[str] | np.ndarray | None = None, then: str = "run the command again") -> Path:
+    """Write ``splits.csv`` for reuse by another run (``ussf cv --splits FILE``), whole or not at all; a refused
+    write is a :class:`UserError` ending with ``then``."""
+    from ussf_lib.files import write_csv
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    splits_frame(index, folds, groups).to_csv(tmp, index=False)
-    tmp.replace(path)
+    write_csv(splits_frame(index, folds, groups), path, then)
     return path
 
 

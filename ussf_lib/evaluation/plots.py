@@ -48,6 +48,7 @@ from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from ussf_lib.errors import UserError  # noqa: E402
+from ussf_lib.files import writing  # noqa: E402
 from ussf_lib.evaluation.metrics import (ECE_BINS, _frame_to_arrays, confidence_bins,  # noqa: E402
                                          expected_calibration_error, top_label_confidence)
 
@@ -60,7 +61,9 @@ def save_figure(fig: Figure, out: PathLike | None) -> None:
         return
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    # Written whole (temporary file, then renamed); a refused write is one line naming the figure.
+    with writing(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".").lower() or None)
 
 
 def _check_cm(cm: np.ndarray, classes: Sequence[str]) -> np.ndarray:

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ussf_lib import files
 from ussf_lib.evaluation import plots
 from ussf_lib.errors import UserError
 from ussf_lib.paper import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_ARCHITECTURE, PAPER_MODEL, PAPER_TABLE2_METRICS,
@@ -222,6 +223,13 @@ def write_report(run_dir: str | Path, partial_ok: bool = False, log: Callable[[s
     """
     log = log if log is not None else (lambda line: print(line, file=sys.stderr))
     run_dir = Path(run_dir)
+    run_classes(run_dir)  # refuses a folder that is not a run before anything, the lock included, is written there
+    with files.run_lock(run_dir):
+        return _write_report(run_dir, partial_ok, log)
+
+
+def _write_report(run_dir: Path, partial_ok: bool, log: Callable[[str], None]) -> dict:
+    """:func:`write_report` under the run folder's lock."""
     classes = run_classes(run_dir)
     pred = load_predictions(run_dir)
     summary, per_class = summarize_predictions(pred, classes)
@@ -245,22 +253,22 @@ def write_report(run_dir: str | Path, partial_ok: bool = False, log: Callable[[s
     scaled = temperature_summary(pred, classes, read_temperatures(run_dir))
     if scaled is not None:
         summary["temperature_scaled"] = scaled
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    per_class.to_csv(run_dir / "per_class.csv", index=False)
+    then = f"ussf report {run_dir}"
+    files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2), then)
+    files.write_csv(per_class, run_dir / "per_class.csv", then)
     if per_class_patient is not None:
-        per_class_patient.to_csv(run_dir / "per_class_patient.csv", index=False)
+        files.write_csv(per_class_patient, run_dir / "per_class_patient.csv", then)
     else:
         (run_dir / "per_class_patient.csv").unlink(missing_ok=True)  # from earlier data; it would mislead
     table = results_table(summary, model)
-    table.to_csv(run_dir / "results.csv", index=False)
-    (run_dir / "results.md").write_text(
+    files.write_csv(table, run_dir / "results.csv", then)
+    files.write_text(run_dir / "results.md",
         f"# Cross-validation results: {model} ({summary.get('n_folds', '?')} folds)\n\n"
         + table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval="n/a")
         + "\n\n## Per class (one-vs-rest, mean ± std over folds, %)\n\n"
         + _per_class_markdown(per_class) + "\n"
         + _calibration_markdown(summary)
-        + (_patient_markdown(patients, per_class_patient) if patients is not None else "")
-    )
+        + (_patient_markdown(patients, per_class_patient) if patients is not None else ""), then)
     patient_folds = {e["fold"]: e for e in patients["per_fold"]} if patients is not None else {}
     for k, fold_metrics in enumerate(summary.get("per_fold", [])):
         fold_id = sorted(pred["fold"].unique())[k]
@@ -269,9 +277,10 @@ def write_report(run_dir: str | Path, partial_ok: bool = False, log: Callable[[s
         if fold_patients is not None:
             fold_metrics = {**fold_metrics, "patient_level": {"rule": PATIENT_RULE, **{
                 key: value for key, value in fold_patients.items() if key != "fold"}}}
-        (fold_dir / "metrics.json").write_text(json.dumps(fold_metrics, indent=2))
+        files.write_text(fold_dir / "metrics.json", json.dumps(fold_metrics, indent=2), then)
     pooled = sum(fold_confusions(pred, classes).values())
-    pd.DataFrame(pooled, index=classes, columns=classes).to_csv(run_dir / "confusion_matrix.csv")
+    files.write_csv(pd.DataFrame(pooled, index=classes, columns=classes), run_dir / "confusion_matrix.csv", then,
+                    index=True)
     figures = [
         plots.plot_confusion_pair(pooled, classes, title=f"{model}: pooled over folds", out=run_dir / "confusion_matrix.png"),
         plots.plot_roc(pred, classes, out=run_dir / "roc.png"),

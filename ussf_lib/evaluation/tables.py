@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ussf_lib import files
 from ussf_lib.evaluation import plots
 from ussf_lib.errors import UserError
 from ussf_lib.paper import (LABEL_SAFE_CSV, METRIC_NAMES, PAPER_MODEL, PAPER_TABLE2_METRICS, TABLE2_METRICS,
@@ -334,6 +335,14 @@ def write_comparison(out: str | Path, models: Sequence[str] | None = None, log: 
     """
     out = Path(out)
     names = _finished_runs(out, models)
+    with files.run_lock(out):
+        return _write_tables(out, names, models, log)
+
+
+def _write_tables(out: Path, names: list[str], models: Sequence[str] | None, log: Callable[[str], None]
+                  ) -> dict[str, pd.DataFrame]:
+    """:func:`write_comparison` under the comparison folder's lock."""
+    then = "run the same command again"
     if models is not None and len(names) < len(models):
         log(f"not finished yet, left out: {[m for m in models if m not in names]}")
     t1, t2, paired = table1(out, names), table2(out, names), paired_table(out, names)
@@ -341,18 +350,18 @@ def write_comparison(out: str | Path, models: Sequence[str] | None = None, log: 
     # The note explains the paper's columns, so it goes only where they are (runs on the paper's classes).
     note1 = " " + PAPER_NOTE if t1["paper_accuracy_mean"].notna().any() else ""
     note2 = "\n\n" + PAPER_NOTE if t2.filter(like="paper_").notna().any().any() else ""
-    t1.to_csv(out / "table1.csv", index=False)
-    (out / "table1.md").write_text(
+    files.write_csv(t1, out / "table1.csv", then)
+    files.write_text(out / "table1.md",
         "# Table 1 layout: accuracy and macro metrics per model (mean ± std over folds, %)\n\n" + settings + "\n\n"
-        + table1_markdown(t1) + "\n\n" + majority_line(out, names) + note1 + "\n")
-    t2.to_csv(out / "table2.csv", index=False)
-    (out / "table2.md").write_text(
+        + table1_markdown(t1) + "\n\n" + majority_line(out, names) + note1 + "\n", then)
+    files.write_csv(t2, out / "table2.csv", then)
+    files.write_text(out / "table2.md",
         "# Table 2 layout: one-vs-rest metrics per model and class (mean ± std over folds, %)\n\n" + settings
-        + "\n\n" + table2_markdown(t2) + note2 + "\n")
-    paired.to_csv(out / "paired.csv", index=False)
-    (out / "paired.md").write_text(
+        + "\n\n" + table2_markdown(t2) + note2 + "\n", then)
+    files.write_csv(paired, out / "paired.csv", then)
+    files.write_text(out / "paired.md",
         f"# Paired comparison with {reference_model(names)} on identical folds\n\n" + settings + "\n\n"
-        + paired_markdown(paired) + "\n\n" + PAIRED_NOTE + "\n")
+        + paired_markdown(paired) + "\n\n" + PAIRED_NOTE + "\n", then)
     fig = plots.plot_per_class_bars(per_class_long(t2), metric_cols=TABLE2_METRICS, out=out / "per_class_bars.png")
     plt.close(fig)
     return {"table1": t1, "table2": t2, "paired": paired}

@@ -25,6 +25,7 @@ from typing import Any
 
 from ussf_lib import settings
 from ussf_lib.errors import UserError, same_kind
+from ussf_lib.files import write_error, write_text
 from ussf_lib.nbrun.helpers import RUN_SUBDIR, notebooks_dir, resolve_path
 
 #: The executed notebooks' kernel (see the module docstring for how it resolves to this interpreter).
@@ -259,6 +260,11 @@ def execute_notebook(notebook: str | os.PathLike, output: str | os.PathLike, par
     except PapermillExecutionError as exc:
         raise NotebookError(f"{notebook.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
                             f"(traceback in the executed copy {output})") from None
+    except OSError as exc:
+        # papermill writes the executed copy as it goes; a refused write there (full disk, read-only) is one line.
+        if exc.filename is not None and Path(exc.filename) != output:
+            raise
+        raise write_error(output, exc) from None
     return output
 
 
@@ -323,7 +329,7 @@ def run_notebooks(out: str | os.PathLike, *, parameters: Mapping[str, Any] | Non
         record.append({"notebook": path.name, "parameters": params, "seconds": round(seconds, 2), "status": status})
         if status == "ok" and (out_dir / RUN_SUBDIR / "summary.json").is_file():
             cv_run = out_dir / RUN_SUBDIR
-    (out / "notebooks.json").write_text(json.dumps(record, indent=2))
+    write_text(out / "notebooks.json", json.dumps(record, indent=2))
     if failures:
         raise NotebookError(f"{len(failures)} of {len(paths)} notebook(s) failed: " + " | ".join(failures))
     return executed

@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from ussf_lib.errors import UserError
+from ussf_lib.files import write_csv, write_text
 from ussf_lib.paper import METRIC_NAMES
 from ussf_lib.evaluation.metrics import format_mean_std
 from ussf_lib.nbrun.runner import (NotebookError, absolute_path_parameters, check_out_outside_data, check_parameters,
@@ -168,7 +169,7 @@ def _run_one(notebook: str, run_dir: str, params: dict[str, Any], threads: int |
     except NotebookError as exc:
         status = str(exc)
     seconds = time.perf_counter() - started
-    (run_path / "sweep.json").write_text(json.dumps({"notebook": str(notebook), "parameters": params,
+    write_text(run_path / "sweep.json", json.dumps({"notebook": str(notebook), "parameters": params,
                                                      "seconds": round(seconds, 2), "status": status,
                                                      "device": placed_device()}, indent=2))
     return status, seconds
@@ -240,10 +241,10 @@ def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str
             for future in as_completed(futures):
                 report(futures[future], *future.result())
     results = collect_results(out, runs)
-    results.to_csv(out / "results.csv", index=False)
+    write_csv(results, out / "results.csv")
     summary = summarize_results(results, list(grid.axes))
-    summary.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(summary_markdown(summary, notebook.name, grid, len(results), len(runs)))
+    write_csv(summary, out / "summary.csv")
+    write_text(out / "summary.md", summary_markdown(summary, notebook.name, grid, len(results), len(runs)))
     log(f"results: {out / 'results.csv'} ({len(results)} runs), summary: {out / 'summary.md'}")
     return SweepResult(out=out, ran=ran, skipped=skipped, failed=failed, results=results, summary=summary)
 

@@ -12,6 +12,7 @@ Introduced in ``notebooks/04_train_cross_validation.ipynb`` (through :func:`ussf
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ussf_lib.errors import UserError
+from ussf_lib.files import writing
 from ussf_lib.models import build_model
 from ussf_lib.training.runtime import restore_rng_states
 
@@ -29,18 +31,21 @@ from ussf_lib.training.runtime import restore_rng_states
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file, then rename: an interruption leaves the old file or the new, whole.
 
-    A write the system refuses (a full disk, no permission) removes the temporary file and raises
-    :class:`UserError` naming the file.
+    A write the system refuses (a full disk, which makes ``torch.save`` raise a RuntimeError; a read-only file
+    system; no permission) removes the temporary file and raises :class:`UserError` naming the file and the fix;
+    the previous checkpoint stays, so the run can be resumed once there is room.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with writing(path, then=_resume_hint(path)) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: could not write the checkpoint ({exc.strerror or exc}); free disk space or "
-                        "choose another --out") from exc
+
+
+def _resume_hint(path: Path) -> str:
+    """How to go on after a fold's checkpoint could not be written or read: resume its run."""
+    run = path.parent.parent.parent
+    if path.parent.parent.name == "folds" and (run / "config.json").is_file():
+        return f"ussf cv --resume {run}"
+    return "run the command again"
 
 
 def host_snapshot(obj: Any) -> Any:
@@ -108,33 +113,114 @@ def remove_partial_saves(ckpt_path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def restart_fold_hint(ckpt_path: Path) -> str:
+    """The fix for a fold checkpoint that cannot be resumed: delete it, and the fold trains again from epoch 1."""
+    fold = ckpt_path.parent.name
+    return f"delete {ckpt_path} to train fold {fold} again from its first epoch, then {_resume_hint(ckpt_path)}"
+
+
+#: What a resumable fold checkpoint holds beside ``model`` and ``meta`` (:meth:`ussf_lib.training.loop._Fold.checkpoint`).
+RESUME_KEYS: tuple[str, ...] = ("optimizer", "scaler", "shuffle_rng", "torch_rng", "history", "epoch")
+
+
+def check_resumable(path: str | Path, state: dict[str, Any]) -> None:
+    """Raise :class:`UserError` unless ``state`` (a fold checkpoint) holds what resuming its fold needs."""
+    missing = [k for k in RESUME_KEYS if k not in state]
+    epoch = state.get("epoch")
+    if not missing and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+        missing = ["a whole epoch count"]
+    if missing:
+        raise UserError(f"{path}: damaged checkpoint (lacks {', '.join(missing)}); {restart_fold_hint(Path(path))}")
+
+
 def load_fold_state(fold: Any, ckpt_path: Path, device: torch.device) -> tuple[list[dict[str, float]], int]:
     """Resume a fold: load ``ckpt_path`` into ``fold``'s model, optimizer, GradScaler, scheduler and shuffle generator, restore
     the random-number states, and return the history so far and the number of epochs done.
 
     Read on the host: the random-number states must stay CPU byte tensors, and ``load_state_dict`` moves the
-    weights and Adam's moments to the model's device itself.
+    weights and Adam's moments to the model's device itself. A checkpoint that cannot be loaded is a
+    :class:`UserError` that says deleting it restarts the fold.
     """
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    fold.model.load_state_dict(state["model"])
-    fold.optimizer.load_state_dict(state["optimizer"])
-    fold.scaler.load_state_dict(state["scaler"])
-    fold.shuffle_gen.set_state(state["shuffle_rng"])
-    if fold.scheduler is not None and "scheduler" in state:
-        fold.scheduler.load_state_dict(state["scheduler"])
-    restore_rng_states(state, device)
-    return list(state["history"]), int(state["epoch"])
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        check_resumable(ckpt_path, state)
+        fold.model.load_state_dict(state["model"])
+        fold.optimizer.load_state_dict(state["optimizer"])
+        fold.scaler.load_state_dict(state["scaler"])
+        fold.shuffle_gen.set_state(state["shuffle_rng"])
+        if fold.scheduler is not None and "scheduler" in state:
+            fold.scheduler.load_state_dict(state["scheduler"])
+        restore_rng_states(state, device)
+        return list(state["history"]), int(state["epoch"])
+    except (UserError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # torch raises several unrelated types for a damaged file or state
+        why = str(exc).splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{ckpt_path}: damaged checkpoint, cannot resume from it ({why}); "
+                        f"{restart_fold_hint(ckpt_path)}") from None
 
 
 #: What a fold checkpoint's ``meta`` must hold (written by :func:`ussf_lib.training.experiment.run_cv`).
 META_KEYS: tuple[str, ...] = ("model_name", "classes", "image_size", "mean", "std", "model_kwargs")
 
 
-def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+#: The bounds :func:`check_checkpoint_meta` holds a checkpoint's metadata to, before anything is built from it.
+META_LIMITS = {"image_size": (8, 2048), "classes": (2, 1000)}
+#: What the ``fix`` of :func:`read_checkpoint` says by default.
+CHECKPOINT_FIX = "pass RUN/folds/K/checkpoint.pt of a `ussf cv` run"
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is a plain keyword-argument value: None, bool, int, float, str, or a short list/tuple/dict
+    of those (as ``config.json``'s ``model_kwargs`` holds)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return not isinstance(value, str) or len(value) <= 1000
+    if depth < 3 and isinstance(value, (list, tuple)) and len(value) <= 100:
+        return all(_plain(v, depth + 1) for v in value)
+    if depth < 3 and isinstance(value, dict) and len(value) <= 100:
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's ``meta`` (``None`` when it is usable), checked before a model is built
+    from it: a crafted ``image_size`` or class count must not make anyone allocate gigabytes."""
+    from ussf_lib.models.registry import list_models
+
+    size, classes, name, kwargs = meta["image_size"], meta["classes"], meta["model_name"], meta["model_kwargs"]
+    lo, hi = META_LIMITS["image_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or not lo <= size <= hi:
+        return f"image_size={_short(size)} is not a whole number from {lo} to {hi}"
+    lo, hi = META_LIMITS["classes"]
+    if not isinstance(classes, (list, tuple)) or not lo <= len(classes) <= hi:
+        count = len(classes) if isinstance(classes, (list, tuple)) else "no list of"
+        return f"classes holds {count} names, not {lo} to {hi}"
+    if not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
+        return f"classes={_short(list(classes))} are not distinct non-empty names"
+    for key in ("mean", "std"):
+        values = meta[key]
+        if (not isinstance(values, (list, tuple)) or len(values) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in values)
+                or (key == "std" and not all(v > 0 for v in values))):
+            return f"{key}={_short(values)} is not 3 finite numbers" + (" above 0" if key == "std" else "")
+    if not isinstance(name, str) or name not in list_models():
+        return f"model_name={_short(name)} is not a registered model (ussf models lists them)"
+    if not isinstance(kwargs, dict) or not _plain(kwargs):
+        return f"model_kwargs={_short(kwargs)} is not a dict of plain values"
+    return None
+
+
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", fix: str | None = None) -> dict[str, Any]:
     """The contents of a fold's ``checkpoint.pt`` (tensors and plain metadata only: ``weights_only=True``).
 
-    A missing file, a file that is not a checkpoint, or one without ``model`` weights and complete ``meta`` is a
-    :class:`UserError`.
+    A missing file, a file that is not a checkpoint, or one without ``model`` weights and complete, sane ``meta``
+    (:func:`meta_problem`) is a :class:`UserError` ending with ``fix``.
     """
     path = Path(path)
     if path.is_dir():
@@ -147,14 +233,21 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
         with warnings.catch_warnings():  # torch warns about what it then refuses; the error below says it once
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=device, weights_only=True)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
     except Exception as exc:  # torch raises several unrelated types for a file that is not a checkpoint
-        raise UserError(f"{path}: not a ussf checkpoint ({type(exc).__name__}); pass RUN/folds/K/checkpoint.pt") from None
+        raise UserError(f"{path}: not a ussf checkpoint ({type(exc).__name__}); "
+                        f"{fix or 'pass RUN/folds/K/checkpoint.pt'}") from None
+    fix = fix or CHECKPOINT_FIX
     meta = state.get("meta") if isinstance(state, dict) else None
     if not isinstance(meta, dict) or not isinstance(state.get("model"), dict):
-        raise UserError(f"{path}: checkpoint lacks model metadata; pass RUN/folds/K/checkpoint.pt of a `ussf cv` run")
+        raise UserError(f"{path}: checkpoint lacks model metadata; {fix}")
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
-        raise UserError(f"{path}: checkpoint metadata lacks {missing}; pass RUN/folds/K/checkpoint.pt of a `ussf cv` run")
+        raise UserError(f"{path}: checkpoint metadata lacks {missing}; {fix}")
+    problem = meta_problem(meta)
+    if problem:
+        raise UserError(f"{path}: checkpoint metadata is not usable ({problem}); {fix}")
     return state
 
 

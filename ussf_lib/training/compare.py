@@ -19,12 +19,14 @@ Introduced in ``notebooks/06_compare_baselines.ipynb``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ussf_lib import files
 from ussf_lib.data import folds as cv_mod
 from ussf_lib.evaluation.tables import same_folds, write_comparison
 from ussf_lib.errors import UserError
@@ -89,13 +91,29 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
     _check_before_training(names, base_cfg, placed)
     out = Path(out)
     names = _open_comparison(out, names, base_cfg, replace_changed, log)
+    with contextlib.ExitStack() as lock:
+        # One process per comparison folder: an existing one is locked now, a new one once its splits.csv made it.
+        if out.is_dir():
+            lock.enter_context(files.run_lock(out))
+            names = _open_comparison(out, names, base_cfg, False, log)  # again, under the lock
+            files.remove_temp_files(out, depth=0)
+        _compare_locked(names, base_cfg, out, lock, log, placed)
+    log(f"comparison tables in {out.resolve()}: table1.md, table2.md, paired.md, per_class_bars.png")
+    return out
+
+
+def _compare_locked(names: list[str], base_cfg: CVConfig, out: Path, lock: contextlib.ExitStack,
+                    log: Callable[[str], None], placed: list[str] | None) -> None:
+    """:func:`compare` from the folds on, with the comparison folder locked (from its creation, for a new one)."""
     splits = out / "splits.csv"
     if not splits.is_file():
         make_splits(base_cfg, splits, log=log)  # creates OUT only once the data and folds have passed every check
+        lock.enter_context(files.run_lock(out))
         log(f"folds: {base_cfg.folds} folds saved to {splits} (shared by every model)")
     elif base_cfg.splits and not same_folds(Path(base_cfg.splits), splits):
         raise UserError(f"--splits {base_cfg.splits} differs from {splits} already used here; choose a new --out")
-    (out / "compare.json").write_text(json.dumps({"models": names, "settings": _shared_settings(base_cfg)}, indent=2))
+    files.write_text(out / "compare.json", json.dumps({"models": names, "settings": _shared_settings(base_cfg)},
+                                                      indent=2), "run the same command again to continue")
     where = f" (--devices {','.join(placed)})" if placed is not None else ""
 
     def plan(i: int, name: str) -> tuple[CVConfig, bool] | None:
@@ -109,8 +127,6 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
     else:
         _run_placed_models(names, plan, placed, out, log)
     write_comparison(out, names)
-    log(f"comparison tables in {out.resolve()}: table1.md, table2.md, paired.md, per_class_bars.png")
-    return out
 
 
 def _check_before_training(names: list[str], base_cfg: CVConfig, placed: list[str] | None) -> None:
@@ -133,7 +149,7 @@ def _open_comparison(out: Path, names: list[str], base_cfg: CVConfig, replace_ch
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder; choose a folder for the comparison")
     manifest = out / "compare.json"
-    if not (out.exists() and any(out.iterdir())):
+    if not (out.exists() and any(not files.is_ours(p.name) for p in out.iterdir())):
         return names
     if not manifest.is_file():
         raise UserError(f"{out}: folder exists and is not a `ussf compare` folder; choose a new --out")

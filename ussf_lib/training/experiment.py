@@ -20,9 +20,9 @@ checkpoint was made for the same model and class list.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +34,15 @@ import pandas as pd
 from ussf_lib.data import folds as cv_mod
 from ussf_lib.training import distributed as dist_mod
 from ussf_lib.data.audit import check_hash_settings, clusters_from_hashes
-from ussf_lib.data.index import ImageIndex, decode_index, fingerprint, load_index, resolve_normalization
-from ussf_lib import settings
+from ussf_lib.data.index import (ImageIndex, decode_index, fingerprint, load_index, printable,
+                                 resolve_normalization)
+from ussf_lib import files, settings
 from ussf_lib.errors import UserError, same_kind
 from ussf_lib.settings import absolute_path
 from ussf_lib.models import build_model
 from ussf_lib.models.registry import check_image_size, list_models
-from ussf_lib.training.checkpoints import check_meta, check_weights_fit, read_checkpoint
+from ussf_lib.training.checkpoints import (check_meta, check_resumable, check_weights_fit, read_checkpoint,
+                                           restart_fold_hint)
 from ussf_lib.training.provenance import environment_info
 from ussf_lib.evaluation.metrics import fit_temperature
 from ussf_lib.evaluation.report import write_report
@@ -99,11 +101,17 @@ CVConfig = settings.config_class(
     Introduced in ``notebooks/04_train_cross_validation.ipynb``.""")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a file so that an interruption leaves either the old or the new content, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_atomic(path: Path, text: str, run: Path | None = None) -> None:
+    """Write a file so that an interruption leaves either the old or the new content, never half of it; a refused
+    write (full disk, read-only, no permission) is one line that says to resume ``run`` (default: the folder)."""
+    run = run or path.parent
+    resumable = (run / "config.json").is_file()  # before the first header file, a resume has nothing to go on
+    files.write_text(path, text, then=f"ussf cv --resume {run}" if resumable else "run the same command again")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds, leaving out the lock and temporary files of :mod:`ussf_lib.files`."""
+    return [p for p in folder.iterdir() if not files.is_ours(p.name)]
 
 
 def _check_out(cfg: CVConfig, resume: bool) -> Path:
@@ -114,7 +122,7 @@ def _check_out(cfg: CVConfig, resume: bool) -> Path:
         raise UserError(f"{out}: is a file, not a folder; choose a new --out")
     if resume and not config_file.is_file():
         raise UserError(f"{out}: no config.json here; pass --resume a run folder written by `ussf cv`")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and _entries(out):
         if not config_file.is_file():
             raise UserError(f"{out}: folder exists and is not a ussf run folder; choose a new --out")
         if not resume:
@@ -185,7 +193,7 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
     (``images`` is ``None``).
     """
     splits_file = splits_file or cfg.splits
-    index = load_index(cfg.data, cfg.manifest, cfg.group_col, cfg.classes)
+    index = load_index(cfg.data, cfg.manifest, cfg.group_col, cfg.classes, missing_groups=cfg.missing_groups)
     log(f"data: {index.describe()}")
     if cfg.out:
         index.check_outside(cfg.out, "--out")
@@ -196,12 +204,14 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
     hash_size = cfg.hash_size if cfg.dedup_folds else None
     decoded = decode_index(index, cfg.image_size if pixels else None, cache_dir=cfg.cache_dir, progress=cfg.progress,
                            skip_bad=cfg.skip_bad, hash_size=hash_size)
+    listed = index
     index = decoded.index
     notes: list[str] = []
     if len(decoded.skipped):
         notes.append(f"skipped {len(decoded.skipped)} unreadable image(s) (--skip-bad), "
                      f"e.g. {decoded.skipped['path'].iloc[0]}: {decoded.skipped['reason'].iloc[0]}")
-    data_fp = fingerprint(index)
+    # The contents of the bytes decoded: the fingerprint is that of the pixels trained on.
+    data_fp = fingerprint(index, decoded.digests)
     if expect_fingerprint and data_fp != expect_fingerprint:
         raise UserError(f"{cfg.data or cfg.manifest}: the data changed since this run started (fingerprint differs "
                         "from environment.json); restore it, or start a new run with a new --out")
@@ -211,12 +221,14 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
         if n_dup:
             notes.append(f"duplicates: {n_dup} cluster(s) of exact or near-duplicate images "
                          f"(phash distance <= {cfg.dup_threshold}) are each kept inside one fold")
-    if splits_file:
-        folds, groups, file_notes = cv_mod.folds_from_file(splits_file, index, cfg.folds, clusters, cfg.group_col)
-        notes += file_notes
-    else:
-        groups = cv_mod.index_groups(index, clusters)
-        folds = cv_mod.folds_for_index(index, cfg.folds, cfg.seed, clusters=clusters)
+    with _naming_skipped(listed, decoded.skipped):
+        if splits_file:
+            folds, groups, file_notes = cv_mod.folds_from_file(splits_file, index, cfg.folds, clusters, cfg.group_col)
+            notes += file_notes
+        else:
+            groups = cv_mod.index_groups(index, clusters)
+            folds = cv_mod.folds_for_index(index, cfg.folds, cfg.seed, clusters=clusters)
+    if not splits_file:
         if groups is None:
             groups = index.frame["group"].to_numpy()
         # Few patients of a class can leave it out of a fold's test part; say so, as for a splits file.
@@ -226,6 +238,21 @@ def prepare_data(cfg: CVConfig, log: Callable[[str], None] = print, splits_file:
         log(note)
     return PreparedData(index=index, images=decoded.images, folds=folds, groups=np.asarray(groups), clusters=clusters,
                         skipped=decoded.skipped, fingerprint=data_fp, notes=notes)
+
+
+@contextlib.contextmanager
+def _naming_skipped(listed: ImageIndex, skipped: pd.DataFrame) -> Any:
+    """A class left with fewer images than folds after ``--skip-bad`` says how many of its images were skipped."""
+    try:
+        yield
+    except UserError as exc:
+        if not len(skipped) or "fewer than --folds" not in str(exc) and "has no images" not in str(exc):
+            raise
+        labels = dict(zip(map(printable, listed.frame["relpath"]), listed.frame["label"]))
+        per_class = pd.Series([labels.get(p, "?") for p in skipped["path"]]).value_counts()
+        counts = ", ".join(f"{n} of class {c!r}" for c, n in per_class.items())
+        raise UserError(f"{exc} (--skip-bad left out {len(skipped)} unreadable image(s), {counts}; e.g. "
+                        f"{skipped['path'].iloc[0]}: {skipped['reason'].iloc[0]})") from None
 
 
 def compute_splits(cfg: CVConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
@@ -262,7 +289,8 @@ def _check_fold_checkpoints(out: Path, fold_ids: Sequence[int], meta: dict[str, 
     for k in fold_ids:
         ckpt = out / "folds" / str(k) / "checkpoint.pt"
         if ckpt.is_file() and not (ckpt.parent / "predictions.csv").is_file():
-            state = read_checkpoint(ckpt)
+            state = read_checkpoint(ckpt, fix=restart_fold_hint(ckpt))
+            check_resumable(ckpt, state)
             check_meta(ckpt, state["meta"], {key: meta[key] for key in ("model_name", "classes", "image_size",
                                                                         "model_kwargs")},
                        f"delete {ckpt.parent} to train this fold again, or resume with the settings it was made with")
@@ -275,7 +303,8 @@ def _write_run_header(out: Path, cfg: CVConfig, prepared: PreparedData, device: 
     _write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     env = {**environment_info(device, prepared.fingerprint), "world_size": world}
     _write_atomic(out / "environment.json", json.dumps(env, indent=2))
-    cv_mod.save_splits(prepared.index, prepared.folds, out / "splits.csv", prepared.groups)
+    cv_mod.save_splits(prepared.index, prepared.folds, out / "splits.csv", prepared.groups,
+                       then=f"ussf cv --resume {out}")
     _write_atomic(out / "classes.json", json.dumps(prepared.index.classes))
     if cfg.skip_bad:
         _write_atomic(out / "skipped.csv", prepared.skipped.to_csv(index=False))
@@ -313,12 +342,12 @@ def _run_fold(k: int, cfg: CVConfig, prepared: PreparedData, images: DeviceImage
                                 cfg.amp, cfg.channels_last)
         temperature = fit_temperature(index.targets[cal_idx], cal_probs)
         _write_atomic(fold_dir / "temperature.json", json.dumps({"temperature": temperature,
-                                                                 "calibration_images": int(len(cal_idx))}))
+                                                                 "calibration_images": int(len(cal_idx))}), out)
         log(f"fold {k}: temperature {temperature:.3f} fitted on {len(cal_idx)} held-out training images")
-    _write_atomic(fold_dir / "history.csv", result.history.to_csv(index=False))
+    _write_atomic(fold_dir / "history.csv", result.history.to_csv(index=False), out)
     pred = predictions_frame(index, test_idx, result.probs, k, prepared.groups)
     # predictions.csv marks the fold finished, so it is written last and atomically.
-    _write_atomic(fold_dir / "predictions.csv", pred.to_csv(index=False))
+    _write_atomic(fold_dir / "predictions.csv", pred.to_csv(index=False), out)
     log(f"fold {k}: test accuracy {float((pred['pred'] == pred['label']).mean()):.3f} ({result.seconds:.1f}s)")
 
 
@@ -336,6 +365,33 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
         log = _silent
         cfg = dataclasses.replace(cfg, progress=False)
     out, fold_ids = _check_before_data(cfg, resume, folds_to_run)
+    with contextlib.ExitStack() as lock:
+        # One process per run folder: an existing one is locked now, before minutes of decoding; a new one when it
+        # is created. Only rank 0 writes, so only rank 0 locks (torchrun stops the other ranks if it is refused).
+        if ctx.is_main and out.is_dir():
+            _lock_run(lock, cfg, resume)
+        summary = _run_locked(cfg, out, fold_ids, resume, ctx, lock, log, folds_to_run)
+    if not ctx.is_main:
+        return out
+    summary_line = ", ".join(f"{m} {summary[m]['mean']:.3f}" for m in ("accuracy", "f1", "auc")
+                             if summary.get(m) and summary[m]["mean"] is not None)
+    log(f"done in {time.perf_counter() - started:.0f}s: {summary_line}")
+    log(f"results in {out.resolve()}")
+    return out
+
+
+def _lock_run(lock: contextlib.ExitStack, cfg: CVConfig, resume: bool) -> None:
+    """Take the run folder's lock (:func:`ussf_lib.files.run_lock`), check the folder again under it (another
+    process may have started a run there meanwhile) and remove what killed processes left half-written."""
+    out = Path(cfg.out)
+    lock.enter_context(files.run_lock(out))
+    _check_out(cfg, resume)
+    files.remove_temp_files(out)
+
+
+def _run_locked(cfg: CVConfig, out: Path, fold_ids: list[int], resume: bool, ctx: Any, lock: contextlib.ExitStack,
+                log: Callable[[str], None], folds_to_run: Sequence[int] | None) -> dict:
+    """:func:`run_cv` from the data on, with the run folder locked on rank 0 (from its creation, for a new one)."""
     # On resume the folds are the run's own (splits.csv), and the data must be the data it started with.
     resume_splits = out / "splits.csv" if resume and (out / "splits.csv").is_file() else None
     previous_env = out / "environment.json"
@@ -353,6 +409,8 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
     todo = [k for k in fold_ids if not (out / "folds" / str(k) / "predictions.csv").is_file()]
     dist_mod.barrier(ctx)
     if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _lock_run(lock, cfg, resume)  # a new folder: locked from here on (re-entered if already held)
         _write_run_header(out, cfg, prepared, device, ctx.world)
     if ctx.enabled:
         _log_data_parallel(cfg, ctx, device, log)
@@ -366,14 +424,11 @@ def run_cv(cfg: CVConfig, resume: bool = False, log: Callable[[str], None] = pri
             log(f"fold {k}: already finished, skipped")
     if not ctx.is_main:
         dist_mod.finish(ctx)
-        return out
+        return {}
     summary = write_report(out, partial_ok=folds_to_run is not None, log=log)
     dist_mod.finish(ctx)
-    summary_line = ", ".join(f"{m} {summary[m]['mean']:.3f}" for m in ("accuracy", "f1", "auc")
-                             if summary.get(m) and summary[m]["mean"] is not None)
-    log(f"done in {time.perf_counter() - started:.0f}s: {summary_line}")
-    log(f"results in {out.resolve()}")
-    return out
+    files.remove_temp_files(out)  # none should be left; a finished run holds only its results
+    return summary
 
 
 def _silent(_: str) -> None:
