@@ -216,7 +216,9 @@ def test_main_job_without_notebooks_writes_the_results_it_prints(tmp_path, monke
 
 def test_main_job_checks_its_settings_before_writing(tmp_path, capsys):
     out = tmp_path / "main"
-    assert main(["main-job", "--no-notebooks", "--out", str(out), *TINY_MAIN_JOB, "--folds", "1"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse refuses the value itself, in one line
+        main(["main-job", "--no-notebooks", "--out", str(out), *TINY_MAIN_JOB, "--folds", "1"])
+    assert refused.value.code == 2
     assert "argument --folds: 1 must be at least 2" in capsys.readouterr().err and not out.exists()
     # 10 images per class make one synthetic patient per class, and folds never split a patient
     assert main(["main-job", "--no-notebooks", "--out", str(out), *TINY_MAIN_JOB, "--n-per-class", "10"]) == 2

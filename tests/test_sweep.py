@@ -135,7 +135,7 @@ def test_values_a_run_would_refuse_are_refused_before_any_run(tmp_path):
         run_sweep(NOTEBOOK, {"MODEL": ["us_sfnet_tiny", "no_such_model"], "fixed": FIXED}, tmp_path / "s")
     with pytest.raises(UserError, match=r"run FOLDS=1: FOLDS=1 must be at least 2"):
         run_sweep(NOTEBOOK, {"FOLDS": [2, 1], "fixed": {"EPOCHS": 1}}, tmp_path / "s")
-    with pytest.raises(UserError, match=r"run AMP=fp8: AMP='fp8'; use one of 'off', 'bf16', 'fp16'"):
+    with pytest.raises(UserError, match=r"run AMP=fp8: AMP='fp8' must be one of off, bf16, fp16"):
         run_sweep(NOTEBOOK, {"AMP": ["bf16", "fp8"], "fixed": FIXED}, tmp_path / "s")
     with pytest.raises(UserError, match=r"run EVAL_EVERY=0: EVAL_EVERY=0 must be at least 1"):
         run_sweep(NOTEBOOK, {"EVAL_EVERY": [0], "fixed": FIXED}, tmp_path / "s")
