@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ussf_lib.data.index import read_image
+from ussf_lib.data.index import entry_kind, printable, read_image
 from ussf_lib.errors import UserError
 from ussf_lib.paper import IMAGE_EXTENSIONS
 from ussf_lib.training.checkpoints import check_meta, load_checkpoint
@@ -45,18 +45,22 @@ def expand_inputs(items: Sequence[str | Path]) -> list[Path]:
     for item in items:
         item = Path(item)
         if item.is_dir():
-            files = [p for p in item.rglob("*") if p.is_file()
-                     and not any(part.startswith(".") for part in p.relative_to(item).parts)]
-            images = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
-            if len(images) < len(files):
-                other = next(p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS)
-                warnings.warn(f"{item}: ignored {len(files) - len(images)} non-image file(s), e.g. {other.name} "
-                              f"(images are {', '.join(sorted(IMAGE_EXTENSIONS))})", stacklevel=2)
+            entries = [p for p in item.rglob("*") if not p.is_dir()
+                       and not any(part.startswith(".") for part in p.relative_to(item).parts)]
+            # FIFOs, sockets and devices are never opened; a broken link is kept, for read_image to name it
+            images = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and entry_kind(p) != "special")
+            if len(images) < len(entries):
+                other = next(p for p in entries if p not in set(images))
+                warnings.warn(f"{item}: ignored {len(entries) - len(images)} non-image or special file(s), e.g. "
+                              f"{printable(other.name)} (images are {', '.join(sorted(IMAGE_EXTENSIONS))})",
+                              stacklevel=2)
             paths += images
-        elif item.is_file():
+        elif item.is_file() or item.is_symlink():
             paths.append(item)
+        elif item.exists():
+            raise UserError(f"{printable(str(item))}: not a regular file (a FIFO, socket or device); pass image files")
         else:
-            raise UserError(f"{item}: no such file or folder; pass image files or folders of images")
+            raise UserError(f"{printable(str(item))}: no such file or folder; pass image files or folders of images")
     if not paths:
         raise UserError(f"no images among {', '.join(map(str, items))}; pass image files or folders of images")
     return paths
@@ -163,7 +167,7 @@ def predict_images(checkpoint: str | Path, inputs: Sequence[str | Path], device:
     paths, images = read_images(expand_inputs(inputs), meta["image_size"], skip_bad)
     probs = np.mean([_probabilities(model, m, images, dev, batch_size, tta) for model, m in models], axis=0)
     classes = meta["classes"]
-    frame = pd.DataFrame({"path": [str(p) for p in paths], "pred": [classes[i] for i in probs.argmax(1)]})
+    frame = pd.DataFrame({"path": [printable(str(p)) for p in paths], "pred": [classes[i] for i in probs.argmax(1)]})
     for i, name in enumerate(classes):
         frame[f"prob_{name}"] = probs[:, i].round(6)
     frame["n_models"] = len(models)

@@ -172,7 +172,7 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def _entry_kind(path: Path) -> str:
+def entry_kind(path: Path) -> str:
     """``"file"``, ``"special"`` (FIFO, socket, device: never opened), ``"broken"`` (a dangling symbolic link or a
     loop of them) or ``"gone"`` (vanished since the folder was listed), following symbolic links."""
     try:
@@ -271,7 +271,7 @@ def index_folder(root: str | Path, classes: Sequence[str] | None = None) -> Imag
                     ignored["hidden"] += 1
                 elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                     path = Path(dirpath) / name
-                    kind = _entry_kind(path)
+                    kind = entry_kind(path)
                     if kind == "special":  # a FIFO would block its reader forever: never opened, only counted
                         ignored["special"] = ignored.get("special", 0) + 1
                         continue
@@ -331,7 +331,7 @@ def index_manifest(manifest: str | Path, group_col: str | None = None,
     abs_paths, names, problems = [], [], []
     for rel in table["path"]:
         listed = Path(os.path.normpath(base / rel))  # as written, ``..`` folded, symlinks kept
-        kind = _entry_kind(listed) if rel.strip() else "gone"
+        kind = entry_kind(listed) if rel.strip() else "gone"
         path = listed.resolve() if kind == "file" else listed
         # The image's name in the run folder: its path from the manifest's folder, or its absolute path when it
         # lies elsewhere, so that folds and fingerprints do not depend on where the manifest is kept.
