@@ -48,6 +48,7 @@ def plot_frequency_view(shares: pd.DataFrame, response: pd.DataFrame, title: str
     frequency branch's radial gain per block (one curve each, coloured by stage; log scale, 1 = unchanged).
 
     ``shares`` and ``response`` are the two tables of :func:`ussf_lib.explain.frequency.analyse_blocks`.
+    Introduced in ``notebooks/07_explain_predictions.ipynb``.
     """
     if shares.empty or response.empty:
         raise UserError("no Conv-FFT blocks to draw; pass the tables of analyse_blocks for a US-SFNet")
@@ -88,5 +89,31 @@ def plot_frequency_view(shares: pd.DataFrame, response: pd.DataFrame, title: str
                   frameon=False)
     if title:
         fig.suptitle(title, fontsize="medium")
+    save_figure(fig, out)
+    return fig
+
+
+def plot_cam_grid(images: np.ndarray, cams: np.ndarray, titles: list[str] | None = None, columns: int = 3,
+                  out: PathLike | None = None, alpha: float = 0.45) -> Figure:
+    """Several images under their CAMs, ``columns`` to a row (jet colour map, each map scaled to its own
+    maximum, as in :func:`plot_cam_overlay`), with a title per panel.
+
+    Introduced in ``notebooks/07_explain_predictions.ipynb``.
+    """
+    images, cams = np.asarray(images), np.asarray(cams, dtype=np.float64)
+    if len(images) == 0 or images.shape[:3] != cams.shape:
+        raise UserError(f"{len(cams)} CAM(s) of shape {cams.shape[1:]} do not fit {len(images)} image(s) of shape "
+                        f"{images.shape[1:]}")
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.3 * rows), layout="constrained", squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= len(images):
+            continue
+        img = images[k].astype(np.float64) / 255.0 if images[k].dtype == np.uint8 else images[k]
+        ax.imshow(np.clip(img, 0, 1), interpolation="nearest")
+        ax.imshow(cams[k], cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+        if titles:
+            ax.set_title(titles[k], fontsize="x-small")
     save_figure(fig, out)
     return fig
