@@ -51,7 +51,7 @@ def expand_inputs(items: Sequence[str | Path]) -> list[Path]:
             images = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and entry_kind(p) != "special")
             if len(images) < len(entries):
                 other = next(p for p in entries if p not in set(images))
-                warnings.warn(f"{item}: ignored {len(entries) - len(images)} non-image or special file(s), e.g. "
+                warnings.warn(f"{item}: ignored {len(entries) - len(images)} non-image file(s), e.g. "
                               f"{printable(other.name)} (images are {', '.join(sorted(IMAGE_EXTENSIONS))})",
                               stacklevel=2)
             paths += images
