@@ -17,7 +17,7 @@ help:
 # Reinstall only when pyproject.toml changes (the stamp is newer otherwise).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,cluster]'
 	@touch $(STAMP)
 
 setup: $(STAMP)

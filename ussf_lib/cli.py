@@ -143,8 +143,17 @@ def _add_compare_parser(sub: Any) -> None:
                    "(default runs/<time>_compare); rerun to continue it")
     p.add_argument("--tables-only", action="store_true", help="rebuild the tables and chart of --out from its run folders")
     p.add_argument("--devices", help="run the models at once, one per entry, each in a process pinned to it: GPU ids "
-                   "(--devices 0,1,2,3) or cpu slots (--devices cpu,cpu); default: one after the other here")
+                   "(--devices 0,1,2,3; 0,0 runs two on GPU 0) or cpu slots (--devices cpu,cpu); default: one after "
+                   "the other here")
+    _add_engine_flag(p, "model")
     p.set_defaults(func=cmd_compare)
+
+
+def _add_engine_flag(p: argparse.ArgumentParser, run: str) -> None:
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help=f"local: this machine's processes; ray: each {run}'s run is a Ray task on a Ray cluster "
+                   "(RAY_ADDRESS, or one started with `ray start`, else a Ray instance started here; "
+                   "needs pip install -e '.[cluster]'), asking for the share of a device --devices gives it")
 
 
 def _add_bench_parser(sub: Any) -> None:
@@ -223,7 +232,8 @@ def _add_sweep_parser(sub: Any) -> None:
                    help="runs executed at once, in processes (default 1, or one per --devices entry)")
     p.add_argument("--devices", help="place the runs on devices, one run per entry at a time, each in a process "
                    "pinned to it (its notebook kernel sees only that GPU): GPU ids (--devices 0,1) or cpu slots "
-                   "(--devices cpu,cpu)")
+                   "(--devices cpu,cpu); a GPU id listed twice runs two at once on it (--devices 0,0)")
+    _add_engine_flag(p, "grid point")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -327,7 +337,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = cv_config_from_args(args, out=args.out or default_run_dir("compare"))
     args.continue_hint = (Path(cfg.out) / "splits.csv", "continue by running the same command with "
                           f"--out {cfg.out} (finished models are kept, the interrupted one resumes)")
-    compare(args.models, cfg, cfg.out, devices=args.devices)
+    compare(args.models, cfg, cfg.out, devices=args.devices, engine=args.engine)
     return 0
 
 
@@ -476,7 +486,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ussf_lib.nbrun.sweep import run_sweep
 
-    result = run_sweep(args.notebook, args.grid, args.out, jobs=args.jobs, devices=args.devices)
+    result = run_sweep(args.notebook, args.grid, args.out, jobs=args.jobs, devices=args.devices, engine=args.engine)
     return 1 if result.failed else 0
 
 
