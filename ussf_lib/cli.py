@@ -168,6 +168,9 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=_positive_int, help="training batch (default 64; --quick 8)")
     p.add_argument("--iters", type=_positive_int, help="timed steps per measurement (default 10; --quick 3)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 2)")
+    p.add_argument("--concurrency", type=_csv_list, metavar="COUNTS",
+                   help="also train 1 and each of COUNTS us_sfnet_tiny processes at once on the device, 64 px: their "
+                   "images/s together and the ratio to one run (default: not measured; --quick 1,2,4)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -351,11 +354,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.sizes or not all(s.isdigit() and int(s) > 0 for s in args.sizes):
             raise UserError(f"--sizes {','.join(args.sizes)}: give positive whole pixel sizes, e.g. --sizes 64,224")
         sizes = tuple(int(s) for s in args.sizes)
+    concurrency = None
+    if args.concurrency is not None:
+        if not all(c.isdigit() and int(c) > 0 for c in args.concurrency):
+            raise UserError(f"--concurrency {','.join(args.concurrency)}: give positive whole numbers of runs at "
+                            "once, e.g. --concurrency 1,2,4")
+        concurrency = tuple(int(c) for c in args.concurrency)
     cfg = bench_config_from(args.quick, device=args.device, amp=args.amp, channels_last=args.channels_last,
                             compile=args.compile or None, compile_scope=args.compile_scope,
                             compile_mode=args.compile_mode, scale_sizes=sizes,
                             models=tuple(args.models) if args.models else None, image_size=args.image_size,
-                            batch_size=args.batch_size, iters=args.iters, warmup=args.warmup)
+                            batch_size=args.batch_size, iters=args.iters, warmup=args.warmup,
+                            concurrency=concurrency)
     if args.json:
         if Path(args.json).is_dir():
             raise UserError(f"--json {args.json}: is a folder; give a file name, e.g. {Path(args.json) / 'bench.json'}")
