@@ -79,6 +79,7 @@ def test_an_unexpected_exception_is_raised(tmp_path, two_cpu_slots):
                    log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_sweep_on_ray_matches_the_local_engine(tmp_path, two_cpu_slots):
     grid = {"SEED": [0, 1], "fixed": SWEEP_FIXED}
     local = run_sweep(NOTEBOOK, grid, tmp_path / "local", devices="cpu,cpu", log=lambda _: None)
@@ -98,6 +99,7 @@ def test_sweep_on_ray_matches_the_local_engine(tmp_path, two_cpu_slots):
     assert again.ran == [] and sorted(again.skipped) == ["SEED=0", "SEED=1"]  # finished runs are skipped
 
 
+@pytest.mark.slow
 def test_compare_on_ray_matches_the_local_engine(phantom_dir, tmp_path, two_cpu_slots):
     cfg = CVConfig(manifest=str(phantom_dir / "manifest.csv"), group_col="patient", folds=2, epochs=1, image_size=32,
                    batch_size=16, seed=0, progress=False)
