@@ -20,7 +20,7 @@ help:
 # Reinstall only when pyproject.toml changes (the stamp is newer otherwise).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,export]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,export,cluster]'
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -159,6 +160,7 @@ def test_quick_preset_and_errors():
     assert quick.models == ("us_sfnet", "densenet121") and quick.image_size == 224 and quick.scale_sizes[-1] == 448
     assert bench_config_from(False).models == ("us_sfnet", "densenet121", "resnet101")
     assert bench_config_from(True, batch_size=4, iters=None).batch_size == 4
+    assert quick.concurrency == (1, 2, 4) and bench_config_from(False).concurrency == ()  # full: --concurrency
     with pytest.raises(UserError, match="unknown model"):
         BenchConfig(models=("nope",))
     with pytest.raises(UserError, match="amp"):
@@ -191,13 +193,16 @@ def test_cli_flags_reach_the_bench_settings(monkeypatch, capsys):
     monkeypatch.setattr(bench, "run_bench", fake_run_bench)
     argv = ["bench", "--device", "cpu", "--models", "us_sfnet_tiny,densenet121", "--image-size", "48",
             "--batch-size", "6", "--iters", "4", "--warmup", "2", "--compile", "--compile-scope", "blocks",
-            "--amp", "bf16", "--channels-last"]
+            "--amp", "bf16", "--channels-last", "--concurrency", "2,4"]
     assert main(argv) == 130  # Ctrl-C: one line, exit 130, no traceback
     assert capsys.readouterr().err.strip() == "ussf bench: interrupted"
     (cfg,) = seen
     assert cfg.models == ("us_sfnet_tiny", "densenet121") and cfg.image_size == 48 and cfg.batch_size == 6
     assert cfg.iters == 4 and cfg.warmup == 2 and cfg.compile and cfg.compile_scope == "blocks"
-    assert cfg.amp == "bf16" and cfg.channels_last and cfg.device == "cpu"
+    assert cfg.amp == "bf16" and cfg.channels_last and cfg.device == "cpu" and cfg.concurrency == (2, 4)
+    assert main(["bench", "--concurrency", "1,two"]) == 2
+    assert capsys.readouterr().err == ("ussf bench: error: --concurrency 1,two: give positive whole numbers of runs "
+                                       "at once, e.g. --concurrency 1,2,4\n")
 
 
 def test_fft_share_of_a_real_profile_on_this_cpu():
@@ -206,3 +211,23 @@ def test_fft_share_of_a_real_profile_on_this_cpu():
     share = bench.fft_share(cfg, torch.device("cpu"))
     assert 0 < share["fft_share"] < 1
     assert share["fft_ms_per_step"] > 0 and share["profile_iters"] == 1
+
+
+@pytest.mark.slow
+def test_several_runs_at_once_on_one_device_are_measured_side_by_side(monkeypatch):
+    """--concurrency 2: one and two training processes at once on the CPU, each with its share of the cores."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # read here, where the processes' threads are chosen
+    tiny = {**TINY, "fft_model": None, "scale_model": None, "checkpoint_iters": 0, "loop_batches": 0}
+    result = run_bench(BenchConfig(device="cpu", concurrency=(2,), concurrency_size=32, concurrency_steps=2, **tiny),
+                       log=lambda _: None)
+    conc = result["concurrency"]
+    assert (conc["model"], conc["image_size"], conc["batch_size"], conc["steps"]) == ("us_sfnet_tiny", 32, 2, 2)
+    assert [(r["runs"], r["threads_per_run"]) for r in conc["rows"]] == [(1, 2), (2, 1)]  # 1 is always measured
+    one, two = conc["rows"]
+    assert one["ratio"] == 1.0 and two["ratio"] == pytest.approx(two["img_s"] / one["img_s"])
+    assert all(r["img_s"] > 0 and r["img_s_per_run"] > 0 for r in conc["rows"])
+    assert two["img_s"] == pytest.approx(2 * 2 * 2 / two["seconds"])  # 2 runs x 2 steps x batch 2, to the last
+    json.dumps(result)
+    assert "## Several runs on one device (us_sfnet_tiny at 32 px, train batch 2, 2 timed steps" in format_bench(result)
+    with pytest.raises(UserError, match="run at least one process"):
+        BenchConfig(concurrency=(0,))

@@ -12,7 +12,7 @@ from conftest import REPO, require_shared
 
 def _pyproject_deps() -> set[str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return set(project["dependencies"]) | set(project["optional-dependencies"]["dev"])
+    return set(project["dependencies"]).union(*project["optional-dependencies"].values())
 
 
 def _conda_pip_deps() -> set[str]:

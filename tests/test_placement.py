@@ -1,4 +1,5 @@
-"""ussf_lib.training.placement: --devices parsing and its messages, pinned workers, and the CLI on a machine without CUDA."""
+"""ussf_lib.training.placement: --devices parsing and its messages, pinned workers, the CLI on a machine without CUDA,
+and what --engine ray asks Ray for (no Ray needed: tests/test_ray_engine.py runs it)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ def test_parse_devices_values():
     assert parse_devices(" 1 , CPU ", cuda_count=2) == ["1", "cpu"]  # mixed, spaces and case do not matter
     assert parse_devices(["cpu", "0"], cuda_count=1) == ["cpu", "0"]  # a list, as a notebook would pass it
     assert parse_devices("cpu,cpu") == ["cpu", "cpu"]  # cpu slots alone never ask torch about CUDA
+    assert parse_devices("0,0,1,1", cuda_count=2) == ["0", "0", "1", "1"]  # two runs at once on each GPU
+    assert parse_devices("0,5", cuda_count=0, check_cuda=False) == ["0", "5"]  # a Ray cluster's GPUs are elsewhere
 
 
 @pytest.mark.parametrize("spec,cuda_count,message", [
     ("", 2, "--devices is empty; list GPU ids such as --devices 0,1, or cpu slots such as --devices cpu,cpu"),
     ("0,,1", 2, "--devices 0,,1: an entry is empty; separate GPU ids or cpu by single commas"),
-    ("0,1,0", 2, "--devices 0,1,0: GPU 0 is listed twice; give each GPU once"),
     ("gpu0", 2, "--devices gpu0: 'gpu0' is neither a GPU id (0, 1, ...) nor cpu"),
     ("1.5", 2, "--devices 1.5: '1.5' is neither a GPU id"),
     ("-1", 2, "--devices -1: GPU ids start at 0, -1 is negative"),
@@ -111,6 +113,46 @@ def test_run_placed_pins_one_worker_per_entry_and_reports_user_errors(monkeypatc
     assert sorted(by_pid.values()) == [("0", "0", None), ("cpu", "", "4")]  # two workers, one per entry
     assert os.getpid() not in by_pid
     assert sorted(lines) == ["[a] hello", "[b] hello", "[bad] hello", "[c] hello", "[d] hello"]  # lines reach log
+
+
+def test_a_gpu_listed_twice_gets_two_workers_pinned_to_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # The tasks only read the environment (no CUDA here); each waits for the other, so both run at once.
+    results = run_placed([(tag, _where, (tag, str(tmp_path))) for tag in ("a", "b")], ["0", "0"], log=lambda _: None)
+    assert [(r.device, r.value["cuda"]) for r in results] == [("0", "0"), ("0", "0")]
+    assert len({r.value["pid"] for r in results}) == 2
+
+
+def test_ray_resources_follow_the_devices():
+    """What each run asks Ray for: a GPU, a share of one when its id repeats, or a node's CPUs shared by the slots."""
+    from ussf_lib.training.ray_engine import run_resources
+
+    assert run_resources(["0", "1"], node_cpus=8, has_gpus=True) == {"num_gpus": 1.0, "num_cpus": 1}
+    assert run_resources(["0", "0", "1", "1"], node_cpus=8, has_gpus=True) == {"num_gpus": 0.5, "num_cpus": 1}
+    assert run_resources(["cpu", "cpu"], node_cpus=8, has_gpus=True) == {"num_cpus": 4}
+    assert run_resources(["cpu"] * 3, node_cpus=2, has_gpus=False) == {"num_cpus": 1}  # at least one
+    assert run_resources(None, node_cpus=8, has_gpus=True) == {"num_gpus": 1.0, "num_cpus": 1}
+    assert run_resources(None, node_cpus=8, has_gpus=False) == {"num_cpus": 8}
+    for devices, message in ((["0", "cpu"], "list GPU ids or cpu slots, not both"),
+                             (["0", "0", "1"], r"list each GPU id the same number of times \(e.g. 0,0,1,1")):
+        with pytest.raises(UserError, match=message):
+            run_resources(devices, node_cpus=8, has_gpus=True)
+
+
+@pytest.mark.parametrize("command", ["compare", "sweep"])
+def test_engine_ray_without_ray_installed_is_one_line_exit_2(command, phantom_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as it does where Ray is not installed
+    (tmp_path / "grid.yaml").write_text("SEED: [0, 1]\n")
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "04_train_cross_validation.ipynb"
+    args = {"compare": ["compare", "--data", str(phantom_dir), "--models", "us_sfnet_tiny"],
+            "sweep": ["sweep", "--notebook", str(notebook), "--grid", str(tmp_path / "grid.yaml")]}[command]
+    assert main([*args, "--out", str(tmp_path / "out"), "--engine", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"ussf {command}: error: --engine ray needs Ray, which is not installed here; install it with "
+                   "pip install -e '.[cluster]'\n")
+    assert not (tmp_path / "out").exists()
 
 
 def _fails(tag: str) -> str:

@@ -26,7 +26,12 @@ timed, not the data loading):
   copy that training waits for while the write goes on in the background, and from them and the
   measured loop an estimate of the paper's protocol (5 folds x 150 epochs on its 3,392 images) for a few
   ``--eval-every`` / ``--checkpoint-every`` settings. The estimate counts only the measured steps and writes:
-  compilation, smaller last batches and per-epoch bookkeeping come on top.
+  compilation, smaller last batches and per-epoch bookkeeping come on top;
+* several runs on one device (``--concurrency 1,2,4``; in ``--quick``): 1, 2 and 4 training processes of
+  ``us_sfnet_tiny`` at 64 px at once on the device, each taking the same fixed number of the training steps timed
+  above (on a CPU each gets cores / processes threads, as ``--devices cpu,cpu`` gives a run); their images/s
+  together (all their images over the time from the common start to the last finish) and its ratio to one run
+  alone: what ``--devices 0,0`` (two runs per GPU) gains.
 
 ``--quick`` is the CPU-sized preset (two models, small batches, three timed steps): minutes on 2 cores. Timings on
 a shared machine are noisy; compare figures only within one run.
@@ -36,6 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 import os
 import platform
 import resource
@@ -60,6 +67,7 @@ from ussf_lib.models import build_model, check_image_size
 from ussf_lib.models.compiling import check_compile_settings, compile_model
 from ussf_lib.training import recipe
 from ussf_lib.training.loop import TrainConfig, make_optimizer, train_fold
+from ussf_lib.training.placement import CPU, cpu_threads
 from ussf_lib.training.runtime import AMP_DTYPES, DeviceImages, autocast, select_device
 
 #: Pipeline throughput wanted, as a multiple of US-SFNet's training throughput (docs/performance.md).
@@ -98,6 +106,12 @@ class BenchConfig:
     compile_backend: str = "inductor"  #: "aot_eager" only traces: a fast check of the path on CPU
     compile_scope: str = "model"  #: see :func:`ussf_lib.models.compiling.compile_model`
     compile_mode: str = "default"
+    #: Numbers of training processes run at once on the device (1 is always measured, as the reference);
+    #: empty skips the measurement.
+    concurrency: tuple[int, ...] = ()
+    concurrency_model: str = "us_sfnet_tiny"
+    concurrency_size: int = 64
+    concurrency_steps: int = 20  #: timed training steps each process takes (after ``warmup`` untimed ones)
     top_ops: int = 8  #: operators listed by self time in the profile of ``fft_model``
     device: str = "auto"
     num_classes: int = 4
@@ -106,12 +120,16 @@ class BenchConfig:
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
         self.scale_sizes = tuple(int(s) for s in self.scale_sizes)
+        self.concurrency = tuple(int(n) for n in self.concurrency)
+        if any(n < 1 for n in self.concurrency):
+            raise UserError(f"bench: concurrency={self.concurrency}: run at least one process at a time")
         if not self.models:
             raise UserError("bench: no models; pass --models us_sfnet,densenet121")
         if self.amp not in AMP_DTYPES:
             raise UserError(f"--amp {self.amp}: use one of {', '.join(AMP_DTYPES)}")
         check_compile_settings(self.compile_scope, self.compile_mode)
-        for name in ("batch_size", "iters", "profile_iters", "pipeline_images", "pipeline_iters", "image_size"):
+        for name in ("batch_size", "iters", "profile_iters", "pipeline_images", "pipeline_iters", "image_size",
+                     "concurrency_steps"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"bench: {name}={getattr(self, name)} must be at least 1")
         for name in ("warmup", "checkpoint_iters", "loop_batches"):
@@ -126,12 +144,14 @@ class BenchConfig:
                 check_image_size(self.scale_model, size)
         if self.fft_model:
             check_image_size(self.fft_model, self.image_size)
+        if self.concurrency:
+            check_image_size(self.concurrency_model, self.concurrency_size)
 
 
 #: ``ussf bench --quick``: the CPU-sized preset (measured at about 2-3 minutes on 2 cores, docs/performance.md).
 QUICK: dict[str, Any] = dict(models=("us_sfnet", "densenet121"), batch_size=8, warmup=2, iters=3, scale_batch=4,
                              profile_iters=1, pipeline_images=256, pipeline_iters=10, checkpoint_iters=1,
-                             loop_batches=2, loop_epochs=2)
+                             loop_batches=2, loop_epochs=2, concurrency=(1, 2, 4), concurrency_steps=10)
 
 
 def _sync(device: torch.device) -> None:
@@ -308,6 +328,52 @@ def size_scaling(cfg: BenchConfig, device: torch.device) -> list[dict[str, Any]]
     return rows
 
 
+def _concurrent_run(cfg: BenchConfig, device: str, threads: int | None, start: Any) -> float:
+    """One of several training processes on one device: warm up, wait for the others, time the fixed steps."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    model = _prepare(build_model(cfg.concurrency_model, cfg.num_classes, image_size=cfg.concurrency_size), dev, cfg)
+    step = train_step_fn(model, cfg.batch_size, cfg.concurrency_size, dev, cfg.amp, cfg.channels_last, cfg.num_classes)
+    for _ in range(cfg.warmup):
+        step()
+    _sync(dev)
+    start.wait(timeout=600)  # every process starts its timed steps together
+    began = time.perf_counter()
+    for _ in range(cfg.concurrency_steps):
+        step()
+    _sync(dev)
+    return time.perf_counter() - began
+
+
+def concurrency_throughput(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """Training images/s of 1 and of each of ``cfg.concurrency`` processes at once on ``device``, and the ratio to 1.
+
+    Each of ``runs`` processes (``spawn``, a pool of as many as the largest count) builds the model and takes
+    ``cfg.concurrency_steps`` training steps of :func:`train_step_fn` after ``cfg.warmup``; they start the timed
+    steps together (a barrier, so each of them is a process of its own). ``img_s`` is all their images over the
+    time to the last one's finish; ``img_s_per_run`` the mean of each process's own rate. On a CPU each process
+    gets cores / processes threads (as a ``cpu`` slot of ``--devices``).
+    """
+    ctx = get_context("spawn")
+    counts = sorted({1, *cfg.concurrency})
+    images = cfg.concurrency_steps * cfg.batch_size
+    rows = []
+    with ctx.Manager() as manager, ProcessPoolExecutor(counts[-1], mp_context=ctx) as pool:
+        for runs in counts:
+            threads = cpu_threads([CPU] * runs) if device.type == "cpu" else None
+            start = manager.Barrier(runs)
+            seconds = [f.result() for f in [pool.submit(_concurrent_run, cfg, str(device), threads, start)
+                                            for _ in range(runs)]]
+            rows.append({"runs": runs, "threads_per_run": threads, "img_s": runs * images / max(seconds),
+                         "img_s_per_run": float(np.mean([images / s for s in seconds])), "seconds": max(seconds)})
+    for row in rows:
+        row["ratio"] = row["img_s"] / rows[0]["img_s"]
+    return {"model": cfg.concurrency_model, "image_size": cfg.concurrency_size, "batch_size": cfg.batch_size,
+            "steps": cfg.concurrency_steps, "warmup": cfg.warmup, "rows": rows}
+
+
 def pipeline_throughput(cfg: BenchConfig, device: torch.device, augment: str = "none") -> float:
     """Images/s of training batches made ready on the device from a uint8 cache (gather + normalize), augmented
     as ``--augment`` does it (:mod:`ussf_lib.training.recipe`) unless ``augment`` is ``none``."""
@@ -476,6 +542,10 @@ def run_bench(cfg: BenchConfig | None = None, log: Callable[[str], None] = print
                               "train_rate": "loop" if "loop" in result else "step",
                               "rows": protocol_estimate(train_rate, m["infer_img_s"], ckpt["seconds"],
                                                         ckpt["snapshot_seconds"])}
+    if cfg.concurrency:
+        log(f"bench: {', '.join(map(str, sorted({1, *cfg.concurrency})))} {cfg.concurrency_model} training "
+            f"processes at once at {cfg.concurrency_size} px ...")
+        result["concurrency"] = concurrency_throughput(cfg, device)
     result["peak_mem_mb"] = peak_memory_mb(device)
     result["peak_mem_kind"] = ("torch.cuda.max_memory_allocated (per model: since that model started)"
                                if device.type == "cuda" else "process peak RSS (resource.getrusage ru_maxrss)")
@@ -531,6 +601,14 @@ def format_bench(result: dict[str, Any]) -> str:
                   f"One checkpoint (weights + Adam's moments, {proto['checkpoint_mb']:.0f} MB) takes "
                   f"{proto['checkpoint_s']:.2f} s to write to the temporary folder; training waits "
                   f"{proto['snapshot_s']:.2f} s for its copy to the host, and the write goes on in the background."]
+    if "concurrency" in result:
+        conc = result["concurrency"]
+        crows = [{"runs at once": r["runs"], "threads/run": r["threads_per_run"] or "-",
+                  "img/s (all runs)": f"{r['img_s']:.1f}", "img/s per run": f"{r['img_s_per_run']:.1f}",
+                  "× 1 run": f"{r['ratio']:.2f}"} for r in conc["rows"]]
+        parts += ["", f"## Several runs on one device ({conc['model']} at {conc['image_size']} px, train batch "
+                  f"{conc['batch_size']}, {conc['steps']} timed steps per process after {conc['warmup']} warm-up)", "",
+                  pd.DataFrame(crows).to_markdown(index=False)]
     ok = "meets" if result["pipeline_ratio"] >= result["pipeline_target_ratio"] else "below"
     parts += ["", f"Data pipeline: {result['pipeline_img_s']:.0f} img/s = {result['pipeline_ratio']:.1f} × "
               f"{result['pipeline_reference_model']} training ({ok} the {result['pipeline_target_ratio']:.0f}× target)",
@@ -552,4 +630,5 @@ def bench_config_from(quick: bool = False, **overrides: Any) -> BenchConfig:
 __all__: Sequence[str] = ["BenchConfig", "QUICK", "PIPELINE_TARGET_RATIO", "run_bench", "format_bench",
                           "bench_config_from", "bench_model", "fft_share", "size_scaling", "pipeline_throughput",
                           "train_step_fn", "infer_step_fn", "peak_memory_mb", "machine_info", "checkpoint_write",
-                          "protocol_estimate", "PROTOCOL_INTERVALS", "loop_throughput"]
+                          "protocol_estimate", "PROTOCOL_INTERVALS", "loop_throughput",
+                          "concurrency_throughput"]

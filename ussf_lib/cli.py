@@ -146,8 +146,17 @@ def _add_compare_parser(sub: Any) -> None:
                    help="repeat the comparison once per seed into OUT/seed_<S>/ (folds, weights and batch order "
                    "follow the seed) and pool the tables over folds and seeds (OUT/seeds.md)")
     p.add_argument("--devices", help="run the models at once, one per entry, each in a process pinned to it: GPU ids "
-                   "(--devices 0,1,2,3) or cpu slots (--devices cpu,cpu); default: one after the other here")
+                   "(--devices 0,1,2,3; 0,0 runs two on GPU 0) or cpu slots (--devices cpu,cpu); default: one after "
+                   "the other here")
+    _add_engine_flag(p, "model")
     p.set_defaults(func=cmd_compare)
+
+
+def _add_engine_flag(p: argparse.ArgumentParser, run: str) -> None:
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help=f"local: this machine's processes; ray: each {run}'s run is a Ray task on a Ray cluster "
+                   "(RAY_ADDRESS, or one started with `ray start`, else a Ray instance started here; "
+                   "needs pip install -e '.[cluster]'), asking for the share of a device --devices gives it")
 
 
 def _add_bench_parser(sub: Any) -> None:
@@ -162,6 +171,9 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, help="training batch (default 64; --quick 8)")
     p.add_argument("--iters", type=positive_int, help="timed steps per measurement (default 10; --quick 3)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 2)")
+    p.add_argument("--concurrency", type=_csv_list, metavar="COUNTS",
+                   help="also train 1 and each of COUNTS us_sfnet_tiny processes at once on the device, 64 px: their "
+                   "images/s together and the ratio to one run (default: not measured; --quick 1,2,4)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -241,7 +253,8 @@ def _add_sweep_parser(sub: Any) -> None:
                    help="runs executed at once, in processes (default 1, or one per --devices entry)")
     p.add_argument("--devices", help="place the runs on devices, one run per entry at a time, each in a process "
                    "pinned to it (its notebook kernel sees only that GPU): GPU ids (--devices 0,1) or cpu slots "
-                   "(--devices cpu,cpu)")
+                   "(--devices cpu,cpu); a GPU id listed twice runs two at once on it (--devices 0,0)")
+    _add_engine_flag(p, "grid point")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -353,13 +366,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     args.continue_hint = (Path(cfg.out) / ("seeds.json" if seeds else "splits.csv"), "continue by running the same "
                           f"command with --out {cfg.out} (finished models are kept, the interrupted one resumes)")
     if not seeds:
-        compare(args.models, cfg, cfg.out, devices=args.devices)
+        compare(args.models, cfg, cfg.out, devices=args.devices, engine=args.engine)
         return 0
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "seeds.json").write_text(json.dumps({"seeds": seeds, "models": parse_models(args.models)}))
     for seed in seeds:
         print(f"seed {seed}:")
-        compare(args.models, dataclasses.replace(cfg, seed=seed), seed_folder(cfg.out, seed), devices=args.devices)
+        compare(args.models, dataclasses.replace(cfg, seed=seed), seed_folder(cfg.out, seed), devices=args.devices,
+                engine=args.engine)
     write_seed_tables(cfg.out, seeds, parse_models(args.models))
     print(f"tables over seeds {','.join(map(str, seeds))} in {Path(cfg.out).resolve() / 'seeds.md'}")
     return 0
@@ -387,11 +401,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.sizes or not all(s.isdigit() and int(s) > 0 for s in args.sizes):
             raise UserError(f"--sizes {','.join(args.sizes)}: give positive whole pixel sizes, e.g. --sizes 64,224")
         sizes = tuple(int(s) for s in args.sizes)
+    concurrency = None
+    if args.concurrency is not None:
+        if not all(c.isdigit() and int(c) > 0 for c in args.concurrency):
+            raise UserError(f"--concurrency {','.join(args.concurrency)}: give positive whole numbers of runs at "
+                            "once, e.g. --concurrency 1,2,4")
+        concurrency = tuple(int(c) for c in args.concurrency)
     cfg = bench_config_from(args.quick, device=args.device, amp=args.amp, channels_last=args.channels_last,
                             compile=args.compile or None, compile_scope=args.compile_scope,
                             compile_mode=args.compile_mode, scale_sizes=sizes,
                             models=tuple(args.models) if args.models else None, image_size=args.image_size,
-                            batch_size=args.batch_size, iters=args.iters, warmup=args.warmup)
+                            batch_size=args.batch_size, iters=args.iters, warmup=args.warmup,
+                            concurrency=concurrency)
     if args.json:
         if Path(args.json).is_dir():
             raise UserError(f"--json {args.json}: is a folder; give a file name, e.g. {Path(args.json) / 'bench.json'}")
@@ -532,7 +553,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ussf_lib.nbrun.sweep import run_sweep
 
-    result = run_sweep(args.notebook, args.grid, args.out, jobs=args.jobs, devices=args.devices)
+    result = run_sweep(args.notebook, args.grid, args.out, jobs=args.jobs, devices=args.devices, engine=args.engine)
     return 1 if result.failed else 0
 
 

@@ -16,10 +16,13 @@ folder) and ``sweep.json`` (parameters, seconds). A run whose ``metrics.json`` e
 when the sweep is called again (with other fixed values it is an error: use a new ``--out``); an unfinished run
 starts again, and notebook 04 resumes its cross-validation fold by fold. ``--jobs N`` executes N runs at once in
 separate processes, each kernel limited to ``cpu_count // N`` threads. ``--devices 0,1`` instead places the runs
-on GPUs, one run per GPU at a time (:mod:`ussf_lib.training.placement`): each worker is pinned to its GPU for its whole life
+on GPUs, one run per entry at a time (:mod:`ussf_lib.training.placement`): each worker is pinned to its GPU for its whole life
 and the notebook kernel it starts inherits ``CUDA_VISIBLE_DEVICES``, so the notebook's device ``auto`` is that GPU;
-``--devices cpu,cpu`` runs two at once on the CPU. ``sweep.json`` records the entry a run was placed on
-(``device``, null without ``--devices``).
+``--devices cpu,cpu`` runs two at once on the CPU, ``--devices 0,0`` two at once on GPU 0. ``sweep.json`` records
+the entry a run was placed on (``device``, null without ``--devices``). ``--engine ray`` hands the runs to a Ray
+cluster instead (:mod:`ussf_lib.training.ray_engine`, docs/cluster.md), each asking for the share of a device
+that ``--devices`` describes (``--jobs N`` there is ``--devices`` with N ``cpu`` entries); run folders, results and
+skipping are the same.
 
 Results: ``DIR/results.csv``, one row per finished run (its parameters, then ``<metric>_mean`` and
 ``<metric>_std`` for accuracy, precision, sensitivity, specificity, f1 and auc as the notebook's ``metrics.json``
@@ -53,7 +56,7 @@ from ussf_lib.paper import METRIC_NAMES
 from ussf_lib.evaluation.metrics import format_mean_std
 from ussf_lib.nbrun.runner import (NotebookError, absolute_path_parameters, check_out_outside_data, check_parameters,
                                       check_values, declared_parameters, execute_notebook, notebook_paths)
-from ussf_lib.training.placement import Placed, parse_devices, placed_device, run_placed
+from ussf_lib.training.placement import Placed, check_engine, parse_devices, placed_device, run_tasks
 
 #: The axis averaged over in ``summary.md``.
 SEED_AXIS = "SEED"
@@ -177,23 +180,28 @@ def _run_one(notebook: str, run_dir: str, params: dict[str, Any], threads: int |
 
 def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str, Any] | Grid,
               out: str | os.PathLike, jobs: int | None = None, log: Callable[[str], None] = print,
-              devices: str | Sequence[str] | None = None) -> SweepResult:
+              devices: str | Sequence[str] | None = None, engine: str = "local") -> SweepResult:
     """Execute ``notebook`` once per grid point into ``out/<run name>/`` and write ``results.csv`` and ``summary.md``.
 
     Finished runs (``metrics.json`` present) are skipped; ``jobs`` > 1 runs that many at once in processes
     (default 1). ``devices`` (``"0,1"``, ``["cpu", "cpu"]``, see :func:`~ussf_lib.training.placement.parse_devices`) runs
     one at a time per entry in worker processes pinned to it; ``jobs``, if given too, must equal their number.
-    A failing run does not stop the others: it is reported in ``SweepResult.failed`` and left out of the tables.
+    ``engine="ray"`` runs them as Ray tasks instead (see the module docstring). A failing run does not stop the
+    others: it is reported in ``SweepResult.failed`` and left out of the tables.
     Grid names that are not parameters of the notebook are a :class:`UserError` naming them.
     """
-    notebook = notebook_paths([notebook])[0]
+    notebook = notebook_paths([notebook])[0].absolute()  # Ray workers on a cluster start in another folder
     grid = grid if isinstance(grid, Grid) else load_grid(grid)
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs {jobs}: run at least one job at a time")
-    placed = parse_devices(devices) if devices is not None else None
+    check_engine(engine)
+    ray = engine == "ray"
+    placed = parse_devices(devices, check_cuda=not ray) if devices is not None else None
     if placed is not None and jobs is not None and jobs != len(placed):
         raise UserError(f"--jobs {jobs} and --devices {','.join(placed)} ({len(placed)} entries) disagree; "
                         "--devices alone sets how many runs go at once, so leave --jobs out")
+    if ray and placed is None and jobs is not None:
+        placed = ["cpu"] * jobs
     jobs = len(placed) if placed is not None else (jobs or 1)
     _, runs = _check_grid(notebook, grid)
     out = Path(out).resolve()
@@ -210,8 +218,9 @@ def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str
         else:
             todo.append((name, params))
     log(f"sweep of {notebook.name}: {len(runs)} run(s), {len(skipped)} already finished, {len(todo)} to run"
-        + (f", {jobs} at a time" if jobs > 1 and len(todo) > 1 else "")
-        + (f" on --devices {','.join(placed)}" if placed is not None and todo else ""))
+        + (f", {jobs} at a time" if jobs > 1 and len(todo) > 1 and not ray else "")
+        + (f" on --devices {','.join(placed)}" if placed is not None and todo else "")
+        + (" as Ray tasks" if ray and todo else ""))
     ran, failed = [], {}
 
     def report(name: str, status: str, seconds: float, where: str = "") -> None:
@@ -226,10 +235,11 @@ def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str
         status, seconds = done.value if done.ok else (done.error, 0.0)
         report(done.key, status, seconds, f" on device {done.device}")
 
-    if placed is not None:
+    if placed is not None or ray:
         # Even a single run goes to a pinned worker: `--devices 1` means "on GPU 1", not "here".
         tasks = [(name, _run_one, (str(notebook), str(out / name), params, None)) for name, params in todo]
-        run_placed(tasks, placed, log=log, on_done=report_placed)
+        if tasks:
+            run_tasks(tasks, placed, engine, log=log, on_done=report_placed)
     elif jobs == 1 or len(todo) <= 1:
         for name, params in todo:
             report(name, *_run_one(str(notebook), str(out / name), params, None))

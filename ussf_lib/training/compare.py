@@ -6,8 +6,10 @@ run folder ``OUT/<model>/`` with ``splits=OUT/splits.csv``, so all models are tr
 the same images. A model whose ``summary.json`` exists is finished and skipped on a rerun; a model whose folder
 exists without it was interrupted and is resumed (finished folds are kept). With ``--devices 0,1,...``
 (``devices=`` here) the models' runs go at once, one per device, in worker processes pinned to their device
-(:mod:`ussf_lib.training.placement`; ``cpu,cpu`` runs two at once on the CPU); their log lines come back prefixed with the
-model name. :func:`~ussf_lib.evaluation.tables.write_comparison` then writes the tables from the run folders::
+(:mod:`ussf_lib.training.placement`; ``cpu,cpu`` runs two at once on the CPU, ``0,0`` two on GPU 0); their log
+lines come back prefixed with the model name. ``--engine ray`` (``engine="ray"``) runs them as Ray tasks on a Ray
+cluster instead (:mod:`ussf_lib.training.ray_engine`), with the same folders and tables.
+:func:`~ussf_lib.evaluation.tables.write_comparison` then writes the tables from the run folders::
 
     OUT/compare.json          the models and the shared settings
     OUT/splits.csv            path,label,group,fold: the one set of folds
@@ -32,7 +34,7 @@ from ussf_lib.evaluation.tables import same_folds, write_comparison
 from ussf_lib.errors import UserError
 from ussf_lib.training.experiment import PATH_SETTINGS, CVConfig, absolute_path, prepare_data, run_cv
 from ussf_lib.models.registry import check_image_size
-from ussf_lib.training.placement import Placed, parse_devices, run_placed, worker_log
+from ussf_lib.training.placement import Placed, check_engine, parse_devices, run_tasks, worker_log
 from ussf_lib.training.runtime import select_device
 
 # Settings that may differ between the models' configs without changing what a finished run means.
@@ -71,7 +73,7 @@ def _shared_settings(cfg: CVConfig) -> dict:
 
 def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
             log: Callable[[str], None] = print, replace_changed: bool = False,
-            devices: str | Sequence[str] | None = None) -> Path:
+            devices: str | Sequence[str] | None = None, engine: str = "local") -> Path:
     """Cross-validate each of ``models`` with ``base_cfg``'s settings on one shared set of folds; return ``out``.
 
     ``base_cfg.model`` and ``base_cfg.out`` are ignored (each model gets ``out/<model>``). Rerunning with the same
@@ -84,11 +86,14 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
     ``auto``, which in the worker is its device; progress bars are off there). The folds are still made here first.
     A model that stops with a :class:`UserError` does not stop the others: the tables are written for those that
     finished and the failures are raised as one :class:`UserError` at the end. Without ``devices`` the models run
-    one after the other in this process. Introduced in ``notebooks/06_compare_baselines.ipynb``.
+    one after the other in this process. ``engine="ray"`` runs them as Ray tasks, each asking for the share of a
+    device that ``devices`` describes (:mod:`ussf_lib.training.ray_engine`), with the same outcome.
+    Introduced in ``notebooks/06_compare_baselines.ipynb``.
     """
     names = parse_models(models)
-    placed = parse_devices(devices) if devices is not None else None
-    _check_before_training(names, base_cfg, placed)
+    check_engine(engine)
+    placed = parse_devices(devices, check_cuda=engine == "local") if devices is not None else None
+    _check_before_training(names, base_cfg, placed, engine)
     out = Path(out)
     names = _open_comparison(out, names, base_cfg, replace_changed, log)
     with contextlib.ExitStack() as lock:
@@ -97,13 +102,13 @@ def compare(models: str | Sequence[str], base_cfg: CVConfig, out: str | Path,
             lock.enter_context(files.run_lock(out))
             names = _open_comparison(out, names, base_cfg, False, log)  # again, under the lock
             files.remove_temp_files(out, depth=0)
-        _compare_locked(names, base_cfg, out, lock, log, placed)
+        _compare_locked(names, base_cfg, out, lock, log, placed, engine)
     log(f"comparison tables in {out.resolve()}: table1.md, table2.md, paired.md, per_class_bars.png")
     return out
 
 
 def _compare_locked(names: list[str], base_cfg: CVConfig, out: Path, lock: contextlib.ExitStack,
-                    log: Callable[[str], None], placed: list[str] | None) -> None:
+                    log: Callable[[str], None], placed: list[str] | None, engine: str) -> None:
     """:func:`compare` from the folds on, with the comparison folder locked (from its creation, for a new one)."""
     splits = out / "splits.csv"
     if not splits.is_file():
@@ -114,32 +119,35 @@ def _compare_locked(names: list[str], base_cfg: CVConfig, out: Path, lock: conte
         raise UserError(f"--splits {base_cfg.splits} differs from {splits} already used here; choose a new --out")
     files.write_text(out / "compare.json", json.dumps({"models": names, "settings": _shared_settings(base_cfg)},
                                                       indent=2), "run the same command again to continue")
-    where = f" (--devices {','.join(placed)})" if placed is not None else ""
+    where = (f" (--devices {','.join(placed)})" if placed is not None else "") + (" (Ray)" if engine == "ray" else "")
 
     def plan(i: int, name: str) -> tuple[CVConfig, bool] | None:
         return _plan_model(i, name, names, base_cfg, out, log, where)
 
-    if placed is None:
+    if placed is None and engine == "local":
         for i, name in enumerate(names, 1):
             planned = plan(i, name)
             if planned is not None:
                 run_cv(planned[0], resume=planned[1], log=log)
     else:
-        _run_placed_models(names, plan, placed, out, log)
+        _run_placed_models(names, plan, placed, out, log, engine)
     write_comparison(out, names)
 
 
-def _check_before_training(names: list[str], base_cfg: CVConfig, placed: list[str] | None) -> None:
+def _check_before_training(names: list[str], base_cfg: CVConfig, placed: list[str] | None, engine: str) -> None:
     """Every name, size, the device and the weights are checked before hours of training start."""
     if placed is not None and base_cfg.device != "auto":
         raise UserError(f"--device {base_cfg.device} and --devices {','.join(placed)}: --devices pins each model's run "
                         "to one device, where --device auto finds it; leave --device out")
+    if engine == "ray" and base_cfg.device != "auto":
+        raise UserError(f"--device {base_cfg.device} and --engine ray: Ray gives each model's run its device, where "
+                        "--device auto finds it; leave --device out (--devices says what share each run asks for)")
     if base_cfg.weights_path and len(names) > 1:
         raise UserError(f"--weights {base_cfg.weights_path} fits one architecture, but {len(names)} models are "
                         "compared; compare from scratch, or run `ussf cv --weights ... --splits OUT/splits.csv` per model")
     for name in names:
         check_image_size(name, base_cfg.image_size)
-    if placed is None:
+    if placed is None and engine == "local":
         select_device(base_cfg.device)
 
 
@@ -197,8 +205,9 @@ def _run_model(cfg: CVConfig, resume: bool) -> str:
 
 
 def _run_placed_models(names: Sequence[str], plan: Callable[[int, str], tuple[CVConfig, bool] | None],
-                       devices: Sequence[str], out: Path, log: Callable[[str], None]) -> None:
-    """Run the unfinished models concurrently on ``devices``; a UserError in one lets the others finish."""
+                       devices: Sequence[str] | None, out: Path, log: Callable[[str], None], engine: str) -> None:
+    """Run the unfinished models concurrently on ``devices`` (with ``engine``); a UserError in one lets the others
+    finish."""
     tasks = []
     for i, name in enumerate(names, 1):  # every run is checked before any starts
         planned = plan(i, name)
@@ -211,7 +220,9 @@ def _run_placed_models(names: Sequence[str], plan: Callable[[int, str], tuple[CV
     def done(result: Placed) -> None:
         log(f"[{result.key}] {'finished' if result.ok else 'FAILED: ' + str(result.error)} on device {result.device}")
 
-    failed = [r for r in run_placed(tasks, devices, log=log, on_done=done) if not r.ok]
+    if not tasks:
+        return
+    failed = [r for r in run_tasks(tasks, devices, engine, log=log, on_done=done) if not r.ok]
     if failed:
         finished = [m for m in names if (out / m / "summary.json").is_file()]
         if finished:

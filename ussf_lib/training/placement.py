@@ -1,14 +1,21 @@
-"""Place independent runs on different devices: one worker process per ``--devices`` entry, pinned for life.
+"""Place independent runs on devices: one worker process per ``--devices`` entry, pinned for life.
 
 ``ussf sweep --devices 0,1`` and ``ussf compare --devices 0,1,2,3`` (and ``compare(..., devices=...)`` in
 ``notebooks/06_compare_baselines.ipynb``) hand their runs to :func:`run_placed`. Introduced by notebook 06 and
 docs/multi-gpu-and-sweeps.md.
 
 An entry is a GPU id (``0``, ``1``, ... as this process numbers its visible GPUs) or ``cpu``: one slot that
-runs one job at a time on the CPU, so ``cpu,cpu`` runs two at once there. Each worker takes one entry when it
-starts and keeps it: it sets ``CUDA_VISIBLE_DEVICES`` to that GPU alone (``""`` for ``cpu``) before anything in
-it touches CUDA, so inside the worker, and in any notebook kernel it starts, device ``auto`` is ``cuda:0`` and
-that is the pinned GPU. The entry is recorded in ``USSF_PLACED_DEVICE`` (``environment.json`` keeps it).
+runs one job at a time, so ``cpu,cpu`` runs two at once on the CPU and ``0,0,1,1`` two at once on each of GPUs 0
+and 1. Each worker takes one entry when it starts and keeps it: it sets ``CUDA_VISIBLE_DEVICES`` to that GPU
+alone (``""`` for ``cpu``) before anything in it touches CUDA, so inside the worker, and in any notebook kernel
+it starts, device ``auto`` is ``cuda:0`` and that is the pinned GPU. The entry is recorded in
+``USSF_PLACED_DEVICE`` (``environment.json`` keeps it).
+
+This pool is the default ``--engine local``. ``--engine ray`` (:mod:`ussf_lib.training.ray_engine`) hands the
+same tasks to a Ray cluster instead, whose scheduler places them by the resources each asks for. Both exist
+because Ray is an optional extra (``pip install -e '.[cluster]'``): without it this pool is what runs several
+runs at once on one machine, and it needs no cluster to be started. The two share the parsing of ``--devices``,
+the environment a run sees (:func:`pin_environment`) and the outcome of a task (:class:`Placed`).
 """
 
 from __future__ import annotations
@@ -28,18 +35,21 @@ PLACED_ENV = "USSF_PLACED_DEVICE"
 #: Thread-pool sizes a CPU slot limits (read by torch/NumPy when they load, and by a notebook kernel it starts).
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 CPU = "cpu"
+#: ``--engine``: this machine's worker pool (:func:`run_placed`) or a Ray cluster (:mod:`.ray_engine`).
+ENGINES = ("local", "ray")
 _EMPTY = "--devices is empty; list GPU ids such as --devices 0,1, or cpu slots such as --devices cpu,cpu"
 
 # Set in each worker by _pin: where log lines go (the parent prints them), see worker_log.
 _LOG_QUEUE: Any = None
 
 
-def parse_devices(spec: str | Sequence[str], cuda_count: int | None = None) -> list[str]:
+def parse_devices(spec: str | Sequence[str], cuda_count: int | None = None, check_cuda: bool = True) -> list[str]:
     """``"0,1"`` -> ``["0", "1"]`` (GPU ids), ``"cpu,cpu"`` -> ``["cpu", "cpu"]`` (two CPU slots); mixed is fine.
 
-    An empty list, an entry that is neither ``cpu`` nor a whole number >= 0, a GPU listed twice, or a GPU id
-    this machine does not have is a :class:`UserError`. ``cuda_count`` is the number of visible CUDA devices
-    (default ``torch.cuda.device_count()``, asked only when a GPU id is given).
+    A GPU listed ``k`` times runs ``k`` runs at once on it (``"0,0"``). An empty list, an entry that is neither
+    ``cpu`` nor a whole number >= 0, or a GPU id this machine does not have is a :class:`UserError`.
+    ``cuda_count`` is the number of visible CUDA devices (default ``torch.cuda.device_count()``, asked only when
+    a GPU id is given); ``check_cuda=False`` leaves the GPU ids unchecked (a Ray cluster's GPUs are elsewhere).
     """
     tokens = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec)]
     shown = ",".join(tokens)
@@ -60,12 +70,8 @@ def parse_devices(spec: str | Sequence[str], cuda_count: int | None = None) -> l
         if gpu < 0:
             raise UserError(f"--devices {shown}: GPU ids start at 0, {token} is negative")
         entries.append(str(gpu))  # "01" and "1" are the same GPU
-    gpus = [e for e in entries if e != CPU]
-    twice = sorted({g for g in gpus if gpus.count(g) > 1}, key=int)
-    if twice:
-        raise UserError(f"--devices {shown}: GPU {twice[0]} is listed twice; give each GPU once "
-                        "(each entry is one process that runs one job at a time on it)")
-    if gpus:
+    gpus = sorted({e for e in entries if e != CPU}, key=int)
+    if gpus and check_cuda:
         if cuda_count is None:
             import torch
 
@@ -107,9 +113,17 @@ def _pin(slots: Any, logs: Any, threads: int) -> None:
     It runs before any task is unpickled, so before the task's modules import torch and before CUDA starts
     (CUDA reads ``CUDA_VISIBLE_DEVICES`` once, when it initialises).
     """
-    global _LOG_QUEUE
     entry, visible = slots.get()
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    pin_environment(entry, visible, threads, logs)
+
+
+def pin_environment(entry: str, visible: str | None, threads: int, logs: Any = None) -> None:
+    """Set this process's environment for runs on ``entry``: ``CUDA_VISIBLE_DEVICES`` (left as it is when
+    ``visible`` is None: Ray has set it), ``USSF_PLACED_DEVICE``, a CPU slot's ``threads``, and the queue
+    (anything with ``put``) where :func:`worker_log` sends lines."""
+    global _LOG_QUEUE
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
     os.environ[PLACED_ENV] = entry
     if entry == CPU:
         for var in THREAD_VARS:
@@ -181,8 +195,8 @@ def run_placed(tasks: Sequence[tuple[str, Callable[..., Any], tuple]], devices: 
                log: Callable[[str], None] = print, on_done: Callable[[Placed], None] | None = None) -> list[Placed]:
     """Run independent ``(key, fn, args)`` tasks in worker processes, one per entry of ``devices``, each pinned.
 
-    ``fn`` and ``args`` must be picklable (a module-level function). A free worker takes the next task, so a
-    device never holds two runs at once. Lines a task logs through :func:`worker_log` reach ``log`` here;
+    ``fn`` and ``args`` must be picklable (a module-level function). A free worker takes the next task, so an
+    entry never holds two runs at once. Lines a task logs through :func:`worker_log` reach ``log`` here;
     ``on_done`` is called with each :class:`Placed` as it finishes. A task that raises :class:`UserError` is
     reported in its ``Placed.error`` and the others go on; any other exception stops the tasks not yet started,
     waits for the running ones and is raised. Ctrl-C ends the workers (their runs can be resumed). Returns the
@@ -234,3 +248,28 @@ def run_placed(tasks: Sequence[tuple[str, Callable[..., Any], tuple]], devices: 
         raise
     pool.shutdown(wait=True)
     return [outcomes[key] for key, _, _ in tasks if key in outcomes]
+
+
+def check_engine(engine: str) -> None:
+    """An unknown ``--engine``, or ``ray`` without Ray installed, is a :class:`UserError` (before any run starts)."""
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: use one of {', '.join(ENGINES)}")
+    if engine == "ray":
+        from ussf_lib.training.ray_engine import require_ray
+
+        require_ray()
+
+
+def run_tasks(tasks: Sequence[tuple[str, Callable[..., Any], tuple]], devices: Sequence[str] | None,
+              engine: str = "local", log: Callable[[str], None] = print,
+              on_done: Callable[[Placed], None] | None = None) -> list[Placed]:
+    """:func:`run_placed` (``engine="local"``, ``devices`` required) or the same on Ray
+    (:func:`~ussf_lib.training.ray_engine.run_on_ray`, ``devices`` None: Ray's default share per run)."""
+    check_engine(engine)
+    if engine == "ray":
+        from ussf_lib.training.ray_engine import run_on_ray
+
+        return run_on_ray(tasks, devices, log=log, on_done=on_done)
+    if devices is None:
+        raise ValueError("run_tasks: the local engine needs devices")
+    return run_placed(tasks, devices, log=log, on_done=on_done)
