@@ -123,6 +123,8 @@ def _add_phantom_parser(sub: Any) -> None:
     p.add_argument("--n-per-class", type=_positive_int, default=250, help="images per class")
     p.add_argument("--image-size", type=_positive_int, default=224, help="pixels, square")
     p.add_argument("--seed", type=settings.flag_type("seed"), default=0, help="the same seed writes the same images")
+    p.add_argument("--class-ratio", help="unbalanced classes: 'paper' (the paper's class proportions) or weights in "
+                   "class order, e.g. 5.7,1,1,1; the largest class gets --n-per-class images (default: balanced)")
     p.set_defaults(func=cmd_phantom)
 
 
@@ -235,7 +237,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from ussf_lib.data.phantom import generate_phantom
 
     manifest = generate_phantom(args.out, n_per_class=args.n_per_class, image_size=args.image_size, seed=args.seed,
-                                progress=sys.stderr.isatty())
+                                class_ratio=args.class_ratio, progress=sys.stderr.isatty())
     print(f"phantom written to {Path(args.out).resolve()} (manifest {manifest})")
     return 0
 
