@@ -12,6 +12,7 @@ import inspect
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -301,6 +302,61 @@ def test_resume_or_replace_keeps_a_matching_run_and_replaces_another(tmp_path):
     cfg.epochs = 2
     assert nbs.resume_or_replace(cfg, log=lambda line: None) is False
     assert not (tmp_path / "run").exists()
+
+
+def _tiny_notebook(path: Path, *code: str) -> Path:
+    """A notebook with a parameters cell (``OUT_DIR``, ``SECONDS``) and the given code cells."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell('OUT_DIR = ""\nSECONDS = 30')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_code_cell("import time"), params, *map(nbformat.v4.new_code_cell, code)]
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.slow
+def test_a_cell_running_past_the_timeout_fails_in_one_line_naming_notebook_and_cell(tmp_path, capfd):
+    from ussf_lib.cli import main
+
+    nb = _tiny_notebook(tmp_path / "99_sleepy.ipynb", "x = 1", "# waits\ntime.sleep(SECONDS)", "print('never')")
+    with pytest.raises(runner.NotebookError) as caught:
+        runner.execute_notebook(nb, tmp_path / "out" / nb.name, {"SECONDS": 60}, timeout=3)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("99_sleepy.ipynb: cell In [")
+    assert "(`time.sleep(SECONDS)`) ran longer than the 3 s limit per cell" in message and "--timeout" in message
+    capfd.readouterr()
+    started = time.perf_counter()
+    assert main(["notebooks", "--out", str(tmp_path / "nb"), "--only", str(nb), "--timeout", "3"]) == 1
+    assert time.perf_counter() - started < 60  # not the 30 s sleep plus the default 600 s limit
+    out, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "99_sleepy.ipynb: cell In [" in lines[0] and "time.sleep(SECONDS)" in lines[0], err
+    record = json.loads((tmp_path / "nb" / "notebooks.json").read_text())
+    assert record[0]["status"].startswith("failed") and "3 s limit" in record[0]["status"]
+    # a short enough cell passes
+    runner.execute_notebook(nb, tmp_path / "ok" / nb.name, {"SECONDS": 0}, timeout=30)
+
+
+def test_timeout_must_be_positive(tmp_path):
+    with pytest.raises(UserError, match="timeout=0"):
+        runner.execute_notebook(NOTEBOOK_DIR / "01_explore_data.ipynb", tmp_path / "x.ipynb", {}, timeout=0)
+    assert inspect.signature(runner.run_notebooks).parameters["timeout"].default == runner.DEFAULT_TIMEOUT == 600
+
+
+@pytest.mark.slow
+def test_headless_runs_draw_no_widgets(tmp_path, monkeypatch):
+    """INTERACTIVE=True in a headless kernel skips the widgets (they could block papermill) with one line."""
+    nb = _tiny_notebook(tmp_path / "98_widgets.ipynb",
+                        "from ussf_lib.nbrun.helpers import widgets_enabled\nprint('enabled:', widgets_enabled(True))")
+    executed = nbformat.read(runner.execute_notebook(nb, tmp_path / "out.ipynb", {}, cwd=REPO), as_version=4)
+    text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "headless run: no widgets" in text and "enabled: False" in text
+    assert nbs.HEADLESS_ENV not in __import__("os").environ  # set for the kernel only
+    monkeypatch.delenv(nbs.HEADLESS_ENV, raising=False)
+    assert nbs.widgets_enabled(True, log=lambda line: None) is True and nbs.widgets_enabled(False) is False
+    monkeypatch.setenv(nbs.HEADLESS_ENV, "1")
+    assert nbs.widgets_enabled(True, log=lambda line: None) is False
 
 
 # --------------------------------------------------------------------------------------------- execution

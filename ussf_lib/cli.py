@@ -213,6 +213,8 @@ def _add_notebooks_parser(sub: Any) -> None:
                    help="notebook parameter, repeatable (e.g. EPOCHS=2); each notebook takes those it declares; "
                         "NN:KEY=VALUE sets it for notebook NN only (e.g. 04:FOLDS=5)")
     p.add_argument("--only", type=_csv_list, help="notebooks to run, e.g. 01,03 (default: all, in order)")
+    p.add_argument("--timeout", type=_positive_int, default=600, metavar="SECONDS",
+                   help="a cell running longer than this stops its notebook (default 600)")
     p.set_defaults(func=cmd_notebooks)
 
 
@@ -467,7 +469,8 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     from ussf_lib.nbrun.runner import NotebookError, parse_assignments, run_notebooks
 
     try:
-        done = run_notebooks(args.out, parameters=parse_assignments(args.param), notebooks=args.only)
+        done = run_notebooks(args.out, parameters=parse_assignments(args.param), notebooks=args.only,
+                             timeout=args.timeout)
     except NotebookError as exc:
         print(f"ussf notebooks: {exc}", file=sys.stderr)
         return 1

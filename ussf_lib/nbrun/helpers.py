@@ -29,6 +29,8 @@ from ussf_lib.errors import UserError
 RUN_SUBDIR = "run"
 #: Classes and group column of the built-in phantom.
 PHANTOM_GROUP_COL = "patient"
+#: Set to ``1`` in the kernel's environment by headless runs (:func:`ussf_lib.nbrun.runner.execute_notebook`).
+HEADLESS_ENV = "USSF_HEADLESS"
 
 
 # --------------------------------------------------------------------------------------------- paths
@@ -66,6 +68,24 @@ def resolve_out_dir(out_dir: str | os.PathLike) -> Path:
         raise UserError("OUT_DIR is empty; give the folder the notebook writes its figures and tables into")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def widgets_enabled(interactive: bool, log: Callable[[str], None] = print) -> bool:
+    """Whether a notebook should draw its ipywidgets now: ``INTERACTIVE`` is True and a browser can show them.
+
+    Headless runs (``ussf notebooks``, ``ussf sweep``, papermill through :mod:`ussf_lib.nbrun.runner`) start the
+    kernel with ``USSF_HEADLESS=1``: nobody can move a slider there, nothing renders a widget or answers its
+    messages, and papermill's client, which captures output widgets' messages to store their state, can block
+    on them (papermill issue 723, nbclient issue 312). There every widget cell is skipped with one line, and the
+    static figures drawn before it stand in. Progress bars follow the same rule (they are widgets in a kernel).
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
+    if not interactive:
+        return False
+    if os.environ.get(HEADLESS_ENV, "") not in ("", "0"):
+        log("INTERACTIVE=True, but this is a headless run: no widgets (open the notebook in JupyterLab for them)")
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------- data
