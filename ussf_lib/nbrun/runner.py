@@ -14,7 +14,8 @@ interpreter).
 
 Every execution has a time limit per cell (``timeout``, :data:`DEFAULT_TIMEOUT` seconds; ``ussf notebooks
 --timeout``): a cell that runs longer stops the notebook with one :class:`NotebookError` line naming the notebook
-and the cell. The kernel starts with ``USSF_HEADLESS=1`` in its environment (:data:`HEADLESS_ENV`), so a notebook
+and the cell. The kernel imports the ``ussf_lib`` that runs it (its folder goes first on the kernel's ``PYTHONPATH``) and
+starts with ``USSF_HEADLESS=1`` in its environment (:data:`HEADLESS_ENV`), so a notebook
 run with ``INTERACTIVE=True`` draws no widgets (:func:`ussf_lib.nbrun.helpers.widgets_enabled`): with no browser
 nothing renders or answers them, and papermill's client, which captures the output widgets' messages itself to
 store their state, is known to block on them at times (papermill issue 723, nbclient issue 312).
@@ -308,16 +309,21 @@ def _describe_cell(cell: Any) -> str:
 
 @contextlib.contextmanager
 def _headless_kernel_env():
-    """:data:`HEADLESS_ENV` set while a kernel starts (it copies this process's environment), then restored."""
-    previous = os.environ.get(HEADLESS_ENV)
+    """While a kernel starts (it copies this process's environment): :data:`HEADLESS_ENV` set, and the folder
+    holding this ``ussf_lib`` first on ``PYTHONPATH``, so the notebook imports the library that runs it (not
+    another checkout's installed copy). Restored afterwards."""
+    library_root = str(Path(__file__).resolve().parents[2])
+    previous = {name: os.environ.get(name) for name in (HEADLESS_ENV, "PYTHONPATH")}
     os.environ[HEADLESS_ENV] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join([library_root, *filter(None, [previous["PYTHONPATH"]])])
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(HEADLESS_ENV, None)
-        else:
-            os.environ[HEADLESS_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
