@@ -11,6 +11,8 @@ Introduced in ``notebooks/03_build_conv_fft_block.ipynb``:
   not, because a shift multiplies the spectrum by a phase ramp that its 3x3 convolutions over neighbouring
   frequencies (and over real and imaginary parts) do not commute with.
 * :func:`block_maps`: a block's input and its branch outputs inside a (trained) network, from a forward hook.
+* :func:`run_ablation`: the model and its ``_nofreq`` / ``_nofft`` ablations on identical folds, and what the
+  trained ones do (:func:`load_trained`, :func:`frequency_shares`).
 
 Modules are measured in eval mode: in training mode BatchNorm normalizes with the batch's own statistics, which
 mixes every pixel into every output and would hide the receptive field.
@@ -19,6 +21,8 @@ mixes every pixel into every output and would hide the receptive field.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -133,3 +137,57 @@ def strongest_channel(feature_map: Tensor) -> int:
     """The channel of a ``(B, C, H, W)`` map with the most energy in the first image (the one worth drawing).
     Introduced in ``notebooks/03_build_conv_fft_block.ipynb``."""
     return int(feature_map[0].detach().double().square().sum(dim=(-2, -1)).argmax())
+
+
+# --------------------------------------------------------------------------------------------- the ablation
+
+
+def ablation_models(model: str) -> list[str]:
+    """``model`` and its two frequency ablations in the registry: ``<model>_nofreq`` (no frequency branch) and
+    ``<model>_nofft`` (the branch's convolutions on pixels, no Fourier transform). Introduced in
+    ``notebooks/03_build_conv_fft_block.ipynb``."""
+    return [model, f"{model}_nofreq", f"{model}_nofft"]
+
+
+def run_ablation(model: str, data: Any, out: str | Path, *, folds: int, epochs: int, image_size: int,
+                 batch_size: int, seed: int, progress: bool = False) -> Path:
+    """Cross-validate :func:`ablation_models` on identical folds (:func:`ussf_lib.training.compare.compare`, one
+    ``splits.csv``) on ``data`` (a :class:`~ussf_lib.nbrun.helpers.NotebookData`) into ``out``, quietly; a
+    finished comparison with the same settings is reused, one with others replaced. Returns ``out``.
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``."""
+    from ussf_lib.training.compare import compare
+    from ussf_lib.training.experiment import CVConfig
+
+    cfg = CVConfig(**data.cv_kwargs, folds=folds, epochs=epochs, image_size=image_size, batch_size=batch_size,
+                   seed=seed, progress=progress)
+    return compare(ablation_models(model), cfg, out, log=lambda line: None, replace_changed=True)
+
+
+def ablation_markdown(cmp_dir: str | Path) -> str:
+    """The ablation's Table 1 (mean ± std over folds, %) and its paired tests, as markdown; the paper's
+    accuracy column is left out (the ablations are not the paper's models). Introduced in
+    ``notebooks/03_build_conv_fft_block.ipynb``."""
+    from ussf_lib.evaluation.tables import paired_markdown, table1_markdown
+
+    cmp_dir = Path(cmp_dir)
+    t1 = pd.read_csv(cmp_dir / "table1.csv").assign(paper_accuracy_mean=np.nan, paper_accuracy_std=np.nan)
+    return table1_markdown(t1) + "\n\n" + paired_markdown(pd.read_csv(cmp_dir / "paired.csv"))
+
+
+def load_trained(cmp_dir: str | Path, model: str, fold: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """The ``fold``'s trained ``model`` of a comparison (its ``checkpoint.pt``), in eval mode on the CPU, and
+    its metadata. Introduced in ``notebooks/03_build_conv_fft_block.ipynb``."""
+    from ussf_lib.training.checkpoints import load_checkpoint
+
+    return load_checkpoint(Path(cmp_dir) / model / "folds" / str(fold) / "checkpoint.pt", expect_model=model)
+
+
+def frequency_shares(models: Mapping[str, nn.Module], batch: Tensor) -> pd.DataFrame:
+    """Per Conv-FFT block (rows) and model (columns): the frequency branch's share of the energy the block sums,
+    ``||freq(x)||^2 / (||x||^2 + ||spatial(x)||^2 + ||freq(x)||^2)`` averaged over ``batch``
+    (:func:`ussf_lib.explain.frequency.analyse_blocks`, as ``ussf explain --frequency`` reports it).
+    Introduced in ``notebooks/03_build_conv_fft_block.ipynb``."""
+    from ussf_lib.explain.frequency import analyse_blocks
+
+    return pd.DataFrame({name: analyse_blocks(m, [batch])[0].set_index("name")["share_frequency"]
+                         for name, m in models.items()})

@@ -29,7 +29,7 @@ PAPER_LABEL = f"paper: {PAPER_SOURCE}"
 
 def at_paper_scale(image_size: int, epochs: int) -> bool:
     """True when a run uses the paper's image size and epochs, the least for its figures to sit beside it.
-    Introduced in ``notebooks/04_train_cross_validation.ipynb``."""
+    Introduced in ``notebooks/06_compare_baselines.ipynb`` (:func:`paper_view` uses it from notebook 04 on)."""
     return image_size >= PAPER_SCALE["image_size"] and epochs >= PAPER_SCALE["epochs"]
 
 
