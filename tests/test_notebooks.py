@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ast
 import importlib
+import math
 import inspect
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -35,12 +37,17 @@ VOCABULARY = {
     "IMAGE_SIZE": "--image-size", "MODEL": "--model", "EPOCHS": "--epochs", "FOLDS": "--folds",
     "BATCH_SIZE": "--batch-size", "SEED": "--seed", "OUT_DIR": "--out", "RUN_DIR": None, "CUTOFF": None,
     "INTERACTIVE": None, "MODELS": "--models", "AMP": "--amp", "CHANNELS_LAST": "--channels-last",
-    "COMPILE": "--compile", "EVAL_EVERY": "--eval-every",
+    "COMPILE": "--compile", "EVAL_EVERY": "--eval-every", "CLASS_RATIO": "--class-ratio",
 }
-#: CI-safe defaults every notebook that declares the name must use.
-SHARED_DEFAULTS = {"DATA": "", "MANIFEST": "", "GROUP_COL": "", "N_PER_CLASS": 16, "MODEL": "us_sfnet_tiny",
-                   "EPOCHS": 1, "FOLDS": 2, "BATCH_SIZE": 32, "SEED": 0, "INTERACTIVE": False, "RUN_DIR": "",
-                   "AMP": "off", "CHANNELS_LAST": False, "COMPILE": False, "EVAL_EVERY": 1}
+#: CI-safe defaults every notebook that declares the name must use (how much each one trains is its own choice:
+#: enough to show its point in about a minute on 2 CPU cores).
+SHARED_DEFAULTS = {"DATA": "", "MANIFEST": "", "GROUP_COL": "", "MODEL": "us_sfnet_tiny", "SEED": 0,
+                   "INTERACTIVE": False, "RUN_DIR": "", "AMP": "off", "CHANNELS_LAST": False, "COMPILE": False,
+                   "EVAL_EVERY": 1}
+#: Settings with which 05, given no RUN_DIR, trains the run 04 trains.
+TRAINING = ("N_PER_CLASS", "IMAGE_SIZE", "MODEL", "EPOCHS", "FOLDS", "BATCH_SIZE", "SEED")
+PAPER_URL = "https://arxiv.org/abs/2308.16738"
+CHECK_TAG = "nbval-check-output"
 #: Files each notebook must leave in its OUT_DIR (a notebook not listed: metrics.json).
 EXPECTED_FILES = {
     "01_explore_data": ["metrics.json", "class_counts.csv", "class_counts.png", "samples.png", "sizes_modes.csv",
@@ -48,14 +55,16 @@ EXPECTED_FILES = {
                         "audit_summary.json"],
     "02_image_spectra": ["metrics.json", "mean_log_spectra.png", "radial_spectra.png", "radial_spectra.csv",
                          "magnitude_phase_swap.png", "speckle_spectra.png", "high_frequency_fraction.csv"],
-    "03_build_conv_fft_block": ["metrics.json", "branches.png", "complexity.csv", "stage_shapes.csv"],
+    "03_build_conv_fft_block": ["metrics.json", "branches.png", "complexity.csv", "stage_shapes.csv",
+                                "receptive_fields.png", "trained_branches.png", "ablation/table1.csv",
+                                "ablation/paired.csv", "ablation/us_sfnet_tiny_nofft/summary.json"],
     "04_train_cross_validation": ["metrics.json", "per_fold.csv", "run/summary.json", "run/learning_curves.png",
                                   "run/results.md"],
     "05_evaluate_confusion_matrices": ["metrics.json", "confusion_per_fold.png", "confusion_pooled.png",
-                                       "table2.md", "roc.png"],
+                                       "table2.md", "roc.png", "pooled_vs_per_fold.csv"],
     "06_compare_baselines": ["metrics.json", "compare/table1.md", "compare/table2.md", "compare/paired.md",
                              "compare/per_class_bars.png", "compare/us_sfnet_tiny/summary.json",
-                             "compare/densenet121/summary.json"],
+                             "compare/densenet121/summary.json", "per_class_percent.png"],
 }
 
 
@@ -123,6 +132,10 @@ def library_objects_used(nb) -> list:
             and obj.__module__.split(".")[0] == "ussf_lib"]
 
 
+def checked(cell) -> bool:
+    return CHECK_TAG in cell.get("metadata", {}).get("tags", [])
+
+
 def logic_lines(source: str) -> int:
     return sum(1 for line in source.splitlines() if line.strip() and not line.strip().startswith("#"))
 
@@ -153,11 +166,47 @@ def test_notebook_structure(stem):
             if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(ast.parse(c.source)))]
     assert late == [], f"imports belong in the imports cell, not in the cells starting {late}"
     assert code[1] is parameters_cell(nb), "the parameters cell follows the imports cell"
-    assert any(c.source.startswith("# NBVAL_CHECK_OUTPUT") for c in code), "deterministic cells are marked"
-    assert all("NBVAL_CHECK_OUTPUT" not in c.source or c.source.startswith("# NBVAL_CHECK_OUTPUT") for c in code)
-    # The parameters cell holds literals only (test_parameters_are_literals_with_ci_safe_defaults): no logic.
-    longest = max((c for c in code if c is not parameters_cell(nb)), key=lambda c: logic_lines(c.source))
+    assert any(checked(c) for c in code), f"deterministic cells carry the cell tag {CHECK_TAG!r}"
+    assert not [c for c in code if "NBVAL_" in c.source], "nbval's cell tags, not comments in the code"
+    assert PAPER_URL in first.source, "the title cell links the paper"
+    # The parameters cell holds literals only (test_parameters_are_literals_with_ci_safe_defaults) and the imports
+    # cell only imports (above): neither has logic.
+    longest = max(code[2:], key=lambda c: logic_lines(c.source))
     assert logic_lines(longest.source) <= 15, f"a cell with {logic_lines(longest.source)} lines belongs in the library"
+
+
+@pytest.mark.parametrize("stem", ALL)
+def test_notebook_ends_with_what_you_learned_and_exercises_naming_what_to_change(stem):
+    nb = read(stem)
+    last = nb.cells[-1]
+    assert last.cell_type == "markdown" and "## What you learned" in last.source
+    exercises = last.source.split("**Exercises**", 1)[1].split("**Next:**")[0]
+    items = [line for line in exercises.splitlines() if line[:3] in ("1. ", "2. ", "3. ", "4. ")]
+    assert 2 <= len(items) <= 3, f"{len(items)} exercises; give 2 or 3"
+    names = set(literal_parameters(nb))
+    blocks = exercises.split("\n\n")
+    for item in items:  # each names a parameter to set or a line of code (in backticks) to change
+        text = next(b for b in blocks if item in b)
+        assert any(f"`{n}" in text for n in names) or "in section" in text.lower(), text
+
+
+@pytest.mark.parametrize("stem", ALL)
+def test_widgets_are_drawn_only_where_a_browser_shows_them(stem):
+    """INTERACTIVE goes through widgets_enabled(), which skips widgets in headless kernels (they can block
+    papermill); no cell branches on INTERACTIVE itself or hands it to a progress bar."""
+    sources = [c.source for c in read(stem).cells if c.cell_type == "code" and "parameters" not in
+               c.get("metadata", {}).get("tags", [])]
+    uses = [line.strip() for src in sources for line in src.splitlines() if "INTERACTIVE" in line]
+    assert uses and all("widgets_enabled(INTERACTIVE)" in u for u in uses), uses
+
+
+def test_05_trains_what_04_trains_and_training_notebooks_show_learning():
+    v04, v05 = literal_parameters(read(EXPECTED[3])), literal_parameters(read(EXPECTED[4]))
+    assert {k: v04[k] for k in TRAINING} == {k: v05[k] for k in TRAINING}
+    for stem in EXPECTED:
+        values = literal_parameters(read(stem))
+        if "EPOCHS" in values:  # learning curves with several epochs; folds enough for a paired test's spread
+            assert values["EPOCHS"] >= 3 and values["FOLDS"] >= 3, stem
 
 
 @pytest.mark.parametrize("stem", ALL)
@@ -191,6 +240,7 @@ def test_parameters_are_literals_with_ci_safe_defaults(stem):
     values = literal_parameters(read(stem))
     assert set(values) <= set(VOCABULARY), f"unknown parameter names {set(values) - set(VOCABULARY)}"
     assert {"SEED", "OUT_DIR", "INTERACTIVE"} <= set(values)
+    assert values.get("CLASS_RATIO", "") in ("", "paper")
     assert values["OUT_DIR"] == f"runs/notebooks/{stem}"
     assert values["INTERACTIVE"] is False
     assert 32 <= values.get("IMAGE_SIZE", 32) <= 64
@@ -285,8 +335,22 @@ def test_phantom_is_generated_once_per_setting(tmp_path):
     assert len(nbs.prepare_data(out_dir=tmp_path, n_per_class=9, image_size=16, seed=0).index) == 36
     with pytest.raises(UserError, match="both set"):
         nbs.prepare_data(data="a", manifest="b")
+    unbalanced = nbs.prepare_data(out_dir=tmp_path, n_per_class=9, image_size=16, seed=0, class_ratio="paper")
+    assert unbalanced.index.frame["label"].value_counts().to_dict() == {"metastatic": 9, "normal": 8, "benign": 4,
+                                                                         "primary": 2}
+    assert len(nbs.prepare_data(out_dir=tmp_path, n_per_class=9, image_size=16, seed=0, class_ratio="").index) == 36
     image, about = nbs.example_image(image_size=24, seed=1)
     assert image.shape == (24, 24, 3) and image.dtype.name == "uint8" and "phantom" in about
+
+
+def test_config_summary_lists_what_differs_from_the_papers_protocol():
+    from ussf_lib.training.experiment import CVConfig
+
+    cfg = CVConfig(out="runs/x", data="d", model="us_sfnet_tiny", epochs=4, folds=3, image_size=32, batch_size=16,
+                   progress=False)
+    summary = nbs.config_summary(cfg)
+    assert list(summary.index) == ["image_size", "folds", "model", "epochs", "batch_size"]
+    assert summary.loc["epochs"].tolist() == [4, 150] and len(cfg.to_dict()) > 3 * len(summary)
 
 
 def test_resume_or_replace_keeps_a_matching_run_and_replaces_another(tmp_path):
@@ -301,6 +365,61 @@ def test_resume_or_replace_keeps_a_matching_run_and_replaces_another(tmp_path):
     cfg.epochs = 2
     assert nbs.resume_or_replace(cfg, log=lambda line: None) is False
     assert not (tmp_path / "run").exists()
+
+
+def _tiny_notebook(path: Path, *code: str) -> Path:
+    """A notebook with a parameters cell (``OUT_DIR``, ``SECONDS``) and the given code cells."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell('OUT_DIR = ""\nSECONDS = 30')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_code_cell("import time"), params, *map(nbformat.v4.new_code_cell, code)]
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.slow
+def test_a_cell_running_past_the_timeout_fails_in_one_line_naming_notebook_and_cell(tmp_path, capfd):
+    from ussf_lib.cli import main
+
+    nb = _tiny_notebook(tmp_path / "99_sleepy.ipynb", "x = 1", "# waits\ntime.sleep(SECONDS)", "print('never')")
+    with pytest.raises(runner.NotebookError) as caught:
+        runner.execute_notebook(nb, tmp_path / "out" / nb.name, {"SECONDS": 60}, timeout=3)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("99_sleepy.ipynb: cell In [")
+    assert "(`time.sleep(SECONDS)`) ran longer than the 3 s limit per cell" in message and "--timeout" in message
+    capfd.readouterr()
+    started = time.perf_counter()
+    assert main(["notebooks", "--out", str(tmp_path / "nb"), "--only", str(nb), "--timeout", "3"]) == 1
+    assert time.perf_counter() - started < 60  # not the 30 s sleep plus the default 600 s limit
+    out, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "99_sleepy.ipynb: cell In [" in lines[0] and "time.sleep(SECONDS)" in lines[0], err
+    record = json.loads((tmp_path / "nb" / "notebooks.json").read_text())
+    assert record[0]["status"].startswith("failed") and "3 s limit" in record[0]["status"]
+    # a short enough cell passes
+    runner.execute_notebook(nb, tmp_path / "ok" / nb.name, {"SECONDS": 0}, timeout=30)
+
+
+def test_timeout_must_be_positive(tmp_path):
+    with pytest.raises(UserError, match="timeout=0"):
+        runner.execute_notebook(NOTEBOOK_DIR / "01_explore_data.ipynb", tmp_path / "x.ipynb", {}, timeout=0)
+    assert inspect.signature(runner.run_notebooks).parameters["timeout"].default == runner.DEFAULT_TIMEOUT == 600
+
+
+@pytest.mark.slow
+def test_headless_runs_draw_no_widgets(tmp_path, monkeypatch):
+    """INTERACTIVE=True in a headless kernel skips the widgets (they could block papermill) with one line."""
+    nb = _tiny_notebook(tmp_path / "98_widgets.ipynb",
+                        "from ussf_lib.nbrun.helpers import widgets_enabled\nprint('enabled:', widgets_enabled(True))")
+    executed = nbformat.read(runner.execute_notebook(nb, tmp_path / "out.ipynb", {}, cwd=REPO), as_version=4)
+    text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "headless run: no widgets" in text and "enabled: False" in text
+    assert nbs.HEADLESS_ENV not in __import__("os").environ  # set for the kernel only
+    monkeypatch.delenv(nbs.HEADLESS_ENV, raising=False)
+    assert nbs.widgets_enabled(True, log=lambda line: None) is True and nbs.widgets_enabled(False) is False
+    monkeypatch.setenv(nbs.HEADLESS_ENV, "1")
+    assert nbs.widgets_enabled(True, log=lambda line: None) is False
 
 
 # --------------------------------------------------------------------------------------------- execution
@@ -338,21 +457,30 @@ def test_notebook_metrics_hold_the_expected_numbers(executed):
     from ussf_lib.models import build_model
 
     out, _ = executed
+    from ussf_lib.data.phantom import class_counts
+
     m01 = json.loads((out / "01_explore_data" / "metrics.json").read_text())
-    assert m01["class_counts"] == {"normal": 16, "benign": 16, "primary": 16, "metastatic": 16}
+    assert m01["class_counts"] == class_counts(60, "paper") and m01["imbalance_max"] > 5  # the paper's proportions
     assert m01["duplicates"]["exact_clusters"] == 0 and "is possible" in m01["fold_check"]
     m02 = json.loads((out / "02_image_spectra" / "metrics.json").read_text())
     assert m02["low_plus_high_equals_image"] and m02["swap_keeps_magnitude"]
     m03 = json.loads((out / "03_build_conv_fft_block" / "metrics.json").read_text())
     assert m03["round_trip_max_error"] < 1e-5 and m03["hand_vs_library_max_difference"] < 1e-5
+    assert m03["receptive_field_pixels"] == {"spatial(x)": 9, "freq(x)": 32 * 32, "whole block": 32 * 32}
+    away = {b: e["relative error, 1 px from border and seam"] for b, e in m03["shift_error"].items()}
+    assert away["spatial(x)"] < 1e-5 < 0.1 < away["freq(x)"]
+    assert set(m03["ablation_accuracy"]) == {"us_sfnet_tiny", "us_sfnet_tiny_nofreq", "us_sfnet_tiny_nofft"}
     params = {r["model"]: r["parameters"] for r in m03["complexity"]}
     assert params["densenet121"] == count_parameters(build_model("densenet121", 4, image_size=32))
     assert params["us_sfnet_tiny"] == count_parameters(build_model("us_sfnet_tiny", 4, image_size=32))
     m04 = json.loads((out / "04_train_cross_validation" / "metrics.json").read_text())
-    assert 0 <= m04["accuracy"]["mean"] <= 1 and len(m04["per_fold"]) == 2
+    assert m04["accuracy"]["mean"] >= 0.4 and len(m04["per_fold"]) == 3  # clearly above chance (0.25)
     assert m04["parameters"]["MODEL"] == "us_sfnet_tiny"
+    histories = sorted((out / "04_train_cross_validation" / "run" / "folds").glob("*/history.csv"))
+    assert len(histories) == 3 and all(len(h.read_text().strip().splitlines()) == 1 + 4 for h in histories)
     m05 = json.loads((out / "05_evaluate_confusion_matrices" / "metrics.json").read_text())
-    assert sum(map(sum, m05["confusion_pooled"])) == 64
+    assert sum(map(sum, m05["confusion_pooled"])) == 400
+    assert {r["class"] for r in m05["pooled_vs_per_fold"]} == {"normal", "benign", "primary", "metastatic"}
     assert m05["accuracy"] == m04["accuracy"]
     m06 = json.loads((out / "06_compare_baselines" / "metrics.json").read_text())
     assert m06["reference_model"] == "us_sfnet_tiny"  # us_sfnet is not compared: the first model
@@ -360,6 +488,8 @@ def test_notebook_metrics_hold_the_expected_numbers(executed):
     for m in ("accuracy", "f1", "auc"):  # what a sweep of 06 collects: the reference model's summary
         assert m06[m]["mean"] == pytest.approx(summary[m]["mean"]) and m06[m]["std"] == pytest.approx(summary[m]["std"])
     assert set(m06["accuracy_by_model"]) == {"us_sfnet_tiny", "densenet121"}
+    assert min(m06["accuracy_by_model"].values()) >= 0.3  # both learned: chance is 0.25
+    assert all(math.isfinite(r["p_value"]) for r in m06["paired"]), m06["paired"]  # 3 folds: a spread to judge
 
 
 def _nbval(notebooks: list[Path], cwd: Path) -> subprocess.CompletedProcess:
@@ -373,7 +503,7 @@ def _nbval(notebooks: list[Path], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_checked_cells_are_deterministic_under_nbval(executed):
     """The committed notebooks have no outputs, so `make test`'s nbval pass can only check that they run.
-    Here nbval re-runs every executed copy and compares each '# NBVAL_CHECK_OUTPUT' cell with the first run's
+    Here nbval re-runs every executed copy and compares each cell tagged 'nbval-check-output' with the first run's
     output (sanitized by tests/nbval_sanitize.cfg); 04's second run resumes its finished folds."""
     out, paths = executed
     result = _nbval(paths, out)
@@ -384,8 +514,8 @@ def test_checked_cells_are_deterministic_under_nbval(executed):
 def test_nbval_fails_when_a_checked_output_changes(executed, tmp_path):
     out, _ = executed
     nb = nbformat.read(out / "01_explore_data.ipynb", as_version=4)
-    checked = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# NBVAL_CHECK_OUTPUT") and c.outputs]
-    first = checked[0].outputs[0]
+    checked_cells = [c for c in nb.cells if c.cell_type == "code" and checked(c) and c.outputs]
+    first = checked_cells[0].outputs[0]
     if first.output_type == "stream":
         first.text = "a different result\n"
     else:
@@ -425,8 +555,8 @@ def test_values_a_notebook_would_refuse_are_refused_before_a_kernel_starts(tmp_p
 
     for params, match in ((["MODEL=no_such_model"], "04_train_cross_validation: unknown model 'no_such_model'"),
                           (["FOLDS=1"], "04_train_cross_validation: FOLDS=1 must be at least 2"),
-                          (["04:FOLDS=5"], "04_train_cross_validation: the phantom's N_PER_CLASS=16 images per class "
-                                           "make 2 patient(s), fewer than FOLDS=5; use N_PER_CLASS=41 or more"),
+                          (["04:FOLDS=5", "04:N_PER_CLASS=16"], "04_train_cross_validation: the phantom's N_PER_CLASS=16 "
+                                           "images per class make 2 patient(s), fewer than FOLDS=5; use N_PER_CLASS=41 or more"),
                           (["04:MODEL=vit_b_16", "IMAGE_SIZE=40"], "04_train_cross_validation: image_size=40 is not a "
                                                                    "multiple of 16")):
         argv = ["notebooks", "--out", str(tmp_path / "nb"), "--only", "04"]

@@ -20,6 +20,7 @@ from ussf_lib.data.phantom import (
     NODE_MASK_VALUES,
     PHANTOM_CLASSES,
     PHANTOM_MARKER,
+    class_counts,
     generate_phantom,
     is_phantom_folder,
     min_images_per_class,
@@ -208,6 +209,55 @@ def test_patients_per_class_counts_what_generate_phantom_writes(tmp_path):
     for folds in (2, 3, 5, 10):
         n = min_images_per_class(folds)
         assert patients_per_class(n) >= folds > patients_per_class(n - 1)
+
+
+def test_the_balanced_default_writes_the_same_bytes_as_before_class_ratio_existed(tmp_path):
+    manifest = generate_phantom(tmp_path / "p", n_per_class=3, image_size=16, seed=0, classes=("normal", "primary"))
+    digest = hashlib.sha256()
+    for name, _ in tree_digest(manifest.parent).items():  # names and bytes of every file, the marker included
+        digest.update(name.encode())
+        digest.update((manifest.parent / name).read_bytes())
+    assert digest.hexdigest() == "98436030c81e520324daa7a8d38a55cbd9de7b96ef0544a73141d4b396508797"
+    explicit = generate_phantom(tmp_path / "q", n_per_class=3, image_size=16, seed=0, classes=("normal", "primary"),
+                                class_ratio="1,1")
+    assert tree_digest(explicit.parent) == tree_digest(manifest.parent)
+
+
+def test_class_ratio_sets_the_images_per_class(tmp_path):
+    assert class_counts(100) == dict.fromkeys(PAPER_CLASSES, 100)
+    paper = class_counts(100, "paper")  # normal 1217, benign 601, primary 236, metastatic 1338
+    assert paper == {"normal": 91, "benign": 45, "primary": 18, "metastatic": 100}
+    assert class_counts(57, "5.7,1,1,1") == {"normal": 57, "benign": 10, "primary": 10, "metastatic": 10}
+    assert class_counts(10, [1, 1000, 1, 1]) == {"normal": 1, "benign": 10, "primary": 1, "metastatic": 1}
+    manifest = generate_phantom(tmp_path / "p", n_per_class=30, image_size=16, seed=1, class_ratio="paper")
+    rows = read_manifest(manifest)
+    written = {c: sum(r["label"] == c for r in rows) for c in PAPER_CLASSES}
+    assert written == class_counts(30, "paper") == {"normal": 27, "benign": 13, "primary": 5, "metastatic": 30}
+    marker = json.loads((manifest.parent / PHANTOM_MARKER).read_text())
+    assert marker["class_counts"] == written and is_phantom_folder(manifest.parent)
+    # the smaller classes hold the balanced phantom's first images, unchanged
+    balanced = generate_phantom(tmp_path / "b", n_per_class=30, image_size=16, seed=1)
+    first_primary = next(r["path"] for r in rows if r["label"] == "primary")
+    assert (manifest.parent / first_primary).read_bytes() == (balanced.parent / first_primary).read_bytes()
+
+
+@pytest.mark.parametrize("ratio, match", [("5.7,1,1", "3 weight"), ("a,b,c,d", "not a list of numbers"),
+                                          ("1,0,1,1", "positive"), ({"normal": 2}, "no weight for 'benign'")])
+def test_a_bad_class_ratio_is_refused_before_anything_is_written(tmp_path, ratio, match):
+    with pytest.raises(UserError, match=match):
+        generate_phantom(tmp_path / "x", n_per_class=4, image_size=16, class_ratio=ratio)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_phantom_class_ratio(tmp_path, capsys):
+    from ussf_lib.cli import main
+
+    assert main(["phantom", "--out", str(tmp_path / "p"), "--n-per-class", "12", "--image-size", "16",
+                 "--class-ratio", "paper"]) == 0
+    rows = read_manifest(tmp_path / "p" / "manifest.csv")
+    assert {c: sum(r["label"] == c for r in rows) for c in PAPER_CLASSES} == class_counts(12, "paper")
+    assert main(["phantom", "--out", str(tmp_path / "q"), "--class-ratio", "1,2"]) == 2
+    assert "--class-ratio '1,2' gives 2 weight(s) for 4 classes" in capsys.readouterr().err
 
 
 def test_refuses_a_folder_with_other_data_and_leaves_it_alone(tmp_path):

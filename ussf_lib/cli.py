@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 from ussf_lib import settings
 from ussf_lib.errors import UserError
 from ussf_lib.explain import add_explain_parser
+from ussf_lib.nbrun.runner import DEFAULT_TIMEOUT
 from ussf_lib.settings import absolute_path, positive_int
 from ussf_lib.paper import PAPER_CLASSES
 
@@ -123,6 +124,8 @@ def _add_phantom_parser(sub: Any) -> None:
     p.add_argument("--n-per-class", type=positive_int, default=250, help="images per class")
     p.add_argument("--image-size", type=positive_int, default=224, help="pixels, square")
     p.add_argument("--seed", type=settings.flag_type("seed"), default=0, help="the same seed writes the same images")
+    p.add_argument("--class-ratio", help="unbalanced classes: 'paper' (the paper's class proportions) or weights in "
+                   "class order, e.g. 5.7,1,1,1; the largest class gets --n-per-class images (default: balanced)")
     p.set_defaults(func=cmd_phantom)
 
 
@@ -241,6 +244,8 @@ def _add_notebooks_parser(sub: Any) -> None:
                    help="notebook parameter, repeatable (e.g. EPOCHS=2); each notebook takes those it declares; "
                         "NN:KEY=VALUE sets it for notebook NN only (e.g. 04:FOLDS=5)")
     p.add_argument("--only", type=_csv_list, help="notebooks to run, e.g. 01,03 (default: all, in order)")
+    p.add_argument("--timeout", type=positive_int, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="a cell running longer than this stops its notebook")
     p.set_defaults(func=cmd_notebooks)
 
 
@@ -255,6 +260,8 @@ def _add_sweep_parser(sub: Any) -> None:
                    "pinned to it (its notebook kernel sees only that GPU): GPU ids (--devices 0,1) or cpu slots "
                    "(--devices cpu,cpu); a GPU id listed twice runs two at once on it (--devices 0,0)")
     _add_engine_flag(p, "grid point")
+    p.add_argument("--timeout", type=positive_int, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="a cell running longer than this fails its run")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -266,7 +273,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from ussf_lib.data.phantom import generate_phantom
 
     manifest = generate_phantom(args.out, n_per_class=args.n_per_class, image_size=args.image_size, seed=args.seed,
-                                progress=sys.stderr.isatty())
+                                class_ratio=args.class_ratio, progress=sys.stderr.isatty())
     print(f"phantom written to {Path(args.out).resolve()} (manifest {manifest})")
     return 0
 
@@ -542,7 +549,8 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     from ussf_lib.nbrun.runner import NotebookError, parse_assignments, run_notebooks
 
     try:
-        done = run_notebooks(args.out, parameters=parse_assignments(args.param), notebooks=args.only)
+        done = run_notebooks(args.out, parameters=parse_assignments(args.param), notebooks=args.only,
+                             timeout=args.timeout)
     except NotebookError as exc:
         print(f"ussf notebooks: {exc}", file=sys.stderr)
         return 1
@@ -553,7 +561,8 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ussf_lib.nbrun.sweep import run_sweep
 
-    result = run_sweep(args.notebook, args.grid, args.out, jobs=args.jobs, devices=args.devices, engine=args.engine)
+    result = run_sweep(args.notebook, args.grid, args.out, jobs=args.jobs, devices=args.devices, engine=args.engine,
+                       timeout=args.timeout)
     return 1 if result.failed else 0
 
 

@@ -48,14 +48,14 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence, overload
+from typing import Literal, Mapping, Sequence, overload
 
 import numpy as np
 from PIL import Image
 from scipy import fft as sfft
 
 from ussf_lib.errors import UserError
-from ussf_lib.paper import PAPER_CLASSES
+from ussf_lib.paper import PAPER_CLASSES, PAPER_DATASET
 
 __all__ = [
     "PHANTOM_CLASSES",
@@ -70,6 +70,9 @@ __all__ = [
     "patient_sizes",
     "patients_per_class",
     "min_images_per_class",
+    "PAPER_CLASS_RATIO",
+    "ClassRatio",
+    "class_counts",
     "generate_phantom",
     "is_phantom_folder",
     "PHANTOM_MARKER",
@@ -570,6 +573,62 @@ def min_images_per_class(folds: int, images_per_patient: tuple[int, int] = PHANT
     return n
 
 
+#: The paper's class proportions (its authors' counts, :data:`ussf_lib.paper.PAPER_DATASET`), as weights per class:
+#: normal 1217, benign 601, primary 236, metastatic 1338 images, so the largest class has 5.7 times the smallest.
+PAPER_CLASS_RATIO: dict[str, float] = {str(k): float(v) for k, v in PAPER_DATASET["class_counts"].items()}  # type: ignore[union-attr]
+
+#: What ``class_ratio`` takes: ``None`` (balanced), ``"paper"``, weights in class order (``"5.7,1,1,1"`` or a
+#: sequence) or weights by class name (a mapping; classes not named get none and are refused).
+ClassRatio = str | Sequence[float] | Mapping[str, float] | None
+
+
+def class_counts(n_per_class: int, class_ratio: ClassRatio = None,
+                 classes: Sequence[str] = PAPER_CLASSES) -> dict[str, int]:
+    """Images per class of a phantom: ``n_per_class`` each when ``class_ratio`` is ``None`` (balanced), else the
+    class with the largest weight gets ``n_per_class`` and every other class ``round(n_per_class * weight /
+    largest weight)``, at least 1. ``class_ratio="paper"`` uses the paper's proportions
+    (:data:`PAPER_CLASS_RATIO`); ``"5.7,1,1,1"`` or ``[5.7, 1, 1, 1]`` gives weights in the order of ``classes``.
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
+    classes = tuple(classes)
+    n = int(n_per_class)
+    if class_ratio is None or (isinstance(class_ratio, str) and class_ratio.strip().lower() in ("", "balanced")):
+        return {c: n for c in classes}
+    weights = _ratio_weights(class_ratio, classes)
+    top = max(weights.values())
+    return {c: max(1, int(round(n * weights[c] / top))) for c in classes}
+
+
+def _ratio_weights(class_ratio: ClassRatio, classes: tuple[str, ...]) -> dict[str, float]:
+    """``class_ratio`` as one positive weight per class (see :func:`class_counts`); anything else a UserError."""
+    hint = (f"use 'paper', or {len(classes)} positive weights in class order ({', '.join(classes)}), "
+            "e.g. --class-ratio 5.7,1,1,1")
+    if isinstance(class_ratio, str) and class_ratio.strip().lower() == "paper":
+        missing = [c for c in classes if c not in PAPER_CLASS_RATIO]
+        if missing:
+            raise UserError(f"--class-ratio paper: the paper has no class {missing[0]!r}; give weights instead ({hint})")
+        return {c: PAPER_CLASS_RATIO[c] for c in classes}
+    if isinstance(class_ratio, Mapping):
+        unknown = sorted(set(class_ratio) - set(classes))
+        missing = [c for c in classes if c not in class_ratio]
+        if unknown or missing:
+            raise UserError(f"--class-ratio {dict(class_ratio)}: "
+                            + (f"no class {unknown[0]!r}" if unknown else f"no weight for {missing[0]!r}") + f"; {hint}")
+        values = [class_ratio[c] for c in classes]
+    else:
+        items = class_ratio.split(",") if isinstance(class_ratio, str) else list(class_ratio)  # type: ignore[arg-type]
+        try:
+            values = [float(v) for v in items]
+        except (TypeError, ValueError):
+            raise UserError(f"--class-ratio {class_ratio!r} is not a list of numbers; {hint}") from None
+        if len(values) != len(classes):
+            raise UserError(f"--class-ratio {class_ratio!r} gives {len(values)} weight(s) for {len(classes)} "
+                            f"classes; {hint}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"--class-ratio {class_ratio!r}: every weight must be a positive number; {hint}")
+    return dict(zip(classes, values))
+
+
 #: Written beside the manifest by :func:`generate_phantom`. A manifest alone proves nothing: ``path,label,patient``
 #: is also the layout users are told to give their own data, and regenerating deletes the listed images.
 PHANTOM_MARKER = ".ussf-phantom.json"
@@ -627,8 +686,13 @@ def _patient_rng(seed: int, label: str, index: int) -> np.random.Generator:
 def generate_phantom(out: str | Path, n_per_class: int = 250, image_size: int = 224, seed: int = 0,
                      classes: Sequence[str] = PAPER_CLASSES,
                      images_per_patient: tuple[int, int] = PHANTOM_IMAGES_PER_PATIENT,
-                     progress: bool = False) -> Path:
+                     progress: bool = False, class_ratio: ClassRatio = None) -> Path:
     """Write ``OUT/<class>/<patient>_<k>.png`` for each class plus ``OUT/manifest.csv`` (``path,label,patient``).
+
+    Balanced by default: ``n_per_class`` images in every class. ``class_ratio`` unbalances it as
+    :func:`class_counts` says (``"paper"``: the paper's 5.7:1 proportions; ``"5.7,1,1,1"``: weights in class
+    order), the largest class keeping ``n_per_class``. A class's first patients and images do not depend on how
+    many it gets, so an unbalanced phantom holds a subset of the balanced one's patients.
 
     ``path`` is relative to OUT with forward slashes. Returns the manifest path. Deterministic by ``seed``
     (same seed, same bytes). Each synthetic patient contributes ``images_per_patient`` views of one node, so
@@ -646,6 +710,7 @@ def generate_phantom(out: str | Path, n_per_class: int = 250, image_size: int = 
         raise UserError(f"phantom classes repeat a name: {', '.join(classes)}; list each class once")
     if int(n_per_class) < 1:
         raise UserError(f"--n-per-class must be at least 1 (got {n_per_class})")
+    counts = class_counts(int(n_per_class), class_ratio, classes)  # checks class_ratio before anything is written
     if int(image_size) < 8:
         raise UserError(f"--image-size must be at least 8 px for the phantom (got {image_size})")
     lo, hi = (int(v) for v in images_per_patient)
@@ -663,14 +728,14 @@ def generate_phantom(out: str | Path, n_per_class: int = 250, image_size: int = 
 
     plan: list[tuple[str, str, int, int]] = []  # (label, patient id, patient index, n views)
     for label in classes:
-        sizes = patient_sizes(int(n_per_class), (lo, hi), _patient_rng(seed, label, 0xFFFFFFFF))
+        sizes = patient_sizes(counts[label], (lo, hi), _patient_rng(seed, label, 0xFFFFFFFF))
         width = max(3, len(str(len(sizes) - 1)))
         plan += [(label, f"{label}_p{i:0{width}d}", i, s) for i, s in enumerate(sizes)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(n_per_class) * len(classes), desc="phantom", unit="img")
+        bar = tqdm(total=sum(counts.values()), desc="phantom", unit="img")
     rows: list[tuple[str, str, str]] = []
     for label, pid, index, n_views in plan:
         (out / label).mkdir(exist_ok=True)
@@ -693,6 +758,8 @@ def generate_phantom(out: str | Path, n_per_class: int = 250, image_size: int = 
     manifest.write_text(buf.getvalue(), encoding="utf-8")
     marker = {"generator": "ussf_lib.data.phantom", "manifest_sha256": _sha256(manifest), "n_per_class": int(n_per_class),
               "image_size": int(image_size), "seed": int(seed), "classes": list(classes)}
+    if set(counts.values()) != {int(n_per_class)}:  # a balanced phantom's marker stays as it always was
+        marker["class_counts"] = counts
     (out / PHANTOM_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
     return manifest
 

@@ -29,6 +29,8 @@ from ussf_lib.errors import UserError
 RUN_SUBDIR = "run"
 #: Classes and group column of the built-in phantom.
 PHANTOM_GROUP_COL = "patient"
+#: Set to ``1`` in the kernel's environment by headless runs (:func:`ussf_lib.nbrun.runner.execute_notebook`).
+HEADLESS_ENV = "USSF_HEADLESS"
 
 
 # --------------------------------------------------------------------------------------------- paths
@@ -68,6 +70,24 @@ def resolve_out_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def widgets_enabled(interactive: bool, log: Callable[[str], None] = print) -> bool:
+    """Whether a notebook should draw its ipywidgets now: ``INTERACTIVE`` is True and a browser can show them.
+
+    Headless runs (``ussf notebooks``, ``ussf sweep``, papermill through :mod:`ussf_lib.nbrun.runner`) start the
+    kernel with ``USSF_HEADLESS=1``: nobody can move a slider there, nothing renders a widget or answers its
+    messages, and papermill's client, which captures output widgets' messages to store their state, can block
+    on them (papermill issue 723, nbclient issue 312). There every widget cell is skipped with one line, and the
+    static figures drawn before it stand in. Progress bars follow the same rule (they are widgets in a kernel).
+    Introduced in ``notebooks/01_explore_data.ipynb``.
+    """
+    if not interactive:
+        return False
+    if os.environ.get(HEADLESS_ENV, "") not in ("", "0"):
+        log("INTERACTIVE=True, but this is a headless run: no widgets (open the notebook in JupyterLab for them)")
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------------------------- data
 
 
@@ -82,10 +102,13 @@ class NotebookData:
 
 
 def prepare_data(data: str = "", manifest: str = "", group_col: str = "", out_dir: str | os.PathLike = ".",
-                 n_per_class: int = 16, image_size: int = 32, seed: int = 0) -> NotebookData:
+                 n_per_class: int = 16, image_size: int = 32, seed: int = 0,
+                 class_ratio: Any = None) -> NotebookData:
     """Index the notebook's data: a class-folder tree (``data``), a CSV manifest (``manifest`` + ``group_col``) or,
     when both are empty, the built-in phantom generated into ``OUT_DIR/phantom`` (reused while its settings
-    ``n_per_class``, ``image_size`` and ``seed`` stay the same). Introduced in ``notebooks/01_explore_data.ipynb``.
+    ``n_per_class``, ``image_size``, ``seed`` and ``class_ratio`` stay the same; ``class_ratio`` ``None`` or ``""``
+    is balanced, ``"paper"`` the paper's class proportions, see :func:`ussf_lib.data.phantom.class_counts`).
+    Introduced in ``notebooks/01_explore_data.ipynb``.
     """
     from ussf_lib.data.index import load_index
     from ussf_lib.paper import PAPER_CLASSES
@@ -98,24 +121,29 @@ def prepare_data(data: str = "", manifest: str = "", group_col: str = "", out_di
                   "manifest": str(manifest_path) if manifest_path else None, "group_col": group_col or None}
         index = load_index(**kwargs)
         return NotebookData(index, kwargs, f"{data_path or manifest_path}: {index.describe()}")
-    manifest_file = phantom_manifest(Path(out_dir) / "phantom", n_per_class, image_size, seed)
+    ratio = class_ratio if class_ratio not in (None, "") else None
+    manifest_file = phantom_manifest(Path(out_dir) / "phantom", n_per_class, image_size, seed, ratio)
     kwargs = {"manifest": str(manifest_file), "group_col": PHANTOM_GROUP_COL, "classes": list(PAPER_CLASSES)}
     index = load_index(**kwargs)
-    return NotebookData(index, kwargs, f"built-in phantom ({n_per_class} per class, {image_size} px, seed {seed}): "
-                                       f"{index.describe()}")
+    size = f"{n_per_class} per class" if ratio is None else f"class ratio {ratio!s}, largest class {n_per_class}"
+    return NotebookData(index, kwargs, f"built-in phantom ({size}, {image_size} px, seed {seed}): {index.describe()}")
 
 
-def phantom_manifest(folder: str | os.PathLike, n_per_class: int, image_size: int, seed: int) -> Path:
+def phantom_manifest(folder: str | os.PathLike, n_per_class: int, image_size: int, seed: int,
+                     class_ratio: Any = None) -> Path:
     """The manifest of a phantom in ``folder`` with these settings, generated unless it is already there."""
     from ussf_lib.data.phantom import generate_phantom
 
     folder = Path(folder)
-    settings = {"n_per_class": int(n_per_class), "image_size": int(image_size), "seed": int(seed)}
+    settings: dict[str, Any] = {"n_per_class": int(n_per_class), "image_size": int(image_size), "seed": int(seed)}
+    if class_ratio is not None:  # balanced phantoms keep the stamp they always had
+        settings["class_ratio"] = class_ratio if isinstance(class_ratio, (str, dict)) else list(class_ratio)
     stamp = folder.with_name(folder.name + ".json")
     manifest = folder / "manifest.csv"
     if manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return manifest
-    manifest = generate_phantom(folder, **settings)
+    manifest = generate_phantom(folder, n_per_class=int(n_per_class), image_size=int(image_size), seed=int(seed),
+                                class_ratio=class_ratio)
     stamp.write_text(json.dumps(settings))
     return manifest
 
@@ -138,6 +166,24 @@ def example_image(data: str = "", manifest: str = "", image_size: int = 32, seed
     rows = index.frame[index.frame["label"] == label]
     row = (rows if len(rows) else index.frame).iloc[0]
     return read_image(row["path"], image_size), f"{row['relpath']} ({row['label']})"
+
+
+#: Settings a configuration summary leaves out: where things are, and what does not change results.
+_SUMMARY_SKIPS = ("out", "data", "manifest", "group_col", "classes", "progress", "device")
+
+
+def config_summary(cfg: Any) -> Any:
+    """The settings of ``cfg`` (a :class:`~ussf_lib.training.experiment.CVConfig`) that differ from their defaults,
+    which are the paper's protocol, one row each beside the default; paths and output settings are left out
+    (the run folder's ``config.json`` holds every setting). Introduced in
+    ``notebooks/04_train_cross_validation.ipynb``."""
+    import pandas as pd
+
+    values = settings.config_to_dict(cfg)
+    rows = [(s.name, values[s.name], s.default) for s in settings.SETTINGS
+            if s.name in values and s.name not in _SUMMARY_SKIPS
+            and values[s.name] != (list(s.default) if isinstance(s.default, tuple) else s.default)]
+    return pd.DataFrame(rows, columns=["setting", "this run", "default (the paper's protocol)"]).set_index("setting")
 
 
 def resume_or_replace(cfg: Any, log: Callable[[str], None] = print) -> bool:

@@ -11,12 +11,22 @@ on absolute (:func:`absolute_path_parameters`).
 The kernel is ``python3`` as Jupyter resolves it: from the project's ``.venv`` that is the venv's own
 ipykernel (``.venv/share/jupyter/kernels/python3``, whose ``python`` jupyter_client replaces by the running
 interpreter).
+
+Every execution has a time limit per cell (``timeout``, :data:`DEFAULT_TIMEOUT` seconds; ``ussf notebooks
+--timeout``): a cell that runs longer stops the notebook with one :class:`NotebookError` line naming the notebook
+and the cell. The kernel imports the ``ussf_lib`` that runs it (its folder goes first on the kernel's ``PYTHONPATH``) and
+starts with ``USSF_HEADLESS=1`` in its environment (:data:`HEADLESS_ENV`), so a notebook
+run with ``INTERACTIVE=True`` draws no widgets (:func:`ussf_lib.nbrun.helpers.widgets_enabled`): with no browser
+nothing renders or answers them, and papermill's client, which captures the output widgets' messages itself to
+store their state, is known to block on them at times (papermill issue 723, nbclient issue 312).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,12 +36,14 @@ from typing import Any
 from ussf_lib import settings
 from ussf_lib.errors import UserError, same_kind
 from ussf_lib.files import write_error, write_text
-from ussf_lib.nbrun.helpers import RUN_SUBDIR, notebooks_dir, resolve_path
+from ussf_lib.nbrun.helpers import HEADLESS_ENV, RUN_SUBDIR, notebooks_dir, resolve_path
 
 #: The executed notebooks' kernel (see the module docstring for how it resolves to this interpreter).
 KERNEL_NAME = "python3"
 #: Which files in ``notebooks/`` are the numbered notebooks.
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+#: Seconds one cell may run before the notebook fails (papermill's ``execution_timeout``; ``--timeout``).
+DEFAULT_TIMEOUT = 600
 
 class NotebookError(RuntimeError):
     """A notebook raised while executing; the message names the cell, the error and the executed copy."""
@@ -241,25 +253,46 @@ def check_parameters(notebook: str | os.PathLike, parameters: Mapping[str, Any],
 
 
 def execute_notebook(notebook: str | os.PathLike, output: str | os.PathLike, parameters: Mapping[str, Any],
-                     progress: bool = False, cwd: str | os.PathLike | None = None) -> Path:
+                     progress: bool = False, cwd: str | os.PathLike | None = None,
+                     timeout: float | None = DEFAULT_TIMEOUT) -> Path:
     """Execute ``notebook`` with papermill into ``output`` (kernel ``python3``, started in ``cwd`` or the
-    notebook's folder). A failing cell raises :class:`NotebookError`; the executed copy keeps its traceback."""
+    notebook's folder, headless: :data:`HEADLESS_ENV` set). A failing cell, a cell running longer than ``timeout``
+    seconds (``None``: no limit) or a dying kernel raises :class:`NotebookError` in one line; the executed copy
+    keeps what the cells printed, the traceback included."""
     import papermill
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     notebook, output = Path(notebook), Path(output)
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"timeout={timeout}: give a positive number of seconds per cell")
     output.parent.mkdir(parents=True, exist_ok=True)
+    running: dict[str, Any] = {}
+
+    def cell_timeout(cell: Any) -> float | None:  # nbclient asks before each cell: remember which one runs
+        running["cell"] = cell
+        return timeout
+
     try:
         # The kernel's own log (not the notebook's output) warns on every start that its local TCP sockets are
         # unencrypted, and at times logs "KeyboardInterrupt caught in kernel" as an error when it is shut down
-        # after the last cell. Neither concerns the notebook, whose failures papermill reports (below); only a
-        # critical kernel message reaches the terminal.
-        papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters), kernel_name=KERNEL_NAME,
-                                   progress_bar=progress, log_output=False, cwd=str(cwd or notebook.parent),
-                                   extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+        # after the last cell; on a timeout papermill's logger adds a line of its own. None of that concerns the
+        # notebook, whose failures are reported below; only a critical kernel message reaches the terminal.
+        with _headless_kernel_env(), _quiet_logger("papermill"):
+            papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters),
+                                       kernel_name=KERNEL_NAME, progress_bar=progress, log_output=False,
+                                       cwd=str(cwd or notebook.parent), timeout_func=cell_timeout,
+                                       extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except PapermillExecutionError as exc:
         raise NotebookError(f"{notebook.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
                             f"(traceback in the executed copy {output})") from None
+    except CellTimeoutError:
+        raise NotebookError(f"{notebook.name}: {_describe_cell(running.get('cell'))} ran longer than the {timeout:g} s "
+                            f"limit per cell and was stopped (raise it with --timeout SECONDS; what it printed is "
+                            f"in the executed copy {output})") from None
+    except DeadKernelError as exc:
+        raise NotebookError(f"{notebook.name}: the kernel died in {_describe_cell(running.get('cell'))} "
+                            f"({exc}; out of memory?); executed copy {output}") from None
     except OSError as exc:
         # papermill writes the executed copy as it goes; a refused write there (full disk, read-only) is one line.
         if exc.filename is not None and Path(exc.filename) != output:
@@ -268,9 +301,51 @@ def execute_notebook(notebook: str | os.PathLike, output: str | os.PathLike, par
     return output
 
 
+def _describe_cell(cell: Any) -> str:
+    """``cell In [7] (`run_dir = run_cv(...)`)``: the execution count Jupyter shows and the first line of code."""
+    if cell is None:
+        return "a cell"
+    lines = [line.strip() for line in str(cell.get("source", "")).splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    first = lines[0] if lines else "(empty)"
+    first = first if len(first) <= 70 else first[:67] + "..."
+    count = cell.get("execution_count")
+    return f"cell {'In [' + str(count) + '] ' if count else ''}(`{first}`)"
+
+
+@contextlib.contextmanager
+def _headless_kernel_env():
+    """While a kernel starts (it copies this process's environment): :data:`HEADLESS_ENV` set, and the folder
+    holding this ``ussf_lib`` first on ``PYTHONPATH``, so the notebook imports the library that runs it (not
+    another checkout's installed copy). Restored afterwards."""
+    library_root = str(Path(__file__).resolve().parents[2])
+    previous = {name: os.environ.get(name) for name in (HEADLESS_ENV, "PYTHONPATH")}
+    os.environ[HEADLESS_ENV] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join([library_root, *filter(None, [previous["PYTHONPATH"]])])
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def run_notebooks(out: str | os.PathLike, *, parameters: Mapping[str, Any] | None = None,
                   notebooks: Iterable[str | os.PathLike] | None = None, progress: bool = False,
-                  log: Callable[[str], None] = print) -> list[Path]:
+                  log: Callable[[str], None] = print, timeout: float | None = DEFAULT_TIMEOUT) -> list[Path]:
     """Execute the numbered notebooks (all, or ``notebooks``) in order; return the executed copies' paths.
 
     Each notebook ``NN_name`` runs with ``OUT_DIR=OUT/NN_name`` plus those of ``parameters`` it declares (a name
@@ -279,7 +354,7 @@ def run_notebooks(out: str | os.PathLike, *, parameters: Mapping[str, Any] | Non
     (05) follows one that trained a cross-validation run (04, ``OUT_DIR/run``) and ``RUN_DIR`` is not given, it
     evaluates that run instead of training its own. A failing notebook does not stop the others; a
     :class:`NotebookError` listing the failures is raised at the end. ``OUT/notebooks.json`` records each
-    notebook's parameters, seconds and status.
+    notebook's parameters, seconds and status. ``timeout`` limits each cell (seconds, see :func:`execute_notebook`).
     """
     out = Path(out)
     paths = notebook_paths(notebooks)
@@ -320,7 +395,7 @@ def run_notebooks(out: str | os.PathLike, *, parameters: Mapping[str, Any] | Non
         started = time.perf_counter()
         status = "ok"
         try:
-            executed.append(execute_notebook(path, out / path.name, params, progress=progress))
+            executed.append(execute_notebook(path, out / path.name, params, progress=progress, timeout=timeout))
         except NotebookError as exc:
             status = f"failed: {exc}"
             failures.append(str(exc))

@@ -55,7 +55,8 @@ from ussf_lib.files import write_csv, write_text
 from ussf_lib.paper import METRIC_NAMES
 from ussf_lib.evaluation.metrics import format_mean_std
 from ussf_lib.nbrun.runner import (NotebookError, absolute_path_parameters, check_out_outside_data, check_parameters,
-                                      check_values, declared_parameters, execute_notebook, notebook_paths)
+                                      check_values, declared_parameters, execute_notebook, notebook_paths,
+                                      DEFAULT_TIMEOUT)
 from ussf_lib.training.placement import Placed, check_engine, parse_devices, placed_device, run_tasks
 
 #: The axis averaged over in ``summary.md``.
@@ -156,7 +157,8 @@ def _check_grid(notebook: Path, grid: Grid) -> tuple[dict[str, Any], list[tuple[
     return declared, runs
 
 
-def _run_one(notebook: str, run_dir: str, params: dict[str, Any], threads: int | None) -> tuple[str, float]:
+def _run_one(notebook: str, run_dir: str, params: dict[str, Any], threads: int | None,
+             timeout: float | None = DEFAULT_TIMEOUT) -> tuple[str, float]:
     """Execute one run (in a worker process when ``threads`` is set); returns (status, seconds)."""
     if threads is not None:  # inherited by the kernel this process starts
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -166,7 +168,8 @@ def _run_one(notebook: str, run_dir: str, params: dict[str, Any], threads: int |
     run_path.mkdir(parents=True, exist_ok=True)
     status = "ok"
     try:
-        execute_notebook(notebook, run_path / Path(notebook).name, {**params, "OUT_DIR": str(run_path)})
+        execute_notebook(notebook, run_path / Path(notebook).name, {**params, "OUT_DIR": str(run_path)},
+                         timeout=timeout)
         if not (run_path / "metrics.json").is_file():
             status = f"{Path(notebook).name} finished without writing {run_path / 'metrics.json'}"
     except NotebookError as exc:
@@ -180,13 +183,15 @@ def _run_one(notebook: str, run_dir: str, params: dict[str, Any], threads: int |
 
 def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str, Any] | Grid,
               out: str | os.PathLike, jobs: int | None = None, log: Callable[[str], None] = print,
-              devices: str | Sequence[str] | None = None, engine: str = "local") -> SweepResult:
+              devices: str | Sequence[str] | None = None, engine: str = "local",
+              timeout: float | None = DEFAULT_TIMEOUT) -> SweepResult:
     """Execute ``notebook`` once per grid point into ``out/<run name>/`` and write ``results.csv`` and ``summary.md``.
 
     Finished runs (``metrics.json`` present) are skipped; ``jobs`` > 1 runs that many at once in processes
     (default 1). ``devices`` (``"0,1"``, ``["cpu", "cpu"]``, see :func:`~ussf_lib.training.placement.parse_devices`) runs
     one at a time per entry in worker processes pinned to it; ``jobs``, if given too, must equal their number.
-    ``engine="ray"`` runs them as Ray tasks instead (see the module docstring). A failing run does not stop the
+    ``engine="ray"`` runs them as Ray tasks instead (see the module docstring). ``timeout`` limits each cell's
+    seconds (a run whose cell hangs fails with one line naming it). A failing run does not stop the
     others: it is reported in ``SweepResult.failed`` and left out of the tables.
     Grid names that are not parameters of the notebook are a :class:`UserError` naming them.
     """
@@ -237,16 +242,16 @@ def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str
 
     if placed is not None or ray:
         # Even a single run goes to a pinned worker: `--devices 1` means "on GPU 1", not "here".
-        tasks = [(name, _run_one, (str(notebook), str(out / name), params, None)) for name, params in todo]
+        tasks = [(name, _run_one, (str(notebook), str(out / name), params, None, timeout)) for name, params in todo]
         if tasks:
             run_tasks(tasks, placed, engine, log=log, on_done=report_placed)
     elif jobs == 1 or len(todo) <= 1:
         for name, params in todo:
-            report(name, *_run_one(str(notebook), str(out / name), params, None))
+            report(name, *_run_one(str(notebook), str(out / name), params, None, timeout))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_run_one, str(notebook), str(out / name), params, threads): name
+            futures = {pool.submit(_run_one, str(notebook), str(out / name), params, threads, timeout): name
                        for name, params in todo}
             for future in as_completed(futures):
                 report(futures[future], *future.result())
