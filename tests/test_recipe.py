@@ -157,3 +157,19 @@ def test_recipe_flags_reach_config_json(tmp_path, phantom_dir, capsys):
            "label smoothing 0.05" in capsys.readouterr().out
     assert main(["cv", "--resume", str(out), "--augment", "none"]) == 2
     assert "--augment none (the run has light)" in capsys.readouterr().err
+
+
+def test_notebook_04_takes_the_recipe_as_parameters_checked_as_the_settings():
+    from ussf_lib.errors import UserError
+    from ussf_lib.nbrun.helpers import notebooks_dir
+    from ussf_lib.nbrun.runner import check_parameters, check_values, declared_parameters
+
+    nb = notebooks_dir() / "04_train_cross_validation.ipynb"
+    declared = declared_parameters(nb)
+    assert {k: declared[k] for k in ("AUGMENT", "LR_SCHEDULE", "WARMUP_EPOCHS", "IMBALANCE")} == {
+        "AUGMENT": "none", "LR_SCHEDULE": "constant", "WARMUP_EPOCHS": 0, "IMBALANCE": "none"}
+    given = check_parameters(nb, {"AUGMENT": "ultrasound", "LR_SCHEDULE": "cosine", "WARMUP_EPOCHS": 2,
+                                  "IMBALANCE": "balanced_sampler"})
+    check_values({**declared, **given}, "04")  # what a sweep grid point or --param goes through
+    with pytest.raises(UserError, match="04: IMBALANCE='oversample' must be one of none, weighted_ce"):
+        check_values({**declared, "IMBALANCE": "oversample"}, "04")
