@@ -236,25 +236,7 @@ def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str
             failed[name] = status
             log(f"  {name}: FAILED after {seconds:.1f}s{where}: {status}")
 
-    def report_placed(done: Placed) -> None:
-        status, seconds = done.value if done.ok else (done.error, 0.0)
-        report(done.key, status, seconds, f" on device {done.device}")
-
-    if placed is not None or ray:
-        # Even a single run goes to a pinned worker: `--devices 1` means "on GPU 1", not "here".
-        tasks = [(name, _run_one, (str(notebook), str(out / name), params, None, timeout)) for name, params in todo]
-        if tasks:
-            run_tasks(tasks, placed, engine, log=log, on_done=report_placed)
-    elif jobs == 1 or len(todo) <= 1:
-        for name, params in todo:
-            report(name, *_run_one(str(notebook), str(out / name), params, None, timeout))
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_run_one, str(notebook), str(out / name), params, threads, timeout): name
-                       for name, params in todo}
-            for future in as_completed(futures):
-                report(futures[future], *future.result())
+    _execute(todo, str(notebook), out, placed, engine, jobs, timeout, log, report)
     results = collect_results(out, runs)
     write_csv(results, out / "results.csv")
     summary = summarize_results(results, list(grid.axes))
@@ -262,6 +244,32 @@ def run_sweep(notebook: str | os.PathLike, grid: str | os.PathLike | Mapping[str
     write_text(out / "summary.md", summary_markdown(summary, notebook.name, grid, len(results), len(runs)))
     log(f"results: {out / 'results.csv'} ({len(results)} runs), summary: {out / 'summary.md'}")
     return SweepResult(out=out, ran=ran, skipped=skipped, failed=failed, results=results, summary=summary)
+
+
+def _execute(todo: list[tuple[str, dict[str, Any]]], notebook: str, out: Path, placed: list[str] | None, engine: str,
+             jobs: int, timeout: float | None, log: Callable[[str], None],
+             report: Callable[..., None]) -> None:
+    """Run the grid points ``todo``: pinned workers or Ray tasks, a process pool, or one after the other here."""
+
+    def report_placed(done: Placed) -> None:
+        status, seconds = done.value if done.ok else (done.error, 0.0)
+        report(done.key, status, seconds, f" on device {done.device}")
+
+    if placed is not None or engine == "ray":
+        # Even a single run goes to a pinned worker: `--devices 1` means "on GPU 1", not "here".
+        tasks = [(name, _run_one, (notebook, str(out / name), params, None, timeout)) for name, params in todo]
+        if tasks:
+            run_tasks(tasks, placed, engine, log=log, on_done=report_placed)
+    elif jobs == 1 or len(todo) <= 1:
+        for name, params in todo:
+            report(name, *_run_one(notebook, str(out / name), params, None, timeout))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, notebook, str(out / name), params, threads, timeout): name
+                       for name, params in todo}
+            for future in as_completed(futures):
+                report(futures[future], *future.result())
 
 
 def _check_same_parameters(run_dir: Path, params: Mapping[str, Any]) -> None:
