@@ -246,7 +246,7 @@ def test_main_job_executes_the_notebooks_with_its_settings(tmp_path, capsys):
 def test_scoped_notebook_parameters_are_checked(tmp_path, capsys):
     assert main(["notebooks", "--out", str(tmp_path / "nb"), "--only", "03", "--param", "04:EPOCHS=2"]) == 2
     assert "not among the notebooks run" in capsys.readouterr().err
-    assert main(["notebooks", "--out", str(tmp_path / "nb"), "--only", "03", "--param", "03:EPOCHS=2"]) == 2
+    assert main(["notebooks", "--out", str(tmp_path / "nb"), "--only", "02", "--param", "02:EPOCHS=2"]) == 2
     assert "has no parameter 'EPOCHS'" in capsys.readouterr().err
     assert not (tmp_path / "nb").exists()
 
