@@ -214,7 +214,7 @@ def _add_notebooks_parser(sub: Any) -> None:
                         "NN:KEY=VALUE sets it for notebook NN only (e.g. 04:FOLDS=5)")
     p.add_argument("--only", type=_csv_list, help="notebooks to run, e.g. 01,03 (default: all, in order)")
     p.add_argument("--timeout", type=_positive_int, default=600, metavar="SECONDS",
-                   help="a cell running longer than this stops its notebook (default 600)")
+                   help="a cell running longer than this stops its notebook")
     p.set_defaults(func=cmd_notebooks)
 
 
