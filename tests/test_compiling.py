@@ -97,7 +97,11 @@ def test_bad_scope_or_mode_names_the_flag():
 
 
 def test_cli_choices_are_the_library_ones():
-    assert cli._COMPILE_SCOPES == COMPILE_SCOPES and cli._COMPILE_MODES == COMPILE_MODES
+    cv = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["cv"]._actions
+              if a.dest == "compile_scope")
+    bench = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+                 if a.dest == "compile_mode")
+    assert tuple(cv.choices) == COMPILE_SCOPES and tuple(bench.choices) == COMPILE_MODES
 
 
 def test_cv_compile_flags_reach_the_training_settings(tmp_path):

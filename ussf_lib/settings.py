@@ -140,7 +140,7 @@ SETTINGS: list[Setting] = [
     Setting("compile_backend", "inductor", "torch.compile backend (aot_eager only traces: fast checks on CPU)",
             "gpu", scope="train", commands=()),
     Setting("compile_scope", "model", "with --compile: the whole model (fastest steps) or each repeated block "
-            "alone (compiles faster)", "gpu", scope="train", choices=("model", "blocks")),
+            "alone (compiles faster)", "gpu", scope="train", choices=("blocks", "model")),
     Setting("compile_mode", "default", "with --compile: torch.compile mode (max-autotune-no-cudagraphs also times "
             "kernel choices)", "gpu", scope="train", choices=("default", "max-autotune-no-cudagraphs")),
     # --- evaluation and checkpoints
