@@ -324,7 +324,8 @@ def _run_fold(k: int, cfg: CVConfig, prepared: PreparedData, images: DeviceImage
               device: Any, ctx: Any, log: Callable[[str], None]) -> None:
     """Train fold ``k`` (resuming its checkpoint) and, on rank 0, write its history and predictions."""
     fold_dir = out / "folds" / str(k)
-    fold_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:  # only rank 0 writes; a folder made by another rank would race rank 0's check of a new run
+        fold_dir.mkdir(parents=True, exist_ok=True)
     index, folds = prepared.index, prepared.folds
     train_idx, test_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
     cal_idx = None
