@@ -38,6 +38,8 @@ VOCABULARY = {
     "BATCH_SIZE": "--batch-size", "SEED": "--seed", "OUT_DIR": "--out", "RUN_DIR": None, "CUTOFF": None,
     "INTERACTIVE": None, "MODELS": "--models", "AMP": "--amp", "CHANNELS_LAST": "--channels-last",
     "COMPILE": "--compile", "EVAL_EVERY": "--eval-every", "CLASS_RATIO": "--class-ratio",
+    "AUGMENT": "--augment", "LR_SCHEDULE": "--lr-schedule", "WARMUP_EPOCHS": "--warmup-epochs",
+    "IMBALANCE": "--imbalance",
 }
 #: CI-safe defaults every notebook that declares the name must use (how much each one trains is its own choice:
 #: enough to show its point in about a minute on 2 CPU cores).

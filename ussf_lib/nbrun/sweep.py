@@ -57,7 +57,8 @@ from ussf_lib.evaluation.metrics import format_mean_std
 from ussf_lib.nbrun.runner import (NotebookError, absolute_path_parameters, check_out_outside_data, check_parameters,
                                       check_values, declared_parameters, execute_notebook, notebook_paths,
                                       DEFAULT_TIMEOUT)
-from ussf_lib.training.placement import Placed, check_engine, parse_devices, placed_device, run_tasks
+from ussf_lib.training.engines import check_engine, run_tasks
+from ussf_lib.training.placement import Placed, parse_devices, placed_device
 
 #: The axis averaged over in ``summary.md``.
 SEED_AXIS = "SEED"

@@ -34,7 +34,8 @@ from ussf_lib.evaluation.tables import same_folds, write_comparison
 from ussf_lib.errors import UserError
 from ussf_lib.training.experiment import PATH_SETTINGS, CVConfig, absolute_path, prepare_data, run_cv
 from ussf_lib.models.registry import check_image_size
-from ussf_lib.training.placement import Placed, check_engine, parse_devices, run_tasks, worker_log
+from ussf_lib.training.engines import check_engine, run_tasks
+from ussf_lib.training.placement import Placed, parse_devices, worker_log
 from ussf_lib.training.runtime import select_device
 
 # Settings that may differ between the models' configs without changing what a finished run means.
