@@ -27,6 +27,17 @@ def test_phantom_command(tmp_path, capsys):
     assert "phantom written to" in capsys.readouterr().out
 
 
+def test_every_command_prints_its_help(capsys):
+    from ussf_lib.cli import build_parser
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.choices and "cv" in a.choices).choices
+    for name in commands:
+        with pytest.raises(SystemExit) as stop:
+            main([name, "--help"])
+        assert stop.value.code == 0, name
+        assert capsys.readouterr().out.startswith(f"usage: ussf {name}"), name
+
+
 @pytest.fixture(scope="module")
 def cli_run(phantom_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"

@@ -325,15 +325,16 @@ def add_flags(parser: Any, command: str, defaults: dict[str, Any] | None = None,
     source = None
     for s in chosen:
         default = (defaults or {}).get(s.name, s.default)
+        text = s.help.replace("%", "%%")  # argparse expands %-formats in help text
         target = parser
         if s.name in ("data", "manifest"):
             source = source or parser.add_mutually_exclusive_group()
             target = source
         if isinstance(s.default, bool):
             action = "store_false" if s.default else "store_true"
-            target.add_argument(s.option, dest=s.name, action=action, default=default, help=s.help)
+            target.add_argument(s.option, dest=s.name, action=action, default=default, help=text)
         else:
-            target.add_argument(s.option, dest=s.name, type=_parser(s), default=default, help=s.help,
+            target.add_argument(s.option, dest=s.name, type=_parser(s), default=default, help=text,
                                 choices=s.choices, metavar=s.metavar)
 
 
