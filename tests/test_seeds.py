@@ -55,6 +55,8 @@ def test_seed_tables_pool_folds_and_seeds_and_test_over_all_pairs(tmp_path):
     assert paired["n_pairs"] == 4 and paired["mean_diff"] == pytest.approx(25.0) and paired["t"] == pytest.approx(t)
     for name in ("seeds_folds.csv", "seeds_table.csv", "seeds_paired.csv", "seeds.md"):
         assert (tmp_path / name).is_file()
+    assert "| us_sfnet_tiny_nofft | accuracy |         4 | +25.0 [" in (tmp_path / "seeds.md").read_text()
+    assert "us_sfnet_tiny − model" in (tmp_path / "seeds.md").read_text()  # the sign of the difference
 
 
 def test_seeds_flag_refuses_a_seed_beside_it_and_bad_values(tmp_path, capsys):
