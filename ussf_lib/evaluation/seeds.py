@@ -99,13 +99,14 @@ def write_seed_tables(out: str | Path, seeds: Sequence[int], models: Sequence[st
     shown = pd.DataFrame({"model": table["model"], "n": table["n"],
                           **{c: [_pct(m, s) for m, s in zip(table[f"{c}_mean"], table[f"{c}_std"])]
                              for c in metric_cols}})
-    diff = f"{reference_model(list(models))} − model (points)"
+    ref = reference_model(list(models))
+    diff = f"{ref} − model (points)"
     tests = paired.assign(**{diff: [f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for d, lo, hi in
-                                                     zip(paired["mean_diff"], paired["ci_low"], paired["ci_high"])],
+                                    zip(paired["mean_diff"], paired["ci_low"], paired["ci_high"])],
                              "p (corrected)": [f"{p:.3f}" if np.isfinite(p) else "undefined"
                                                for p in paired["p_value"]]})
     text = (f"# {len(models)} models over seeds {', '.join(map(str, seeds))}: mean ± std over folds and seeds (%)\n\n"
-            + shown.to_markdown(index=False) + "\n\n## Paired with " + reference_model(list(models))
+            + shown.to_markdown(index=False) + "\n\n## Paired with " + ref
             + " (Nadeau–Bengio corrected t-test over all seed × fold pairs; bootstrap 95% CI)\n\n"
             + tests[["model", "metric", "n_pairs", diff, "p (corrected)"]].to_markdown(index=False)
             + "\n")
